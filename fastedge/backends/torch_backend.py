@@ -1,0 +1,73 @@
+"""`torch` backend: one matrix product per call, in plain PyTorch.
+
+The CPU default. Storage dtypes below fp32 are widened chunk by chunk (at most
+`CHUNK_ELEMENTS` columns of the stack at a time) so that the fp32 copy never
+grows with the stack. Hard-concrete math reuses the reference formulas, which
+are already vectorised.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastedge.backends.base import Backend, Call
+from fastedge.kernels import reference as ref
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+CHUNK_ELEMENTS = 1 << 16  # columns of N per chunk when widening to fp32
+
+
+def _chunks(n: int, dtype: torch.dtype):
+    if dtype in (torch.float32, torch.float64):
+        yield slice(0, n)
+        return
+    for start in range(0, n, CHUNK_ELEMENTS):
+        yield slice(start, min(n, start + CHUNK_ELEMENTS))
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def reasons(self, call: Call) -> list[str]:
+        if call.dtype not in _DTYPES:
+            return [f"dtype {call.dtype} is not one of float32, bfloat16, float16, float64"]
+        return []
+
+    def masked_sum_forward(self, x, m, base, base_index, out):
+        acc_dtype = ref.accumulation_dtype(x.dtype)
+        m = m.to(acc_dtype)
+        for cols in _chunks(x.shape[1], x.dtype):
+            acc = m @ x[:, cols].to(acc_dtype)
+            if base is not None:
+                rows = base[:, cols].to(acc_dtype)
+                acc += rows[0] if base_index is None else rows.index_select(0, base_index)
+            out[:, cols].copy_(acc)
+
+    def masked_sum_backward_stack(self, m, dout, dx):
+        acc_dtype = ref.accumulation_dtype(dout.dtype)
+        mt = m.to(acc_dtype).t()
+        for cols in _chunks(dout.shape[1], dout.dtype):
+            if dx.dtype == acc_dtype:
+                dx[:, cols].addmm_(mt, dout[:, cols].to(acc_dtype))
+            else:
+                dx[:, cols].copy_(torch.addmm(dx[:, cols].to(acc_dtype), mt, dout[:, cols].to(acc_dtype)))
+
+    def masked_sum_backward_mask(self, x, dout):
+        acc_dtype = ref.accumulation_dtype(x.dtype)
+        dm = torch.zeros(dout.shape[0], x.shape[0], dtype=acc_dtype, device=x.device)
+        for cols in _chunks(x.shape[1], x.dtype):
+            dm.addmm_(dout[:, cols].to(acc_dtype), x[:, cols].to(acc_dtype).t())
+        return dm
+
+    def hard_concrete_forward(self, log_alpha, u, training):
+        return ref.hard_concrete_forward(log_alpha, u, training)
+
+    def hard_concrete_backward(self, log_alpha, u, training, dz):
+        return ref.hard_concrete_backward(log_alpha, u, training, dz)
+
+    def sample_masks(self, edge_log_alpha, node_log_alpha, seed, reader_offset, training):
+        return ref.sample_masks(edge_log_alpha, node_log_alpha, seed, reader_offset, training)
+
+    def sample_masks_backward(self, edge_log_alpha, node_log_alpha, seed, reader_offset,
+                              training, dm, dedge_sum):
+        return ref.sample_masks_backward(edge_log_alpha, node_log_alpha, seed, reader_offset,
+                                         training, dm, dedge_sum)

@@ -1,0 +1,279 @@
+"""The masked writer sum as `torch.library` custom ops, with autograd.
+
+Layers (STYLE.md): kernels in `fastedge.kernels` / `csrc`, backends in
+`fastedge.backends`, the registered ops and their autograd formulas here, the
+public functions in `fastedge.ops`.
+
+Registered ops (namespace `fastedge`):
+
+* `masked_writer_sum(stack, mask, base, base_index, grad_stack, backend) -> out`
+* `masked_writer_sum_backward_stack(mask, dout, backend) -> dstack`
+* `masked_writer_sum_backward_mask(stack, dout, backend) -> dmask`
+* `masked_writer_sum_accumulate_grad_(grad_stack, mask, dout, backend)` (in place)
+* `sample_masks(edge_log_alpha, node_log_alpha, seed, reader_offset, training, backend) -> (mask, edge_sum)`
+* `sample_masks_backward(...) -> (d_edge_log_alpha, d_node_log_alpha)`
+* `sampled_masked_writer_sum(stack, edge_log_alpha, node_log_alpha, base, base_index,
+   grad_stack, seed, reader_offset, training, backend) -> (out, edge_sum)`
+
+`stack` is always the prefix the readers read ([W, *T]); the public functions
+take that view. When `grad_stack` (a caller-owned buffer) is given, the
+backward accumulates the stack's gradient into it and gives None for `stack`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastedge.ops._dispatch import (flat_rows, masked_sum_backend, sample_masks_backend)
+
+# -- forward ------------------------------------------------------------------
+
+
+def _forward(stack: Tensor, mask: Tensor, base: Optional[Tensor], base_index: Optional[Tensor],
+             backend: str) -> Tensor:
+    n_readers = mask.shape[0]
+    x = flat_rows(stack)
+    impl = masked_sum_backend(x, n_readers, backend)
+    out = torch.empty((n_readers, x.shape[1]), dtype=stack.dtype, device=stack.device)
+    base2d = None
+    index = None
+    if base is not None:
+        base2d = base.reshape(-1 if base_index is not None else 1, x.shape[1]).contiguous()
+        if base_index is not None:
+            index = base_index.to(torch.int64).contiguous()
+    impl.masked_sum_forward(x, mask.contiguous(), base2d, index, out)
+    return out.view((n_readers,) + tuple(stack.shape[1:]))
+
+
+@torch.library.custom_op("fastedge::masked_writer_sum", mutates_args=())
+def masked_writer_sum_op(stack: Tensor, mask: Tensor, base: Optional[Tensor],
+                         base_index: Optional[Tensor], grad_stack: Optional[Tensor],
+                         backend: str) -> Tensor:
+    return _forward(stack, mask, base, base_index, backend)
+
+
+@masked_writer_sum_op.register_fake
+def _(stack, mask, base, base_index, grad_stack, backend):
+    return stack.new_empty((mask.shape[0],) + tuple(stack.shape[1:]))
+
+
+# -- backward pieces (ops themselves, so fake tensors flow through the backward) --
+
+
+@torch.library.custom_op("fastedge::masked_writer_sum_backward_stack", mutates_args=())
+def backward_stack_op(mask: Tensor, dout: Tensor, n_writers_like: Tensor, backend: str) -> Tensor:
+    """dstack [W, *T] (dtype of dout) = mask^T @ dout. `n_writers_like` is the
+    stack prefix itself; only its shape is used."""
+    dx = torch.zeros(n_writers_like.shape, dtype=dout.dtype, device=dout.device)
+    d2 = flat_rows(dout.contiguous())
+    impl = masked_sum_backend(d2, mask.shape[0], backend, grad_dtype=dx.dtype)
+    impl.masked_sum_backward_stack(mask.contiguous(), d2, dx.view(dx.shape[0], -1))
+    return dx
+
+
+@backward_stack_op.register_fake
+def _(mask, dout, n_writers_like, backend):
+    return dout.new_empty(n_writers_like.shape)
+
+
+@torch.library.custom_op("fastedge::masked_writer_sum_accumulate_grad_",
+                         mutates_args=("grad_stack",))
+def accumulate_grad_op(grad_stack: Tensor, mask: Tensor, dout: Tensor, backend: str) -> None:
+    """grad_stack[:W] += mask^T @ dout, in place (W = mask.shape[1])."""
+    d2 = flat_rows(dout.contiguous())
+    prefix = grad_stack[: mask.shape[1]].reshape(mask.shape[1], -1)
+    impl = masked_sum_backend(d2, mask.shape[0], backend, grad_dtype=grad_stack.dtype)
+    impl.masked_sum_backward_stack(mask.contiguous(), d2, prefix)
+
+
+@accumulate_grad_op.register_fake
+def _(grad_stack, mask, dout, backend):
+    return None
+
+
+@torch.library.custom_op("fastedge::masked_writer_sum_backward_mask", mutates_args=())
+def backward_mask_op(stack: Tensor, dout: Tensor, mask_like: Tensor, backend: str) -> Tensor:
+    """dmask [R, W] (dtype of mask_like) = dout @ stack^T, reduced in fp32."""
+    x = flat_rows(stack)
+    d2 = flat_rows(dout.contiguous())
+    impl = masked_sum_backend(x, d2.shape[0], backend)
+    return impl.masked_sum_backward_mask(x, d2).to(mask_like.dtype)
+
+
+@backward_mask_op.register_fake
+def _(stack, dout, mask_like, backend):
+    return mask_like.new_empty(mask_like.shape)
+
+
+def _base_grad(ctx, dout: Tensor, base_index: Optional[Tensor]) -> Tensor:
+    """Sum of dout over the readers of each base row, in fp32, as one fixed
+    contraction (no atomics, so it is deterministic on every device)."""
+    acc_dtype = torch.float64 if dout.dtype == torch.float64 else torch.float32
+    flat = dout.reshape(dout.shape[0], -1).to(acc_dtype)
+    if base_index is None:
+        rows = flat.sum(0)
+    else:
+        one_hot = torch.nn.functional.one_hot(base_index.to(torch.int64), ctx.base_shape[0])
+        rows = one_hot.t().to(acc_dtype) @ flat
+    return rows.to(ctx.base_dtype).reshape(ctx.base_shape)
+
+
+def _stack_grad(ctx, mask: Tensor, dout: Tensor, stack: Tensor):
+    if ctx.has_grad_buffer:
+        accumulate_grad_op(ctx.grad_stack, mask, dout, ctx.backend)
+        return None
+    return backward_stack_op(mask, dout, stack, ctx.backend)
+
+
+def _setup_context(ctx, inputs, output):
+    stack, mask, base, base_index, grad_stack, backend = inputs
+    ctx.backend = backend
+    ctx.has_base = base is not None
+    ctx.base_shape = None if base is None else base.shape
+    ctx.base_dtype = None if base is None else base.dtype
+    ctx.has_grad_buffer = grad_stack is not None
+    ctx.grad_stack = grad_stack
+    ctx.save_for_backward(stack, mask, base_index)
+
+
+def _backward(ctx, dout):
+    stack, mask, base_index = ctx.saved_tensors
+    dout = dout.contiguous()
+    dstack = dmask = dbase = None
+    if ctx.needs_input_grad[0]:
+        dstack = _stack_grad(ctx, mask, dout, stack)
+    if ctx.needs_input_grad[1]:
+        dmask = backward_mask_op(stack, dout, mask, ctx.backend)
+    if ctx.has_base and ctx.needs_input_grad[2]:
+        dbase = _base_grad(ctx, dout, base_index)
+    return dstack, dmask, dbase, None, None, None
+
+
+masked_writer_sum_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- the fused hard-concrete form ------------------------------------------------
+
+
+@torch.library.custom_op("fastedge::sample_masks", mutates_args=())
+def sample_masks_op(edge_log_alpha: Tensor, node_log_alpha: Optional[Tensor], seed: int,
+                    reader_offset: int, training: bool, backend: str) -> tuple[Tensor, Tensor]:
+    impl = sample_masks_backend(edge_log_alpha, backend)
+    m, edge_sum = impl.sample_masks(edge_log_alpha.contiguous(),
+                                    None if node_log_alpha is None else node_log_alpha.contiguous(),
+                                    seed, reader_offset, training)
+    return m.to(edge_log_alpha.dtype), edge_sum.to(edge_log_alpha.dtype).reshape(())
+
+
+@sample_masks_op.register_fake
+def _(edge_log_alpha, node_log_alpha, seed, reader_offset, training, backend):
+    return edge_log_alpha.new_empty(edge_log_alpha.shape), edge_log_alpha.new_empty(())
+
+
+@torch.library.custom_op("fastedge::sample_masks_backward", mutates_args=())
+def sample_masks_backward_op(edge_log_alpha: Tensor, node_log_alpha: Optional[Tensor], seed: int,
+                             reader_offset: int, training: bool, dmask: Tensor, dedge_sum: Tensor,
+                             backend: str) -> tuple[Tensor, Tensor]:
+    """(d edge_log_alpha, d node_log_alpha); the second is empty without node log_alphas."""
+    impl = sample_masks_backend(edge_log_alpha, backend)
+    d_edge, d_node = impl.sample_masks_backward(
+        edge_log_alpha.contiguous(),
+        None if node_log_alpha is None else node_log_alpha.contiguous(),
+        seed, reader_offset, training, dmask.contiguous().to(edge_log_alpha.dtype),
+        dedge_sum.to(edge_log_alpha.dtype).reshape(()))
+    if d_node is None:
+        d_node = edge_log_alpha.new_empty((0,))
+    return d_edge.to(edge_log_alpha.dtype), d_node.to(edge_log_alpha.dtype)
+
+
+@sample_masks_backward_op.register_fake
+def _(edge_log_alpha, node_log_alpha, seed, reader_offset, training, dmask, dedge_sum, backend):
+    n_node = 0 if node_log_alpha is None else node_log_alpha.shape[0]
+    return edge_log_alpha.new_empty(edge_log_alpha.shape), edge_log_alpha.new_empty((n_node,))
+
+
+def _sample_masks_setup(ctx, inputs, output):
+    edge_log_alpha, node_log_alpha, seed, reader_offset, training, backend = inputs
+    ctx.args = (seed, reader_offset, training, backend)
+    ctx.has_node = node_log_alpha is not None
+    ctx.save_for_backward(edge_log_alpha, node_log_alpha)
+
+
+def _sample_masks_backward(ctx, dmask, dedge_sum):
+    edge_log_alpha, node_log_alpha = ctx.saved_tensors
+    seed, reader_offset, training, backend = ctx.args
+    if dmask is None:
+        dmask = torch.zeros_like(edge_log_alpha)
+    if dedge_sum is None:
+        dedge_sum = edge_log_alpha.new_zeros(())
+    d_edge, d_node = sample_masks_backward_op(edge_log_alpha, node_log_alpha, seed, reader_offset,
+                                              training, dmask, dedge_sum, backend)
+    return d_edge, (d_node if ctx.has_node else None), None, None, None, None
+
+
+sample_masks_op.register_autograd(_sample_masks_backward, setup_context=_sample_masks_setup)
+
+
+@torch.library.custom_op("fastedge::sampled_masked_writer_sum", mutates_args=())
+def sampled_masked_writer_sum_op(stack: Tensor, edge_log_alpha: Tensor,
+                                 node_log_alpha: Optional[Tensor], base: Optional[Tensor],
+                                 base_index: Optional[Tensor], grad_stack: Optional[Tensor],
+                                 seed: int, reader_offset: int, training: bool,
+                                 backend: str) -> tuple[Tensor, Tensor]:
+    mask, edge_sum = sample_masks_op(edge_log_alpha, node_log_alpha, seed, reader_offset,
+                                     training, backend)
+    return _forward(stack, mask, base, base_index, backend), edge_sum
+
+
+@sampled_masked_writer_sum_op.register_fake
+def _(stack, edge_log_alpha, node_log_alpha, base, base_index, grad_stack, seed, reader_offset,
+      training, backend):
+    return (stack.new_empty((edge_log_alpha.shape[0],) + tuple(stack.shape[1:])),
+            edge_log_alpha.new_empty(()))
+
+
+def _fused_setup(ctx, inputs, output):
+    (stack, edge_log_alpha, node_log_alpha, base, base_index, grad_stack, seed, reader_offset,
+     training, backend) = inputs
+    ctx.args = (seed, reader_offset, training, backend)
+    ctx.backend = backend
+    ctx.has_node = node_log_alpha is not None
+    ctx.has_base = base is not None
+    ctx.base_shape = None if base is None else base.shape
+    ctx.base_dtype = None if base is None else base.dtype
+    ctx.has_grad_buffer = grad_stack is not None
+    ctx.grad_stack = grad_stack
+    # The masks are not saved: the backward re-derives them from the seed.
+    ctx.save_for_backward(stack, edge_log_alpha, node_log_alpha, base_index)
+
+
+def _fused_backward(ctx, dout, dedge_sum):
+    stack, edge_log_alpha, node_log_alpha, base_index = ctx.saved_tensors
+    seed, reader_offset, training, backend = ctx.args
+    if dout is None:
+        dout = torch.zeros((edge_log_alpha.shape[0],) + tuple(stack.shape[1:]),
+                           dtype=stack.dtype, device=stack.device)
+    dout = dout.contiguous()
+    if dedge_sum is None:
+        dedge_sum = edge_log_alpha.new_zeros(())
+    dstack = d_edge = d_node = dbase = None
+    if ctx.needs_input_grad[0]:
+        with torch.no_grad():
+            mask, _ = sample_masks_op(edge_log_alpha, node_log_alpha, seed, reader_offset,
+                                      training, backend)
+        dstack = _stack_grad(ctx, mask, dout, stack)
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        dmask = backward_mask_op(stack, dout, edge_log_alpha, backend)
+        d_edge, d_node = sample_masks_backward_op(edge_log_alpha, node_log_alpha, seed,
+                                                  reader_offset, training, dmask, dedge_sum,
+                                                  backend)
+        if not ctx.has_node:
+            d_node = None
+    if ctx.has_base and ctx.needs_input_grad[3]:
+        dbase = _base_grad(ctx, dout, base_index)
+    return dstack, d_edge, d_node, dbase, None, None, None, None, None, None
+
+
+sampled_masked_writer_sum_op.register_autograd(_fused_backward, setup_context=_fused_setup)
