@@ -79,8 +79,8 @@ def select(call: Call, backend: Optional[str] = None) -> Backend:
         if not reasons:
             return candidate
         refusals.append(f"  {name}: " + "; ".join(reasons))
-    how = f"the forced backend {forced!r}" if forced else "no fastedge backend"
-    raise NoBackendError(f"{how} can run this call ({_describe(call)}):\n" + "\n".join(refusals))
+    how = f"the forced backend {forced!r} cannot" if forced else "no fastedge backend can"
+    raise NoBackendError(f"{how} run this call ({_describe(call)}):\n" + "\n".join(refusals))
 
 
 def explain(call: Call) -> dict[str, list[str]]:

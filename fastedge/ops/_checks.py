@@ -77,7 +77,9 @@ def check_base(base: Optional[torch.Tensor], base_index: Optional[torch.Tensor],
     if base_index.shape[0] != n_readers:
         raise ValueError(f"base_index must have one entry per reader ({n_readers}), "
                          f"got shape {tuple(base_index.shape)}")
-    if base_index.device.type != "meta" and not _is_fake(base_index) and base_index.numel():
+    # A value check reads the indices back (a sync on a GPU); it is skipped
+    # while tracing, where the values are not known.
+    if _has_values(base_index) and base_index.numel():
         lo, hi = int(base_index.min()), int(base_index.max())
         if lo < 0 or hi >= base.shape[0]:
             raise IndexError(f"base_index values must lie in [0, {base.shape[0]}) (base has "
@@ -119,6 +121,8 @@ def check_seed(seed) -> int:
     return seed
 
 
-def _is_fake(t: torch.Tensor) -> bool:
+def _has_values(t: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling() or t.device.type == "meta":
+        return False
     from torch._subclasses.fake_tensor import FakeTensor
-    return isinstance(t, FakeTensor) or torch._C._functorch.is_functorch_wrapped_tensor(t)
+    return not isinstance(t, FakeTensor) and not torch._C._functorch.is_functorch_wrapped_tensor(t)

@@ -1,0 +1,62 @@
+"""Test configuration shared by every test file.
+
+TRITON_INTERPRET must be set before any Triton kernel is defined, so it is set
+here, at the top, when there is no CUDA device: the `triton` backend then runs
+its kernels on the CPU. On a GPU machine the same tests also run the `triton`
+and `cuda` backends on the device (marker `gpu`).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+HAS_TRITON = _triton_importable()
+
+# (backend, device) pairs every op test runs on; GPU pairs carry the `gpu` marker.
+_CPU_TARGETS = [("reference", "cpu"), ("torch", "cpu")]
+if HAS_TRITON:
+    _CPU_TARGETS.append(("triton", "cpu"))
+_GPU_TARGETS = [("torch", "cuda"), ("triton", "cuda"), ("cuda", "cuda")]
+
+
+def backend_targets():
+    params = [pytest.param(t, id=f"{t[0]}-{t[1]}") for t in _CPU_TARGETS]
+    params += [pytest.param(t, id=f"{t[0]}-{t[1]}", marks=[pytest.mark.gpu]) for t in _GPU_TARGETS]
+    return params
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def poison_fresh_memory():
+    """Fill every freshly allocated tensor (torch.empty, also inside the
+    launchers) with NaN, so that an element a kernel forgets to write fails."""
+    import torch.utils.deterministic as det
+    old_flag = det.fill_uninitialized_memory
+    old_mode = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    det.fill_uninitialized_memory = True
+    yield
+    det.fill_uninitialized_memory = old_flag
+    torch.use_deterministic_algorithms(old_mode, warn_only=old_warn)

@@ -1,0 +1,223 @@
+"""Masked writer sum: every backend against a float64 reference written here.
+
+Each backend runs on fresh random inputs with outputs poisoned by NaN, over
+awkward shapes (W = 1, R = 1, R = 37, primes, trailing sizes that are no
+multiple of any block, a prefix of a larger stack) and each form of base.
+"""
+import zlib
+
+import pytest
+import torch
+
+import fastedge
+from fastedge.backends import get_backend
+from conftest import backend_targets
+from tolerances import assert_matches_reference
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DT_ID = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+# (W_total, W, R, T, base form)
+CASES = [
+    (1, 1, 1, (7,), "none"),
+    (6, 1, 3, (5, 3), "shared"),
+    (5, 3, 1, (1000,), "indexed"),
+    (13, 13, 37, (97,), "indexed"),
+    (41, 17, 16, (2, 3, 11), "shared"),
+    (29, 23, 5, (1, 131), "none"),
+    (40, 31, 17, (130,), "indexed"),
+    (158, 158, 37, (2, 3), "shared"),
+]
+
+
+def case_id(case):
+    W_total, W, R, T, base = case
+    prefix = f"W{W}of{W_total}" if W != W_total else f"W{W}"
+    return f"{prefix}-R{R}-T{'x'.join(map(str, T))}-{base}"
+
+
+def make_inputs(case, dtype, device, seed, requires_grad=False):
+    W_total, W, R, T, base_form = case
+    g = torch.Generator().manual_seed(seed)
+    stack = torch.randn((W_total,) + T, generator=g).to(dtype).to(device)
+    mask = torch.rand((R, W), generator=g, dtype=torch.float64)
+    mask[mask < 0.2] = 0.0  # structural zeros are allowed
+    mask = mask.to(torch.float64 if dtype == torch.float64 else torch.float32).to(device)
+    base = base_index = None
+    if base_form == "shared":
+        base = torch.randn(T, generator=g).to(dtype).to(device)
+    elif base_form == "indexed":
+        G = 3
+        base = torch.randn((G,) + T, generator=g).to(dtype).to(device)
+        base_index = torch.randint(0, G, (R,), generator=g).to(device)
+    if requires_grad:
+        stack.requires_grad_(True)
+        mask.requires_grad_(True)
+        if base is not None:
+            base.requires_grad_(True)
+    return stack, mask, base, base_index
+
+
+def reference64(stack, mask, base, base_index):
+    """float64 out[r] = base[g(r)] + sum_w mask[r, w] stack[w], one einsum per reader."""
+    W = mask.shape[1]
+    x = stack.detach()[:W].double().cpu()
+    m = mask.detach().double().cpu()
+    rows = []
+    for r in range(m.shape[0]):
+        acc = torch.einsum("w,w...->...", m[r], x)
+        if base is not None:
+            b = base.detach().double().cpu()
+            acc = acc + (b if base_index is None else b[int(base_index[r])])
+        rows.append(acc)
+    return torch.stack(rows)
+
+
+def plain_same_dtype(stack, mask, base, base_index):
+    """Plain PyTorch in the storage dtype (the error yardstick)."""
+    W = mask.shape[1]
+    x = stack.detach()[:W].cpu()
+    dt = x.dtype
+    m = mask.detach().cpu().to(dt)
+    out = torch.einsum("rw,w...->r...", m, x)
+    if base is not None:
+        b = base.detach().cpu()
+        out = out + (b if base_index is None else b[base_index.cpu()])
+    return out.to(dt)
+
+
+def _skip_unsupported(backend, dtype):
+    if dtype == torch.float64 and backend not in ("reference", "torch"):
+        pytest.skip(f"{backend} does not take float64")
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=lambda d: DT_ID[d])
+@pytest.mark.parametrize("target", backend_targets())
+def test_forward_backend(target, dtype, case, poison_fresh_memory):
+    backend, device = target
+    _skip_unsupported(backend, dtype)
+    stack, mask, base, base_index = make_inputs(case, dtype, device, seed=zlib.crc32(case_id(case).encode()))
+    W, R = mask.shape[1], mask.shape[0]
+    x = stack[:W].reshape(W, -1)  # a prefix view with the larger stack's row stride
+    out = torch.full((R, x.shape[1]), float("nan"), dtype=dtype, device=device)
+    base2d = None if base is None else base.reshape(-1, x.shape[1])
+    get_backend(backend).masked_sum_forward(x, mask, base2d, base_index, out)
+    ref = reference64(stack, mask, base, base_index).reshape(R, -1)
+    plain = plain_same_dtype(stack, mask, base, base_index).reshape(R, -1)
+    assert_matches_reference(out.cpu(), ref, plain, dtype, f"{backend} forward")
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=lambda d: DT_ID[d])
+@pytest.mark.parametrize("target", backend_targets())
+def test_gradients_through_op(target, dtype, case, poison_fresh_memory):
+    """Forward and every gradient through the registered op and autograd."""
+    backend, device = target
+    _skip_unsupported(backend, dtype)
+    stack, mask, base, base_index = make_inputs(case, dtype, device, seed=7 + zlib.crc32(case_id(case).encode()),
+                                                requires_grad=True)
+    out = fastedge.masked_writer_sum(stack, mask, base, base_index, backend=backend)
+    ref = reference64(stack, mask, base, base_index)
+    assert_matches_reference(out.detach().cpu(), ref, plain_same_dtype(stack, mask, base, base_index),
+                             dtype, f"{backend} op forward")
+
+    g = torch.Generator().manual_seed(11)
+    dout = torch.randn(out.shape, generator=g).to(dtype)
+    out.backward(dout.to(device))
+    d64 = dout.double()
+    W, R = mask.shape[1], mask.shape[0]
+    x64 = stack.detach()[:W].double().cpu().reshape(W, -1)
+    m64 = mask.detach().double().cpu()
+    d2 = d64.reshape(R, -1)
+
+    # stack: mask^T dout on the prefix, zero beyond it
+    dstack_ref = torch.zeros_like(stack.detach().double().cpu()).reshape(stack.shape[0], -1)
+    dstack_ref[:W] = m64.t() @ d2
+    plain_dx = torch.zeros_like(dstack_ref).to(dtype)
+    plain_dx[:W] = (mask.detach().cpu().to(dtype).t() @ dout.reshape(R, -1)).to(dtype)
+    assert_matches_reference(stack.grad.cpu().reshape(stack.shape[0], -1), dstack_ref, plain_dx,
+                             dtype, f"{backend} d stack")
+
+    # mask: dout x^T, reduced in fp32 (compared against plain PyTorch in the storage dtype)
+    dmask_ref = d2 @ x64.t()
+    plain_dm = (dout.reshape(R, -1) @ stack.detach()[:W].cpu().reshape(W, -1).t()).to(dtype)
+    assert mask.grad.dtype == mask.dtype
+    assert_matches_reference(mask.grad.cpu(), dmask_ref, plain_dm, dtype, f"{backend} d mask")
+
+    if base is not None:
+        if base_index is None:
+            dbase_ref = d64.sum(0)
+            plain_db = dout.sum(0).to(dtype)
+        else:
+            dbase_ref = torch.zeros(base.shape, dtype=torch.float64).index_add_(
+                0, base_index.cpu(), d64)
+            plain_db = torch.zeros(base.shape, dtype=dtype).index_add_(0, base_index.cpu(), dout)
+        assert_matches_reference(base.grad.cpu(), dbase_ref, plain_db, dtype, f"{backend} d base")
+
+
+@pytest.mark.parametrize("grad_dtype", ["fp32", "storage"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DT_ID[d])
+@pytest.mark.parametrize("target", backend_targets())
+def test_gradient_accumulates_into_caller_buffer(target, dtype, grad_dtype):
+    """Two calls (two 'layers') reading different prefixes accumulate their
+    stack gradients into one caller-owned buffer; the stack gets none."""
+    backend, device = target
+    g = torch.Generator().manual_seed(3)
+    W_total, T = 23, (3, 37)
+    stack = torch.randn((W_total,) + T, generator=g).to(dtype).to(device).requires_grad_(True)
+    buf_dtype = torch.float32 if grad_dtype == "fp32" else dtype
+    initial = torch.randn((W_total + 2,) + T, generator=g).to(buf_dtype)
+    buf = initial.clone().to(device)
+    m1 = torch.rand(19, 9, generator=g).to(device).requires_grad_(True)
+    m2 = torch.rand(1, 21, generator=g).to(device).requires_grad_(True)
+    out1 = fastedge.masked_writer_sum(stack, m1, grad_stack=buf, backend=backend)
+    out2 = fastedge.masked_writer_sum(stack, m2, grad_stack=buf, backend=backend)
+    d1 = torch.randn(out1.shape, generator=g).to(dtype)
+    d2 = torch.randn(out2.shape, generator=g).to(dtype)
+    torch.autograd.backward([out1, out2], [d1.to(device), d2.to(device)])
+    assert stack.grad is None
+    assert m1.grad is not None and m2.grad is not None
+    ref = initial.double().reshape(W_total + 2, -1).clone()
+    ref[:9] += m1.detach().double().cpu().t() @ d1.double().reshape(19, -1)
+    ref[:21] += m2.detach().double().cpu().t() @ d2.double().reshape(1, -1)
+    plain = initial.clone().reshape(W_total + 2, -1)
+    plain[:9] += (m1.detach().cpu().to(dtype).t() @ d1.reshape(19, -1)).to(buf_dtype)
+    plain[:21] += (m2.detach().cpu().to(dtype).t() @ d2.reshape(1, -1)).to(buf_dtype)
+    assert_matches_reference(buf.cpu().reshape(W_total + 2, -1), ref, plain, buf_dtype,
+                             f"{backend} accumulated stack gradient")
+    assert torch.equal(buf[21:].cpu(), initial[21:]), "rows beyond every prefix were touched"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DT_ID[d])
+@pytest.mark.parametrize("target", backend_targets())
+def test_mask_gradient_is_deterministic(target, dtype):
+    backend, device = target
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(37, 3000, generator=g).to(dtype).to(device)
+    dout = torch.randn(21, 3000, generator=g).to(dtype).to(device)
+    impl = get_backend(backend)
+    first = impl.masked_sum_backward_mask(x, dout)
+    for _ in range(2):
+        assert torch.equal(impl.masked_sum_backward_mask(x, dout), first)
+
+
+@pytest.mark.parametrize("target", backend_targets())
+def test_non_contiguous_trailing_shape(target):
+    """A stack whose trailing dimensions are transposed is still summed correctly."""
+    backend, device = target
+    g = torch.Generator().manual_seed(9)
+    full = torch.randn(8, 11, 6, generator=g).to(device)
+    stack = full.transpose(1, 2)  # [8, 6, 11], not contiguous
+    mask = torch.rand(4, 5, generator=g).to(device)
+    out = fastedge.masked_writer_sum(stack, mask, backend=backend)
+    ref = torch.einsum("rw,w...->r...", mask.double().cpu(), stack[:5].double().cpu())
+    assert torch.allclose(out.double().cpu(), ref, atol=1e-5)
+
+
+def test_prefix_is_a_view_not_a_copy():
+    """Readers take the stack prefix as a view: a larger stack is not copied."""
+    from fastedge.ops._dispatch import flat_rows
+    stack = torch.randn(100, 4, 8)
+    prefix = flat_rows(stack[:30])
+    assert prefix.data_ptr() == stack.data_ptr() and prefix.stride() == (32, 1)
