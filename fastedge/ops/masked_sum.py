@@ -18,6 +18,16 @@ Registered ops (namespace `fastedge`):
 `stack` is always the prefix the readers read ([W, *T]); the public functions
 take that view. When `grad_stack` (a caller-owned buffer) is given, the
 backward accumulates the stack's gradient into it and gives None for `stack`.
+
+The in-place stack protocol. A model writes its writers' rows into one
+preallocated stack as layers run, so rows *beyond* a call's prefix are written
+after the call. Those writes bump the version counter that every view of the
+stack shares, and autograd's usual check on saved tensors would then refuse
+the backward although the rows the call read never changed. So when
+`grad_stack` is given (the protocol's signal), the prefix is kept on the
+autograd context without that check; the caller promises not to modify rows
+below the prefix before the backward (fastedge's models write each row once
+per forward). Without `grad_stack`, the stack is saved the usual way.
 """
 from __future__ import annotations
 
@@ -135,11 +145,30 @@ def _setup_context(ctx, inputs, output):
     ctx.base_dtype = None if base is None else base.dtype
     ctx.has_grad_buffer = grad_stack is not None
     ctx.grad_stack = grad_stack
-    ctx.save_for_backward(stack, mask, base_index)
+    _save(ctx, stack, mask, base_index)
+
+
+def _save(ctx, stack: Tensor, *others) -> None:
+    """Save `others` for the backward, and the stack prefix too: checked as
+    usual, or unchecked under the in-place stack protocol (module docstring)."""
+    if ctx.has_grad_buffer:
+        ctx.unchecked_stack = stack
+        ctx.save_for_backward(*others)
+    else:
+        ctx.unchecked_stack = None
+        ctx.save_for_backward(*others, stack)
+
+
+def _saved(ctx):
+    """(stack, *others) as given to `_save`."""
+    saved = ctx.saved_tensors
+    if ctx.unchecked_stack is not None:
+        return (ctx.unchecked_stack, *saved)
+    return (saved[-1], *saved[:-1])
 
 
 def _backward(ctx, dout):
-    stack, mask, base_index = ctx.saved_tensors
+    stack, mask, base_index = _saved(ctx)
     dout = dout.contiguous()
     dstack = dmask = dbase = None
     if ctx.needs_input_grad[0]:
@@ -246,11 +275,11 @@ def _fused_setup(ctx, inputs, output):
     ctx.has_grad_buffer = grad_stack is not None
     ctx.grad_stack = grad_stack
     # The masks are not saved: the backward re-derives them from the seed.
-    ctx.save_for_backward(stack, edge_log_alpha, node_log_alpha, base_index)
+    _save(ctx, stack, edge_log_alpha, node_log_alpha, base_index)
 
 
 def _fused_backward(ctx, dout, dedge_sum):
-    stack, edge_log_alpha, node_log_alpha, base_index = ctx.saved_tensors
+    stack, edge_log_alpha, node_log_alpha, base_index = _saved(ctx)
     seed, reader_offset, training, backend = ctx.args
     if dout is None:
         dout = torch.zeros((edge_log_alpha.shape[0],) + tuple(stack.shape[1:]),

@@ -1,0 +1,185 @@
+"""Per-architecture adapters: where each piece of a Hugging Face model lives
+and how its weights are laid out, as data plus a few lines of code each.
+
+An adapter never copies a weight: per-head projection weights are *views* of
+the model's own parameters, reshaped so that head `i` is row `i`:
+
+* ``q_weight`` ``[Hq, d, D]``, ``k_weight`` / ``v_weight`` ``[Hkv, d, D]``
+  (input dimension last, so ``q_i = x @ q_weight[i].T``), biases ``[H, d]``;
+* ``o_weight`` ``[H, d, D]`` (head ``i``'s slice of the output projection,
+  ``y_i = attn_i @ o_weight[i]``), bias ``[D]`` or None.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from fastedge.architectures import SUPPORTED_MODEL_TYPES, UnsupportedArchitectureError
+
+
+def _attr(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where things live, relative to the causal-LM module."""
+    model_type: str
+    layers: str                 # the ModuleList of blocks
+    token_embedding: str
+    position_embedding: Optional[str]   # learned absolute positions (GPT-2), else None
+    final_norm: str
+    attn_norm: str              # relative to a block
+    mlp_norm: str
+    mlp: str
+    rotary: Optional[str]       # the model's rotary embedding module, if rotary
+    qkv: Callable               # block -> (q_w, q_b, k_w, k_b, v_w, v_b) views
+    out: Callable               # block -> (o_w, o_b)
+
+
+def _split_heads(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Linear weight [H*d, D] -> [H, d, D] (a view)."""
+    return weight.view(n_heads, -1, weight.shape[-1])
+
+
+def _bias_heads(bias: Optional[torch.Tensor], n_heads: int) -> Optional[torch.Tensor]:
+    return None if bias is None else bias.view(n_heads, -1)
+
+
+def _llama_qkv(block, cfg):
+    att = block.self_attn
+    hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+    return (_split_heads(att.q_proj.weight, hq), _bias_heads(att.q_proj.bias, hq),
+            _split_heads(att.k_proj.weight, hkv), _bias_heads(att.k_proj.bias, hkv),
+            _split_heads(att.v_proj.weight, hkv), _bias_heads(att.v_proj.bias, hkv))
+
+
+def _llama_out(block, cfg):
+    o = block.self_attn.o_proj  # weight [D, H*d]
+    w = o.weight.view(o.weight.shape[0], cfg.num_attention_heads, -1).permute(1, 2, 0)
+    return w, o.bias
+
+
+def _gpt2_qkv(block, cfg):
+    c = block.attn.c_attn  # Conv1D: weight [D, 3D] (input first), columns [q | k | v]
+    D, H = c.weight.shape[0], cfg.n_head
+    w = c.weight.view(D, 3, H, D // H).permute(1, 2, 3, 0)  # [3, H, d, D]
+    b = c.bias.view(3, H, D // H)
+    return w[0], b[0], w[1], b[1], w[2], b[2]
+
+
+def _gpt2_out(block, cfg):
+    c = block.attn.c_proj  # Conv1D: weight [H*d, D]
+    return c.weight.view(cfg.n_head, -1, c.weight.shape[1]), c.bias
+
+
+def _neox_qkv(block, cfg):
+    lin = block.attention.query_key_value  # weight [H*3*d, D], per head [q | k | v]
+    H = cfg.num_attention_heads
+    w = lin.weight.view(H, 3, -1, lin.weight.shape[-1])
+    b = None if lin.bias is None else lin.bias.view(H, 3, -1)
+    pick = (lambda t, i: None if t is None else t[:, i])
+    return w[:, 0], pick(b, 0), w[:, 1], pick(b, 1), w[:, 2], pick(b, 2)
+
+
+def _neox_out(block, cfg):
+    d = block.attention.dense
+    return d.weight.view(d.weight.shape[0], cfg.num_attention_heads, -1).permute(1, 2, 0), d.bias
+
+
+_LLAMA_LIKE = dict(layers="model.layers", token_embedding="model.embed_tokens",
+                   position_embedding=None, final_norm="model.norm",
+                   attn_norm="input_layernorm", mlp_norm="post_attention_layernorm", mlp="mlp",
+                   rotary="model.rotary_emb", qkv=_llama_qkv, out=_llama_out)
+
+SPECS = {
+    "gpt2": ArchSpec("gpt2", layers="transformer.h", token_embedding="transformer.wte",
+                     position_embedding="transformer.wpe", final_norm="transformer.ln_f",
+                     attn_norm="ln_1", mlp_norm="ln_2", mlp="mlp", rotary=None,
+                     qkv=_gpt2_qkv, out=_gpt2_out),
+    "llama": ArchSpec("llama", **_LLAMA_LIKE),
+    "mistral": ArchSpec("mistral", **_LLAMA_LIKE),
+    "qwen2": ArchSpec("qwen2", **_LLAMA_LIKE),
+    "gpt_neox": ArchSpec("gpt_neox", layers="gpt_neox.layers", token_embedding="gpt_neox.embed_in",
+                         position_embedding=None, final_norm="gpt_neox.final_layer_norm",
+                         attn_norm="input_layernorm", mlp_norm="post_attention_layernorm",
+                         mlp="mlp", rotary="gpt_neox.rotary_emb", qkv=_neox_qkv, out=_neox_out),
+}
+assert tuple(sorted(SPECS)) == SUPPORTED_MODEL_TYPES
+
+
+class Adapter:
+    """A model and its ArchSpec: the pieces the edge model calls."""
+
+    def __init__(self, model: nn.Module):
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SPECS:
+            raise UnsupportedArchitectureError(
+                f"{type(model).__name__} (model type {model_type!r}) is not supported; supported "
+                f"model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        if not hasattr(model, "lm_head"):
+            raise UnsupportedArchitectureError(
+                f"{type(model).__name__} has no lm_head: pass the causal-LM model "
+                f"(for example GPT2LMHeadModel, LlamaForCausalLM), not the bare backbone")
+        self.model, self.config, self.spec = model, config, SPECS[model_type]
+        self._check_supported_options()
+        self.blocks = list(_attr(model, self.spec.layers))
+        self.token_embedding = _attr(model, self.spec.token_embedding)
+        self.position_embedding = (_attr(model, self.spec.position_embedding)
+                                   if self.spec.position_embedding else None)
+        self.final_norm = _attr(model, self.spec.final_norm)
+        self.rotary = _attr(model, self.spec.rotary) if self.spec.rotary else None
+        self.lm_head = model.lm_head
+        q_w = self.spec.qkv(self.blocks[0], config)[0]
+        self.head_dim = q_w.shape[1]
+        self.hidden_size = q_w.shape[2]
+        self.n_heads = q_w.shape[0]
+        self.n_kv_heads = self.spec.qkv(self.blocks[0], config)[2].shape[0]
+        self.scale = self.head_dim ** -0.5
+        self.parallel = model_type == "gpt_neox" and bool(getattr(config, "use_parallel_residual", True))
+
+    def _check_supported_options(self):
+        c, t = self.config, self.config.model_type
+        if t == "gpt2" and getattr(c, "scale_attn_by_inverse_layer_idx", False):
+            raise UnsupportedArchitectureError("GPT-2 with scale_attn_by_inverse_layer_idx is not supported")
+        if t == "gpt2" and getattr(c, "reorder_and_upcast_attn", False):
+            raise UnsupportedArchitectureError("GPT-2 with reorder_and_upcast_attn is not supported")
+        if t in ("gpt2",) and not getattr(c, "scale_attn_weights", True):
+            raise UnsupportedArchitectureError("GPT-2 with scale_attn_weights=False is not supported")
+
+    # pieces -------------------------------------------------------------------
+    def embed(self, input_ids, position_ids) -> list[torch.Tensor]:
+        """The embedding writers' outputs, each [B, S, D]."""
+        outs = [self.token_embedding(input_ids)]
+        if self.position_embedding is not None:
+            outs.append(self.position_embedding(position_ids))
+        return outs
+
+    def attn_norm(self, layer: int, x):
+        return _attr(self.blocks[layer], self.spec.attn_norm)(x)
+
+    def mlp_norm(self, layer: int, x):
+        return _attr(self.blocks[layer], self.spec.mlp_norm)(x)
+
+    def mlp(self, layer: int, x):
+        return _attr(self.blocks[layer], self.spec.mlp)(x)
+
+    def qkv(self, layer: int):
+        return self.spec.qkv(self.blocks[layer], self.config)
+
+    def out(self, layer: int):
+        return self.spec.out(self.blocks[layer], self.config)
+
+    def rotary_cos_sin(self, x, position_ids):
+        if self.rotary is None:
+            return None
+        return self.rotary(x, position_ids)
+
+    def unembed(self, x):
+        return self.lm_head(self.final_norm(x))
