@@ -1,0 +1,422 @@
+"""An edge-prunable view of a Hugging Face causal LM (SPEC sections 1 and 4).
+
+`patch(model)` returns an `EdgeModel` that reuses the model's parameters (no
+copies, the model frozen) and runs it as a graph of writers and readers:
+
+* every writer's output enters one preallocated stack as a *delta*
+  ``y_w - y~_w`` (clean minus corrupted), written in place as layers run;
+* every reader group reads its prefix of the stack through the fused ops:
+  ``in_r = base_r + sum_w z_wr * s_w * (y_w - y~_w)`` where ``base_r`` is the
+  corrupted run's residual stream at the reader's place;
+* the corrupted run runs layer by layer beside the clean one, under no_grad:
+  only the current layer's corrupted outputs and the corrupted residual live
+  at a time.
+
+Autograd and the in-place stack
+-------------------------------
+The stack is an ordinary tensor outside autograd. Writers put their rows in
+with `_StackWrite`, whose backward hands each writer the gradient of its
+rows from one gradient buffer; readers call the fused op with
+``grad_stack=buffer`` so that their backward *accumulates* into that buffer
+(and the op keeps its prefix without autograd's version check: rows beyond
+the prefix are written later, rows inside it never change; see
+`fastedge.ops.masked_sum`).
+
+A writer's rows must have received the gradients of *every* reader that read
+them before the writer's backward reads the buffer. That ordering is made
+explicit with a token: a 0-dim tensor threaded through the writes in order
+(each `_StackWrite` consumes the previous token and returns the next) and
+mixed into each reader's ``log_alpha`` as ``log_alpha + 0 * token``. The
+engine runs a node's backward only after every consumer of its outputs has
+run, so write k's backward waits for all readers that consumed token k or a
+later token, which are exactly the readers that could read its rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from fastedge import ops
+from fastedge.adapters import Adapter
+from fastedge.graph import EdgeGraph, ReaderGroup
+
+ABLATIONS = ("interchange", "zero", "mean")
+
+
+@dataclass
+class EdgeModelOutput:
+    logits: Tensor                 # [B, S, vocab]
+    edge_mask_sum: Tensor          # sum of the edge masks used (sampled or fixed), 0-dim fp32
+    n_edges: int
+    node_mask_sum: Optional[Tensor] = None  # sum of node masks, when node masks are on
+    n_nodes: int = 0
+
+    @property
+    def edge_sparsity(self) -> Tensor:
+        """``1 - sum(z) / n_edges`` (differentiable in the edge log_alphas)."""
+        return 1 - self.edge_mask_sum / self.n_edges
+
+    @property
+    def node_sparsity(self) -> Optional[Tensor]:
+        if self.node_mask_sum is None:
+            return None
+        return 1 - self.node_mask_sum / self.n_nodes
+
+
+class _StackWrite(torch.autograd.Function):
+    """Write `delta` into rows [start, start + n) of `stack` in place; the
+    backward reads those rows of the gradient buffer. Threads the order token."""
+
+    @staticmethod
+    def forward(ctx, token, delta, stack, grad_buffer, start):
+        stack[start:start + delta.shape[0]].copy_(delta)
+        ctx.grad_buffer, ctx.start, ctx.n, ctx.dtype = grad_buffer, start, delta.shape[0], delta.dtype
+        return token.clone()
+
+    @staticmethod
+    def backward(ctx, dtoken):
+        rows = ctx.grad_buffer[ctx.start:ctx.start + ctx.n]
+        return dtoken, rows.to(ctx.dtype), None, None, None
+
+
+def position_ids_from_attention_mask(attention_mask: Tensor) -> Tensor:
+    """Positions that skip padding: ``cumsum(mask) - 1``, 0 at pads."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class EdgeModel(nn.Module):
+    """A patched model. Its parameters are the mask `log_alpha`s only; the
+    wrapped model stays frozen and is reached through `.model`."""
+
+    def __init__(self, model: nn.Module, *, ablation: str = "interchange", node_masks: bool = True,
+                 seed: int = 0, recompute_readers: bool = False,
+                 generator: Optional[torch.Generator] = None):
+        super().__init__()
+        if ablation not in ABLATIONS:
+            raise ValueError(f"ablation must be one of {', '.join(ABLATIONS)}, got {ablation!r}")
+        adapter = Adapter(model)
+        object.__setattr__(self, "model", model)  # not a submodule: its weights are not ours
+        object.__setattr__(self, "adapter", adapter)
+        self.graph = EdgeGraph.from_config(model.config)
+        self.ablation = ablation
+        self.recompute_readers = recompute_readers
+        self._frozen_flags = {name: p.requires_grad for name, p in model.named_parameters()}
+        self._was_training = model.training
+        model.requires_grad_(False)
+        model.eval()
+        device = next(model.parameters()).device
+        self.edge_log_alpha = nn.ParameterList(
+            [nn.Parameter(ops.init_log_alpha(g.n_readers, g.n_writers, generator=generator, device=device))
+             for g in self.graph.groups])
+        self.node_log_alpha = (nn.Parameter(ops.init_log_alpha(self.graph.n_writers, generator=generator,
+                                                               device=device))
+                               if node_masks else None)
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        self.seed = int(seed)
+        self._fixed_masks: Optional[list[Tensor]] = None
+        self._mean_outputs: Optional[Tensor] = None
+
+    # -- masks ---------------------------------------------------------------------
+
+    def mask_parameters(self) -> list[nn.Parameter]:
+        return list(self.parameters())
+
+    def reset_masks(self, generator: Optional[torch.Generator] = None) -> None:
+        """Back to the initial state: log_alpha ~ N(10, 0.01), no fixed circuit."""
+        self._fixed_masks = None
+        with torch.no_grad():
+            for p in self.edge_log_alpha:
+                p.copy_(ops.init_log_alpha(*p.shape, generator=generator, device=p.device))
+            if self.node_log_alpha is not None:
+                self.node_log_alpha.copy_(ops.init_log_alpha(self.graph.n_writers, generator=generator,
+                                                             device=self.node_log_alpha.device))
+
+    def set_circuit(self, edges: Iterable[tuple[str, str]], nodes: Optional[Iterable[str]] = None) -> None:
+        """Fix the masks to a circuit: the listed (writer, reader) edges at 1,
+        every other edge at 0; with `nodes`, only those writers are kept."""
+        g = self.graph
+        device = self.edge_log_alpha[0].device
+        fixed = [torch.zeros(gr.n_readers, gr.n_writers, device=device) for gr in g.groups]
+        group_of_reader = {}
+        for gi, gr in enumerate(g.groups):
+            for r in gr.readers:
+                group_of_reader[r] = (gi, r - gr.first_reader)
+        for writer, reader in edges:
+            g.edge_index(writer, reader)  # raises on a malformed edge
+            gi, row = group_of_reader[g.reader_index[reader]]
+            fixed[gi][row, g.writer_index[writer]] = 1.0
+        if nodes is not None:
+            keep = torch.zeros(g.n_writers, device=device)
+            for name in nodes:
+                if name not in g.writer_index:
+                    raise KeyError(f"unknown writer {name!r} in nodes")
+                keep[g.writer_index[name]] = 1.0
+            fixed = [m * keep[: m.shape[1]] for m in fixed]
+        self._fixed_masks = fixed
+
+    @property
+    def circuit_fixed(self) -> bool:
+        return self._fixed_masks is not None
+
+    # -- mean ablation -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def compute_mean_outputs(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        """Each writer's output averaged over a reference batch, per position
+        ([n_writers, S, D]); used by ``ablation="mean"``."""
+        writer_outputs = self._run(input_ids, None, attention_mask, collect_writers=True)
+        if attention_mask is None:
+            means = writer_outputs.mean(dim=1)
+        else:
+            weight = attention_mask.to(writer_outputs.dtype)[None, :, :, None]
+            means = (writer_outputs * weight).sum(1) / weight.sum(1).clamp(min=1)
+        self._mean_outputs = means
+        return means
+
+    # -- forward -----------------------------------------------------------------------
+
+    def forward(self, input_ids: Tensor, corrupted_input_ids: Optional[Tensor] = None,
+                attention_mask: Optional[Tensor] = None, seed: Optional[int] = None) -> EdgeModelOutput:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if self.ablation == "interchange":
+            if corrupted_input_ids is None:
+                raise ValueError("interchange ablation needs corrupted_input_ids")
+            if corrupted_input_ids.shape != input_ids.shape:
+                raise ValueError(f"corrupted_input_ids must have input_ids' shape {tuple(input_ids.shape)}, "
+                                 f"got {tuple(corrupted_input_ids.shape)}")
+        if self.ablation == "mean" and self._mean_outputs is None:
+            raise ValueError("mean ablation needs compute_mean_outputs(reference_input_ids) first")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        if seed is None:
+            seed = self.seed * 1_000_003 + int(self.step)
+            if self.training and torch.is_grad_enabled():
+                self.step += 1
+        return self._run(input_ids, corrupted_input_ids, attention_mask, seed=seed)
+
+    def _run(self, input_ids, corrupted_input_ids, attention_mask, seed=0, collect_writers=False):
+        a, g = self.adapter, self.graph
+        B, S = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        positions = position_ids_from_attention_mask(attention_mask)
+        attn_bias = _attention_mask(attention_mask)
+        dtype = a.token_embedding.weight.dtype
+        device = input_ids.device
+        ablation = "zero" if collect_writers else self.ablation
+        training_graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+
+        run = _Run(self, seed, training_graph and not collect_writers, collect_writers)
+        run.stack = torch.empty((g.n_writers, B, S, a.hidden_size), dtype=dtype, device=device)
+        run.grad_buffer = (torch.zeros_like(run.stack) if run.needs_grad else None)
+        run.token = torch.zeros((), device=device, requires_grad=run.needs_grad)
+
+        clean = a.embed(input_ids, positions)
+        if ablation == "interchange":
+            corrupted = a.embed(corrupted_input_ids, positions)
+        elif ablation == "zero":
+            corrupted = [None] * len(clean)
+        else:
+            corrupted = [self._mean(w, S) for w in range(len(clean))]
+        for w, (y, y_c) in enumerate(zip(clean, corrupted)):
+            run.write(w, (y if y_c is None else y - y_c)[None])
+        resid_c = _sum_or_none(corrupted)
+        if ablation == "mean":
+            resid_c = self._mean_prefix(0, len(clean), S)
+
+        cos_sin = a.rotary_cos_sin(clean[0], positions)
+        for layer in range(a.config.num_hidden_layers if hasattr(a.config, "num_hidden_layers") else len(a.blocks)):
+            attn_group, mlp_group = g.groups[2 * layer], g.groups[2 * layer + 1]
+            first_head = attn_group.n_writers
+            # corrupted layer, attention part
+            heads_c = None
+            if ablation == "interchange":
+                with torch.no_grad():
+                    x_c = a.attn_norm(layer, resid_c)[None]
+                    heads_c = self._heads(layer, x_c.expand(a.n_heads, -1, -1, -1),
+                                          x_c.expand(a.n_kv_heads, -1, -1, -1),
+                                          x_c.expand(a.n_kv_heads, -1, -1, -1), cos_sin, attn_bias)
+            elif ablation == "mean":
+                heads_c = torch.stack([self._mean(first_head + h, S) for h in range(a.n_heads)])
+            # clean heads from their readers
+            inputs = run.read(attn_group, resid_c)
+            x = a.attn_norm(layer, inputs)
+            hq, hkv = a.n_heads, a.n_kv_heads
+            heads = self._heads(layer, x[:hq], x[hq:hq + hkv], x[hq + hkv:], cos_sin, attn_bias)
+            run.write(first_head, heads if heads_c is None else heads - heads_c)
+            attn_c = None if heads_c is None else heads_c.sum(0)
+            # the MLP
+            if a.parallel:
+                mlp_base = resid_c
+            else:
+                mlp_base = _add(resid_c, attn_c)
+            mlp_in = run.read(mlp_group, mlp_base)[0]
+            y_mlp = a.mlp(layer, a.mlp_norm(layer, mlp_in))
+            mlp_writer = first_head + a.n_heads
+            if ablation == "interchange":
+                with torch.no_grad():
+                    y_mlp_c = a.mlp(layer, a.mlp_norm(layer, mlp_base))
+            elif ablation == "mean":
+                y_mlp_c = self._mean(mlp_writer, S)
+            else:
+                y_mlp_c = None
+            run.write(mlp_writer, (y_mlp if y_mlp_c is None else y_mlp - y_mlp_c)[None])
+            resid_c = _add(_add(resid_c, attn_c), y_mlp_c)
+        if collect_writers:
+            return run.stack
+        final = run.read(g.groups[-1], resid_c)[0]
+        logits = a.unembed(final)
+        return EdgeModelOutput(logits=logits, edge_mask_sum=run.edge_sum, n_edges=g.n_edges,
+                               node_mask_sum=run.node_sum(), n_nodes=g.n_writers)
+
+    def _heads(self, layer, xq, xk, xv, cos_sin, attn_bias) -> Tensor:
+        """Per-head attention outputs [H, B, S, D] from per-reader normed inputs
+        xq [Hq, B, S, D], xk / xv [Hkv, B, S, D]."""
+        a = self.adapter
+        q_w, q_b, k_w, k_b, v_w, v_b = a.qkv(layer)
+        q = _project(xq, q_w, q_b)
+        k = _project(xk, k_w, k_b)
+        v = _project(xv, v_w, v_b)
+        q, k, v = (t.permute(1, 0, 2, 3) for t in (q, k, v))  # [B, H, S, d]
+        if cos_sin is not None:
+            q, k = _rotary(q, k, *cos_sin)
+        attn = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_bias, scale=a.scale, enable_gqa=a.n_heads != a.n_kv_heads)
+        o_w, o_b = a.out(layer)
+        heads = torch.einsum("bhsd,hdD->hbsD", attn, o_w)
+        if o_b is not None:
+            heads = heads + o_b / a.n_heads  # the output bias split evenly across heads
+        return heads
+
+    def _mean(self, writer: int, S: int) -> Tensor:
+        means = self._mean_outputs
+        if means.shape[1] < S:
+            raise ValueError(f"mean outputs were computed for {means.shape[1]} positions; "
+                             f"inputs have {S}")
+        return means[writer, :S][None]  # broadcast over the batch
+
+    def _mean_prefix(self, start: int, stop: int, S: int) -> Tensor:
+        return self._mean_outputs[start:stop, :S].sum(0)[None]
+
+    # -- undo -----------------------------------------------------------------------
+
+    def unpatch(self) -> nn.Module:
+        """Give back the original model, with its requires_grad flags and mode restored."""
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(self._frozen_flags.get(name, True))
+        self.model.train(self._was_training)
+        return self.model
+
+
+class _Run:
+    """The state of one forward: the stack, its gradient buffer, the order token."""
+
+    def __init__(self, em: EdgeModel, seed: int, needs_grad: bool, plain: bool):
+        self.em, self.seed, self.needs_grad, self.plain = em, seed, needs_grad, plain
+        self.edge_sum = torch.zeros((), device=em.edge_log_alpha[0].device)
+
+    def write(self, start: int, delta: Tensor) -> None:
+        if self.needs_grad and delta.requires_grad:
+            self.token = _StackWrite.apply(self.token, delta, self.stack, self.grad_buffer, start)
+        else:
+            with torch.no_grad():
+                self.stack[start:start + delta.shape[0]].copy_(delta)
+
+    def read(self, group: ReaderGroup, base: Optional[Tensor]) -> Tensor:
+        em = self.em
+        gi = em.graph.groups.index(group)
+        if base is not None:
+            base = base.expand(self.stack.shape[1:]).contiguous() if base.shape != self.stack.shape[1:] else base
+        if self.plain:  # every mask 1: the unmasked model's writer outputs (for mean ablation)
+            mask = torch.ones(group.n_readers, group.n_writers, device=self.stack.device)
+            return ops.masked_writer_sum(self.stack, mask, base)
+        grad_stack = self.grad_buffer if self.needs_grad else None
+        if em._fixed_masks is not None:
+            mask = em._fixed_masks[gi]
+            if self.needs_grad:
+                mask = mask + 0 * self.token
+            self.edge_sum = self.edge_sum + em._fixed_masks[gi].sum()
+            return ops.masked_writer_sum(self.stack, mask, base, grad_stack=grad_stack)
+        edge = em.edge_log_alpha[gi]
+        if self.needs_grad:
+            edge = edge + 0 * self.token
+        node = None if em.node_log_alpha is None else em.node_log_alpha[: group.n_writers]
+        out, edge_sum = ops.sampled_masked_writer_sum(
+            self.stack, edge, node, base, seed=self.seed, reader_offset=group.first_reader,
+            training=em.training, grad_stack=grad_stack)
+        self.edge_sum = self.edge_sum + edge_sum
+        return out
+
+    def node_sum(self) -> Optional[Tensor]:
+        em = self.em
+        if em.node_log_alpha is None or em._fixed_masks is not None:
+            return None
+        u = ops.node_noise(self.seed, em.graph.n_writers, em.node_log_alpha.device) if em.training else None
+        return ops.hard_concrete(em.node_log_alpha, training=em.training, u=u).sum()
+
+
+def _project(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Per-head projection: x [H, B, S, D], weight [H, d, D] -> [H, B, S, d]."""
+    out = torch.einsum("hbsD,hdD->hbsd", x, weight)
+    if bias is not None:
+        out = out + bias[:, None, None, :]
+    return out
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotary embedding on the first cos.shape[-1] dims (partial rotary keeps the rest)."""
+    cos, sin = cos[:, None], sin[:, None]  # [B, 1, S, rot]
+    rot = cos.shape[-1]
+
+    def apply(t):
+        t_rot, t_pass = t[..., :rot], t[..., rot:]
+        return torch.cat((t_rot * cos + _rotate_half(t_rot) * sin, t_pass), dim=-1)
+    return apply(q), apply(k)
+
+
+def _attention_mask(attention_mask: Tensor) -> Tensor:
+    """[B, 1, S, S] boolean: causal and not padding; a query always sees
+    itself, so a padded row never becomes all -inf (its output is unused)."""
+    S = attention_mask.shape[1]
+    causal = torch.ones(S, S, dtype=torch.bool, device=attention_mask.device).tril()
+    keys = attention_mask.bool()[:, None, None, :]
+    eye = torch.eye(S, dtype=torch.bool, device=attention_mask.device)
+    return (causal & keys) | eye
+
+
+def _sum_or_none(tensors):
+    tensors = [t for t in tensors if t is not None]
+    if not tensors:
+        return None
+    out = tensors[0]
+    for t in tensors[1:]:
+        out = out + t
+    return out
+
+
+def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def patch(model: nn.Module, *, ablation: str = "interchange", node_masks: bool = True, seed: int = 0,
+          recompute_readers: bool = False) -> EdgeModel:
+    """Turn a Hugging Face causal LM into an edge-prunable `EdgeModel`
+    (GPT-2, Llama family incl. grouped k/v heads, Mistral, Qwen2, GPT-NeoX).
+    The model's weights are reused, never copied, and frozen;
+    `EdgeModel.unpatch()` gives the model back."""
+    return EdgeModel(model, ablation=ablation, node_masks=node_masks, seed=seed,
+                     recompute_readers=recompute_readers)
