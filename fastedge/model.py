@@ -107,12 +107,13 @@ class EdgeModel(nn.Module):
         self._was_training = model.training
         model.requires_grad_(False)
         model.eval()
-        device = next(model.parameters()).device
+        weight = adapter.token_embedding.weight
+        # masks and their arithmetic stay fp32 (float64 for a float64 model, as in the tests)
+        self.mask_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        init = dict(generator=generator, device=weight.device, dtype=self.mask_dtype)
         self.edge_log_alpha = nn.ParameterList(
-            [nn.Parameter(ops.init_log_alpha(g.n_readers, g.n_writers, generator=generator, device=device))
-             for g in self.graph.groups])
-        self.node_log_alpha = (nn.Parameter(ops.init_log_alpha(self.graph.n_writers, generator=generator,
-                                                               device=device))
+            [nn.Parameter(ops.init_log_alpha(g.n_readers, g.n_writers, **init)) for g in self.graph.groups])
+        self.node_log_alpha = (nn.Parameter(ops.init_log_alpha(self.graph.n_writers, **init))
                                if node_masks else None)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.seed = int(seed)
@@ -129,17 +130,18 @@ class EdgeModel(nn.Module):
         self._fixed_masks = None
         with torch.no_grad():
             for p in self.edge_log_alpha:
-                p.copy_(ops.init_log_alpha(*p.shape, generator=generator, device=p.device))
+                p.copy_(ops.init_log_alpha(*p.shape, generator=generator, device=p.device, dtype=p.dtype))
             if self.node_log_alpha is not None:
-                self.node_log_alpha.copy_(ops.init_log_alpha(self.graph.n_writers, generator=generator,
-                                                             device=self.node_log_alpha.device))
+                p = self.node_log_alpha
+                p.copy_(ops.init_log_alpha(*p.shape, generator=generator, device=p.device, dtype=p.dtype))
 
     def set_circuit(self, edges: Iterable[tuple[str, str]], nodes: Optional[Iterable[str]] = None) -> None:
         """Fix the masks to a circuit: the listed (writer, reader) edges at 1,
         every other edge at 0; with `nodes`, only those writers are kept."""
         g = self.graph
         device = self.edge_log_alpha[0].device
-        fixed = [torch.zeros(gr.n_readers, gr.n_writers, device=device) for gr in g.groups]
+        fixed = [torch.zeros(gr.n_readers, gr.n_writers, device=device, dtype=self.mask_dtype)
+                 for gr in g.groups]
         group_of_reader = {}
         for gi, gr in enumerate(g.groups):
             for r in gr.readers:
@@ -149,7 +151,7 @@ class EdgeModel(nn.Module):
             gi, row = group_of_reader[g.reader_index[reader]]
             fixed[gi][row, g.writer_index[writer]] = 1.0
         if nodes is not None:
-            keep = torch.zeros(g.n_writers, device=device)
+            keep = torch.zeros(g.n_writers, device=device, dtype=self.mask_dtype)
             for name in nodes:
                 if name not in g.writer_index:
                     raise KeyError(f"unknown writer {name!r} in nodes")
@@ -230,7 +232,7 @@ class EdgeModel(nn.Module):
             resid_c = self._mean_prefix(0, len(clean), S)
 
         cos_sin = a.rotary_cos_sin(clean[0], positions)
-        for layer in range(a.config.num_hidden_layers if hasattr(a.config, "num_hidden_layers") else len(a.blocks)):
+        for layer in range(len(a.blocks)):
             attn_group, mlp_group = g.groups[2 * layer], g.groups[2 * layer + 1]
             first_head = attn_group.n_writers
             # corrupted layer, attention part
@@ -244,19 +246,12 @@ class EdgeModel(nn.Module):
             elif ablation == "mean":
                 heads_c = torch.stack([self._mean(first_head + h, S) for h in range(a.n_heads)])
             # clean heads from their readers
-            inputs = run.read(attn_group, resid_c)
-            x = a.attn_norm(layer, inputs)
-            hq, hkv = a.n_heads, a.n_kv_heads
-            heads = self._heads(layer, x[:hq], x[hq:hq + hkv], x[hq + hkv:], cos_sin, attn_bias)
+            heads = run.region(self._attn_readers, layer, attn_group, resid_c, cos_sin, attn_bias)
             run.write(first_head, heads if heads_c is None else heads - heads_c)
             attn_c = None if heads_c is None else heads_c.sum(0)
             # the MLP
-            if a.parallel:
-                mlp_base = resid_c
-            else:
-                mlp_base = _add(resid_c, attn_c)
-            mlp_in = run.read(mlp_group, mlp_base)[0]
-            y_mlp = a.mlp(layer, a.mlp_norm(layer, mlp_in))
+            mlp_base = resid_c if a.parallel else _add(resid_c, attn_c)
+            y_mlp = run.region(self._mlp_reader, layer, mlp_group, mlp_base)
             mlp_writer = first_head + a.n_heads
             if ablation == "interchange":
                 with torch.no_grad():
@@ -269,10 +264,26 @@ class EdgeModel(nn.Module):
             resid_c = _add(_add(resid_c, attn_c), y_mlp_c)
         if collect_writers:
             return run.stack
-        final = run.read(g.groups[-1], resid_c)[0]
-        logits = a.unembed(final)
+        logits = run.region(self._final_reader, None, g.groups[-1], resid_c)
         return EdgeModelOutput(logits=logits, edge_mask_sum=run.edge_sum, n_edges=g.n_edges,
                                node_mask_sum=run.node_sum(), n_nodes=g.n_writers)
+
+    # Reader regions: a group's masked sum and what its readers apply to it.
+    # With recompute_readers they run under activation checkpointing, so the
+    # reader inputs ([R, B, S, D] per layer) are recomputed in the backward.
+
+    def _attn_readers(self, run, layer, group, base, cos_sin, attn_bias):
+        a = self.adapter
+        x = a.attn_norm(layer, run.read(group, base))
+        hq, hkv = a.n_heads, a.n_kv_heads
+        return self._heads(layer, x[:hq], x[hq:hq + hkv], x[hq + hkv:], cos_sin, attn_bias)
+
+    def _mlp_reader(self, run, layer, group, base):
+        a = self.adapter
+        return a.mlp(layer, a.mlp_norm(layer, run.read(group, base)[0]))
+
+    def _final_reader(self, run, layer, group, base):
+        return self.adapter.unembed(run.read(group, base)[0])
 
     def _heads(self, layer, xq, xk, xv, cos_sin, attn_bias) -> Tensor:
         """Per-head attention outputs [H, B, S, D] from per-reader normed inputs
@@ -318,7 +329,7 @@ class _Run:
 
     def __init__(self, em: EdgeModel, seed: int, needs_grad: bool, plain: bool):
         self.em, self.seed, self.needs_grad, self.plain = em, seed, needs_grad, plain
-        self.edge_sum = torch.zeros((), device=em.edge_log_alpha[0].device)
+        self.edge_sum = torch.zeros((), device=em.edge_log_alpha[0].device, dtype=em.mask_dtype)
 
     def write(self, start: int, delta: Tensor) -> None:
         if self.needs_grad and delta.requires_grad:
@@ -327,36 +338,54 @@ class _Run:
             with torch.no_grad():
                 self.stack[start:start + delta.shape[0]].copy_(delta)
 
+    def region(self, fn, *args):
+        """Run a reader region, checkpointed when the model recomputes readers.
+        The region's edge-mask sum leaves it as an output, so that its
+        gradient flows through the checkpoint."""
+        def body(token, *args):
+            self.token_for_read = token
+            self.region_edge_sum = torch.zeros_like(self.edge_sum)
+            out = fn(self, *args)
+            return out, self.region_edge_sum
+        if self.em.recompute_readers and self.needs_grad:
+            out, edge_sum = torch.utils.checkpoint.checkpoint(body, self.token, *args, use_reentrant=False)
+        else:
+            out, edge_sum = body(self.token, *args)
+        self.edge_sum = self.edge_sum + edge_sum
+        return out
+
     def read(self, group: ReaderGroup, base: Optional[Tensor]) -> Tensor:
         em = self.em
         gi = em.graph.groups.index(group)
         if base is not None:
             base = base.expand(self.stack.shape[1:]).contiguous() if base.shape != self.stack.shape[1:] else base
         if self.plain:  # every mask 1: the unmasked model's writer outputs (for mean ablation)
-            mask = torch.ones(group.n_readers, group.n_writers, device=self.stack.device)
+            mask = torch.ones(group.n_readers, group.n_writers, device=self.stack.device,
+                              dtype=em.mask_dtype)
             return ops.masked_writer_sum(self.stack, mask, base)
         grad_stack = self.grad_buffer if self.needs_grad else None
         if em._fixed_masks is not None:
             mask = em._fixed_masks[gi]
             if self.needs_grad:
-                mask = mask + 0 * self.token
-            self.edge_sum = self.edge_sum + em._fixed_masks[gi].sum()
+                mask = mask + 0 * self.token_for_read
+            self.region_edge_sum = self.region_edge_sum + em._fixed_masks[gi].sum()
             return ops.masked_writer_sum(self.stack, mask, base, grad_stack=grad_stack)
         edge = em.edge_log_alpha[gi]
         if self.needs_grad:
-            edge = edge + 0 * self.token
+            edge = edge + 0 * self.token_for_read
         node = None if em.node_log_alpha is None else em.node_log_alpha[: group.n_writers]
         out, edge_sum = ops.sampled_masked_writer_sum(
             self.stack, edge, node, base, seed=self.seed, reader_offset=group.first_reader,
             training=em.training, grad_stack=grad_stack)
-        self.edge_sum = self.edge_sum + edge_sum
+        self.region_edge_sum = self.region_edge_sum + edge_sum
         return out
 
     def node_sum(self) -> Optional[Tensor]:
         em = self.em
         if em.node_log_alpha is None or em._fixed_masks is not None:
             return None
-        u = ops.node_noise(self.seed, em.graph.n_writers, em.node_log_alpha.device) if em.training else None
+        u = (ops.node_noise(self.seed, em.graph.n_writers, em.node_log_alpha.device).to(em.mask_dtype)
+             if em.training else None)
         return ops.hard_concrete(em.node_log_alpha, training=em.training, u=u).sum()
 
 

@@ -208,7 +208,8 @@ def hard_concrete_deterministic(log_alpha: Tensor) -> Tensor:
     return torch.sigmoid(log_alpha * (constants.DETERMINISTIC_SCALE / constants.BETA))
 
 
-def init_log_alpha(*shape, generator: Optional[torch.Generator] = None, device=None) -> Tensor:
-    """``log_alpha ~ N(10, 0.01)`` as float32: every mask starts at 1."""
-    t = torch.empty(*shape, dtype=torch.float32, device=device)
+def init_log_alpha(*shape, generator: Optional[torch.Generator] = None, device=None,
+                   dtype: torch.dtype = torch.float32) -> Tensor:
+    """``log_alpha ~ N(10, 0.01)`` (float32 unless asked): every mask starts at 1."""
+    t = torch.empty(*shape, dtype=dtype, device=device)
     return t.normal_(constants.INIT_MEAN, constants.INIT_STD, generator=generator)
