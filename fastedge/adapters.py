@@ -176,6 +176,18 @@ class Adapter:
     def out(self, layer: int):
         return self.spec.out(self.blocks[layer], self.config)
 
+    def sliding_window(self, layer: int) -> Optional[int]:
+        """Keys a query may see in `layer` (i - j < window), or None for all.
+        Mistral windows every layer; Qwen2 the layers its `layer_types` mark."""
+        c = self.config
+        if c.model_type == "mistral":
+            return getattr(c, "sliding_window", None)
+        if c.model_type == "qwen2":
+            types = getattr(c, "layer_types", None)
+            if types is not None and types[layer] == "sliding_attention":
+                return c.sliding_window
+        return None
+
     def rotary_cos_sin(self, x, position_ids):
         if self.rotary is None:
             return None

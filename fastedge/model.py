@@ -207,7 +207,7 @@ class EdgeModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         positions = position_ids_from_attention_mask(attention_mask)
-        attn_bias = _attention_mask(attention_mask)
+        masks_by_window = {}
         dtype = a.token_embedding.weight.dtype
         device = input_ids.device
         ablation = "zero" if collect_writers else self.ablation
@@ -233,6 +233,10 @@ class EdgeModel(nn.Module):
 
         cos_sin = a.rotary_cos_sin(clean[0], positions)
         for layer in range(len(a.blocks)):
+            window = a.sliding_window(layer)
+            if window not in masks_by_window:
+                masks_by_window[window] = _attention_mask(attention_mask, window)
+            attn_bias = masks_by_window[window]
             attn_group, mlp_group = g.groups[2 * layer], g.groups[2 * layer + 1]
             first_head = attn_group.n_writers
             # corrupted layer, attention part
@@ -413,11 +417,14 @@ def _rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Ten
     return apply(q), apply(k)
 
 
-def _attention_mask(attention_mask: Tensor) -> Tensor:
-    """[B, 1, S, S] boolean: causal and not padding; a query always sees
-    itself, so a padded row never becomes all -inf (its output is unused)."""
+def _attention_mask(attention_mask: Tensor, window: Optional[int] = None) -> Tensor:
+    """[B, 1, S, S] boolean: causal, not padding, and within the sliding
+    window (i - j < window) if any; a query always sees itself, so a padded
+    row never becomes all -inf (its output is unused)."""
     S = attention_mask.shape[1]
     causal = torch.ones(S, S, dtype=torch.bool, device=attention_mask.device).tril()
+    if window is not None:
+        causal = causal.triu(-(window - 1))
     keys = attention_mask.bool()[:, None, None, :]
     eye = torch.eye(S, dtype=torch.bool, device=attention_mask.device)
     return (causal & keys) | eye

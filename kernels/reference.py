@@ -54,7 +54,9 @@ def masked_sum_backward_mask(x, dout) -> torch.Tensor:
 # -- hard concrete --------------------------------------------------------------
 
 def hard_concrete_stretched(log_alpha, u):
-    """(s, s * (r - l) + l): the concrete sample and its stretched value."""
+    """(s, s * (r - l) + l): the concrete sample and its stretched value,
+    computed in log_alpha's dtype (float64 stays float64 throughout)."""
+    u = u.to(log_alpha.dtype)
     s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / C.BETA)
     return s, s * (C.LIMIT_RIGHT - C.LIMIT_LEFT) + C.LIMIT_LEFT
 

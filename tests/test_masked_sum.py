@@ -156,16 +156,19 @@ def test_gradients_through_op(target, dtype, case, poison_fresh_memory):
         assert_matches_reference(base.grad.cpu(), dbase_ref, plain_db, dtype, f"{backend} d base")
 
 
+@pytest.mark.parametrize("stack_in_autograd", [True, False], ids=["stack-requires-grad", "plain-stack"])
 @pytest.mark.parametrize("grad_dtype", ["fp32", "storage"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DT_ID[d])
 @pytest.mark.parametrize("target", backend_targets())
-def test_gradient_accumulates_into_caller_buffer(target, dtype, grad_dtype):
+def test_gradient_accumulates_into_caller_buffer(target, dtype, grad_dtype, stack_in_autograd):
     """Two calls (two 'layers') reading different prefixes accumulate their
-    stack gradients into one caller-owned buffer; the stack gets none."""
+    stack gradients into one caller-owned buffer; the stack gets none. The
+    buffer fills even when the stack itself is outside autograd (a model's
+    preallocated stack)."""
     backend, device = target
     g = torch.Generator().manual_seed(3)
     W_total, T = 23, (3, 37)
-    stack = torch.randn((W_total,) + T, generator=g).to(dtype).to(device).requires_grad_(True)
+    stack = torch.randn((W_total,) + T, generator=g).to(dtype).to(device).requires_grad_(stack_in_autograd)
     buf_dtype = torch.float32 if grad_dtype == "fp32" else dtype
     initial = torch.randn((W_total + 2,) + T, generator=g).to(buf_dtype)
     buf = initial.clone().to(device)

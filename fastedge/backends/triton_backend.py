@@ -10,6 +10,7 @@ when a kernel is defined); `reasons` reports a mismatch rather than failing.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from typing import Optional
@@ -39,6 +40,13 @@ def _kernels_interpreted() -> Optional[bool]:
     if mod is None:
         return None
     return mod._interpreted(mod._masked_sum_fwd_kernel)
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on `t`'s GPU (Triton launches on the current CUDA device)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def _interpret_env() -> bool:
@@ -113,28 +121,35 @@ class TritonBackend(Backend):
     # -- masked writer sum ---------------------------------------------------------
 
     def masked_sum_forward(self, x, m, base, base_index, out) -> None:
-        self._ms().masked_sum_fwd(x, m, base, base_index, out)
+        with _on_device(x):
+            self._ms().masked_sum_fwd(x, m, base, base_index, out)
 
     def masked_sum_backward_stack(self, m, dout, dx) -> None:
-        self._ms().masked_sum_bwd_stack(m, dout, dx)
+        with _on_device(dout):
+            self._ms().masked_sum_bwd_stack(m, dout, dx)
 
     def masked_sum_backward_mask(self, x, dout) -> torch.Tensor:
-        return self._ms().masked_sum_bwd_mask(x, dout)
+        with _on_device(x):
+            return self._ms().masked_sum_bwd_mask(x, dout)
 
     # -- hard concrete ---------------------------------------------------------------
 
     def hard_concrete_forward(self, log_alpha, u, training: bool) -> torch.Tensor:
-        return self._hc().hard_concrete_forward(log_alpha, u, training)
+        with _on_device(log_alpha):
+            return self._hc().hard_concrete_forward(log_alpha, u, training)
 
     def hard_concrete_backward(self, log_alpha, u, training: bool, dz) -> torch.Tensor:
-        return self._hc().hard_concrete_backward(log_alpha, u, training, dz)
+        with _on_device(log_alpha):
+            return self._hc().hard_concrete_backward(log_alpha, u, training, dz)
 
     def sample_masks(self, edge_log_alpha, node_log_alpha, seed: int, reader_offset: int,
                      training: bool):
-        return self._hc().sample_masks(edge_log_alpha, node_log_alpha, seed, reader_offset,
-                                       training)
+        with _on_device(edge_log_alpha):
+            return self._hc().sample_masks(edge_log_alpha, node_log_alpha, seed,
+                                           reader_offset, training)
 
     def sample_masks_backward(self, edge_log_alpha, node_log_alpha, seed: int,
                               reader_offset: int, training: bool, dm, dedge_sum):
-        return self._hc().sample_masks_backward(edge_log_alpha, node_log_alpha, seed,
-                                                reader_offset, training, dm, dedge_sum)
+        with _on_device(edge_log_alpha):
+            return self._hc().sample_masks_backward(edge_log_alpha, node_log_alpha, seed,
+                                                    reader_offset, training, dm, dedge_sum)

@@ -171,7 +171,7 @@ def _backward(ctx, dout):
     stack, mask, base_index = _saved(ctx)
     dout = dout.contiguous()
     dstack = dmask = dbase = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] or ctx.has_grad_buffer:  # the buffer is filled even for a stack outside autograd
         dstack = _stack_grad(ctx, mask, dout, stack)
     if ctx.needs_input_grad[1]:
         dmask = backward_mask_op(stack, dout, mask, ctx.backend)
@@ -288,7 +288,7 @@ def _fused_backward(ctx, dout, dedge_sum):
     if dedge_sum is None:
         dedge_sum = edge_log_alpha.new_zeros(())
     dstack = d_edge = d_node = dbase = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] or ctx.has_grad_buffer:  # the buffer is filled even for a stack outside autograd
         with torch.no_grad():
             mask, _ = sample_masks_op(edge_log_alpha, node_log_alpha, seed, reader_offset,
                                       training, backend)
