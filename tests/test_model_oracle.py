@@ -182,6 +182,11 @@ def _fastedge_step_bytes(model, ids, cids):
         out = em(ids, cids, seed=1)
         return out.logits.sum() + out.edge_mask_sum
     n = _saved_bytes(step)
+    # The stack and its gradient buffer live on the autograd context outside
+    # saved_tensors_hooks (the in-place stack protocol): count them too.
+    B, S = ids.shape
+    hidden = model.config.hidden_size
+    n += 2 * em.graph.n_writers * B * S * hidden * torch.finfo(torch.float64).bits // 8
     em.unpatch()
     return n
 
