@@ -227,3 +227,23 @@ def test_saved_bytes_grow_linearly_for_fastedge_and_faster_for_naive():
     assert abs(step_b - step_a) <= 0.15 * step_a, ours
     # the naive design's increments grow with depth
     assert (naive[8] - naive[4]) / 2 > 1.5 * (naive[4] - naive[2]), naive
+
+
+def test_sliding_window_attention_matches_oracle():
+    from transformers import MistralConfig, MistralForCausalLM
+    config = MistralConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           hidden_size=16, intermediate_size=21, vocab_size=37, sliding_window=3)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config).double().eval()
+    ids, cids = token_batch(batch=2, seq=8)
+    em = fastedge.patch(model)
+    _random_log_alphas(em, seed=2)
+    em.eval()
+    out = em(ids, cids).logits
+    edge, node = _oracle_masks(em, 0, False)
+    ref = naive_edge_forward(model, em.graph, ids, cids, edge, node)
+    assert torch.allclose(out.detach(), ref.detach(), atol=1e-10)
+    em.set_circuit(em.graph.edges())
+    with torch.no_grad():
+        assert torch.allclose(em(ids, cids).logits, model(ids).logits, atol=1e-10)
