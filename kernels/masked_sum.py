@@ -1,0 +1,466 @@
+"""The masked writer sum in Triton (SPEC section 2).
+
+    forward          out[r, n] = base[g(r), n] + sum_w m[r, w] * x[w, n]
+    backward stack   dx[w, n] += sum_r m[r, w] * dout[r, n]
+    backward mask    dm[r, w]  = sum_n dout[r, n] * x[w, n]   (deterministic)
+
+Layers (STYLE.md): `@triton.jit` helpers and private kernels, then the block
+size heuristics (`forward_config`, `backward_stack_config`,
+`backward_mask_config`; the compile test uses the same functions), then the
+launchers.
+
+Design
+------
+* Forward: a 1-D grid over column tiles of N. Each program holds every reader
+  of the call (BLOCK_R >= R, up to `MAX_BLOCK_R`; beyond that the readers are
+  tiled too) and walks the writers in chunks of BLOCK_W, so each element of
+  the stack prefix is read exactly once per call. R >= 16 uses `tl.dot`
+  (tensor cores); R < 16 (the MLP / resid_post reader alone) uses a
+  broadcast multiply-add over BLOCK_W rows unrolled per step, in fp32.
+* Backward stack: a 1-D grid over (writer tile, column tile); each program
+  owns its dx tile (no atomics), sums over all readers and then does one
+  read-modify-write of dx in fp32.
+* Backward mask: the N axis is cut into a fixed number S of slices (chosen
+  from the shapes only, never the device); each program reduces one slice of
+  one [BLOCK_R, BLOCK_W] tile into a scratch [S, R, W], and a second kernel
+  adds the slices in order s = 0..S-1. Bit-identical run to run.
+
+Precision
+---------
+Accumulation is always fp32. The mask is fp32 while the stack may be bf16 or
+fp16, so a plain tensor-core dot would round the mask to 8 (or 11) bits.
+Instead it is split, m = hi + lo with hi = m rounded to the storage dtype and
+lo = (m - hi) rounded again, and two dots are accumulated: the products of
+storage-dtype values are exact in fp32, so the result carries about 16 (bf16)
+or 22 (fp16) bits of the mask. fp32 stacks use `input_precision="tf32x3"`
+(three tf32 products, fp32-accurate). The fp16 split assumes masks within
+fp16 range (masks are in [0, 1]).
+
+Under TRITON_INTERPRET=1 bf16 arithmetic and bf16 `tl.dot` are unreliable, so
+the launchers pass DOT_IN_FP32=True there: the same hi/lo split is formed
+(rounded to the storage dtype, then widened) and the dots run in fp32, which
+gives the same products as the tensor cores.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# -- jit helpers -------------------------------------------------------------------
+
+
+@triton.jit
+def _dot_mask_lhs(a, b, acc, DOT_IN_FP32: tl.constexpr):
+    """acc + a @ b for an fp32 mask tile `a` and a storage-dtype tile `b`,
+    fp32-accurate in the mask (see the module docstring)."""
+    if b.dtype == tl.float32:
+        acc = tl.dot(a, b, acc, input_precision="tf32x3")
+    else:
+        a_hi = a.to(b.dtype)
+        a_lo = (a - a_hi.to(tl.float32)).to(b.dtype)
+        if DOT_IN_FP32:
+            b32 = b.to(tl.float32)
+            acc = tl.dot(a_hi.to(tl.float32), b32, acc, input_precision="ieee")
+            acc = tl.dot(a_lo.to(tl.float32), b32, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a_hi, b, acc)
+            acc = tl.dot(a_lo, b, acc)
+    return acc
+
+
+@triton.jit
+def _dot_storage(a, b, acc, DOT_IN_FP32: tl.constexpr):
+    """acc + a @ b for two storage-dtype tiles: their products are exact in
+    fp32 for bf16/fp16; fp32 tiles use tf32x3."""
+    if a.dtype == tl.float32:
+        acc = tl.dot(a, b, acc, input_precision="tf32x3")
+    elif DOT_IN_FP32:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _block1(v, dtype: tl.constexpr):
+    """A scalar (loop counter, kernel argument) as a 1-element block of
+    `dtype`. Blocks behave the same compiled and interpreted (the interpreter
+    gives plain ints for loop counters, and mishandles `block & scalar` masks),
+    and int64 keeps row offsets from overflowing."""
+    return tl.zeros([1], dtype=dtype) + v
+
+
+# -- forward ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _masked_sum_fwd_kernel(x_ptr, m_ptr, base_ptr, index_ptr, out_ptr, R, W, N, stride_x,
+                           HAS_BASE: tl.constexpr, HAS_INDEX: tl.constexpr,
+                           USE_DOT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+    # Reader tiles vary fastest, so with more than one they read the same
+    # columns of x at about the same time (from L2).
+    pid = tl.program_id(0)
+    n_r_tiles = tl.cdiv(R, BLOCK_R)
+    pid_r = pid % n_r_tiles
+    pid_n = pid // n_r_tiles
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_valid = offs_r < R
+    n_valid = offs_n < N
+    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+
+    if USE_DOT:
+        for w0 in range(0, W, BLOCK_W):
+            offs_w = w0 + tl.arange(0, BLOCK_W)
+            w_valid = offs_w < W
+            # Rows w >= W of a prefix view exist in memory but are not ours
+            # (they may hold NaN): mask them, never multiply them by 0.
+            m = tl.load(m_ptr + offs_r[:, None] * W + offs_w[None, :],
+                        mask=r_valid[:, None] & w_valid[None, :], other=0.0)
+            x = tl.load(x_ptr + offs_w[:, None].to(tl.int64) * stride_x + offs_n[None, :],
+                        mask=w_valid[:, None] & n_valid[None, :], other=0.0)
+            acc = _dot_mask_lhs(m, x, acc, DOT_IN_FP32)
+    else:
+        # Vector path (R < 16, where a dot would be mostly padding): BLOCK_W
+        # rows per step, unrolled so that their loads are all in flight
+        # together; one fp32 FMA per reader and element.
+        for w0 in range(0, W, BLOCK_W):
+            for k in tl.static_range(BLOCK_W):
+                w = _block1(w0 + k, tl.int64)
+                w_ok = w < W
+                m_col = tl.load(m_ptr + offs_r * W + w, mask=r_valid & w_ok, other=0.0)
+                x_row = tl.load(x_ptr + w * stride_x + offs_n, mask=n_valid & w_ok,
+                                other=0.0).to(tl.float32)
+                acc += m_col[:, None] * x_row[None, :]
+
+    valid = r_valid[:, None] & n_valid[None, :]
+    if HAS_BASE:
+        if HAS_INDEX:
+            g = tl.load(index_ptr + offs_r, mask=r_valid, other=0)
+        else:
+            g = tl.zeros([BLOCK_R], dtype=tl.int64)
+        b = tl.load(base_ptr + g[:, None].to(tl.int64) * N + offs_n[None, :], mask=valid,
+                    other=0.0)
+        acc += b.to(tl.float32)
+    out_offs = offs_r[:, None].to(tl.int64) * N + offs_n[None, :]
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+# -- backward: stack -----------------------------------------------------------------
+
+
+@triton.jit
+def _masked_sum_bwd_stack_kernel(m_ptr, dout_ptr, dx_ptr, R, W, N, stride_dx,
+                                 USE_DOT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                                 BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+                                 BLOCK_N: tl.constexpr):
+    # Writer tiles vary fastest: programs running together share dout columns in L2.
+    pid = tl.program_id(0)
+    n_w_tiles = tl.cdiv(W, BLOCK_W)
+    pid_w = pid % n_w_tiles
+    pid_n = pid // n_w_tiles
+    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_valid = offs_w < W
+    n_valid = offs_n < N
+    acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
+
+    if USE_DOT:
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_valid = offs_r < R
+            m = tl.load(m_ptr + offs_r[:, None] * W + offs_w[None, :],
+                        mask=r_valid[:, None] & w_valid[None, :], other=0.0)
+            d = tl.load(dout_ptr + offs_r[:, None].to(tl.int64) * N + offs_n[None, :],
+                        mask=r_valid[:, None] & n_valid[None, :], other=0.0)
+            acc = _dot_mask_lhs(tl.trans(m), d, acc, DOT_IN_FP32)
+    else:
+        for r0 in range(0, R):
+            r = _block1(r0, tl.int64)
+            m_row = tl.load(m_ptr + r * W + offs_w, mask=w_valid, other=0.0)
+            d_row = tl.load(dout_ptr + r * N + offs_n, mask=n_valid, other=0.0).to(tl.float32)
+            acc += m_row[:, None] * d_row[None, :]
+
+    valid = w_valid[:, None] & n_valid[None, :]
+    dx_ptrs = dx_ptr + offs_w[:, None].to(tl.int64) * stride_dx + offs_n[None, :]
+    dx = tl.load(dx_ptrs, mask=valid, other=0.0).to(tl.float32)
+    tl.store(dx_ptrs, (dx + acc).to(dx_ptr.dtype.element_ty), mask=valid)
+
+
+# -- backward: mask --------------------------------------------------------------------
+
+
+@triton.jit
+def _masked_sum_bwd_mask_kernel(x_ptr, dout_ptr, part_ptr, R, W, N, stride_x, slice_len,
+                                DOT_IN_FP32: tl.constexpr, BLOCK_R: tl.constexpr,
+                                BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr):
+    """part[s, r, w] = sum over n in slice s of dout[r, n] * x[w, n].
+
+    Computed transposed, acc[w, r] = x[w, :] @ dout[r, :]^T, so that the
+    writers (the long side) are the M dimension of the dot: a single reader
+    still fills an sm_90 warpgroup MMA (M = 64 per warpgroup, N >= 8), and both
+    operands are K-major in memory (what tf32 MMAs need)."""
+    pid = tl.program_id(0)
+    n_w_tiles = tl.cdiv(W, BLOCK_W)
+    n_r_tiles = tl.cdiv(R, BLOCK_R)
+    pid_w = pid % n_w_tiles
+    pid_r = (pid // n_w_tiles) % n_r_tiles
+    pid_s = pid // (n_w_tiles * n_r_tiles)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    r_valid = offs_r < R
+    w_valid = offs_w < W
+    start = pid_s * slice_len
+    end = tl.minimum(start + slice_len, N)
+    acc = tl.zeros([BLOCK_W, BLOCK_R], dtype=tl.float32)
+    for k0 in range(start, end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_valid = offs_k < end
+        x = tl.load(x_ptr + offs_w[:, None].to(tl.int64) * stride_x + offs_k[None, :],
+                    mask=w_valid[:, None] & k_valid[None, :], other=0.0)
+        d = tl.load(dout_ptr + offs_r[:, None].to(tl.int64) * N + offs_k[None, :],
+                    mask=r_valid[:, None] & k_valid[None, :], other=0.0)
+        if DOT_IN_FP32:
+            x = x.to(tl.float32)
+            d = d.to(tl.float32)
+        acc = _dot_storage(x, tl.trans(d), acc, DOT_IN_FP32)
+    offs = (_block1(pid_s, tl.int64) * R * W + offs_r[None, :] * W + offs_w[:, None])
+    tl.store(part_ptr + offs, acc, mask=w_valid[:, None] & r_valid[None, :])
+
+
+@triton.jit
+def _sum_slices_kernel(part_ptr, out_ptr, S, RW, BLOCK: tl.constexpr):
+    """out[i] = sum_{s = 0..S-1} part[s, i], in that order."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < RW
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, S):
+        acc += tl.load(part_ptr + _block1(s, tl.int64) * RW + offs, mask=valid, other=0.0)
+    tl.store(out_ptr + offs, acc, mask=valid)
+
+
+# -- block sizes (shared by the launchers and tests/test_triton_kernels_compile.py) ---
+
+MAX_BLOCK_R = 128      # readers one program holds; more readers are tiled
+DOT_MIN_READERS = 16   # tl.dot needs every dimension >= 16 on a GPU
+SUM_SLICES_BLOCK = 1024
+# backward-mask slicing: aim for this many programs (about two per SM of an
+# H100), with at most MAX_SLICES slices and MAX_SCRATCH fp32 scratch elements.
+TARGET_PROGRAMS = 264
+MAX_SLICES = 128
+MAX_SCRATCH = 1 << 22
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, int(n)))
+
+
+def forward_config(R: int, W: int, N: int, dtype: torch.dtype) -> dict:
+    """Kernel constexprs and launch options of the forward for R readers, W
+    writers, N columns, storage dtype `dtype`."""
+    if R < DOT_MIN_READERS:
+        block_r = _pow2(R)
+        # Keep about 32 accumulator registers per thread (128 threads).
+        block_n = min(1024, max(256, 4096 // block_r))
+        block_n = min(block_n, max(128, _pow2(N)))
+        return dict(USE_DOT=False, BLOCK_R=block_r, BLOCK_W=8, BLOCK_N=block_n,
+                    num_warps=4, num_stages=1)
+    block_r = min(MAX_BLOCK_R, _pow2(R))
+    # Chosen with ptxas -v for sm_80 and sm_90 (tests/test_triton_kernels_compile.py):
+    # fp32 accumulators of BLOCK_R x BLOCK_N take 32-64 registers a thread, and
+    # the hi/lo (or tf32x3) operand splits most of the rest; wider tiles spill.
+    # fp32 takes half the K step: tf32x3 also splits the stack tile.
+    block_n = 256 if block_r <= 16 else 128
+    block_w = 16 if dtype == torch.float32 else 32
+    num_warps = 8 if block_r >= 128 else 4
+    return dict(USE_DOT=True, BLOCK_R=block_r, BLOCK_W=block_w, BLOCK_N=block_n,
+                num_warps=num_warps, num_stages=3)
+
+
+def backward_stack_config(R: int, W: int, N: int, dtype: torch.dtype,
+                          grad_dtype: torch.dtype) -> dict:
+    """Kernel constexprs and launch options of the stack backward."""
+    if R < DOT_MIN_READERS:
+        return dict(USE_DOT=False, BLOCK_R=1, BLOCK_W=16, BLOCK_N=256, num_warps=4,
+                    num_stages=1)
+    # 128 x 128 dx tile over 8 warps; readers (the reduction) in steps of 16,
+    # which keeps the hi/lo split of the mask small enough not to spill.
+    return dict(USE_DOT=True, BLOCK_R=16, BLOCK_W=128, BLOCK_N=128, num_warps=8,
+                num_stages=3)
+
+
+def backward_mask_config(R: int, W: int, N: int, dtype: torch.dtype) -> dict:
+    """Kernel constexprs, launch options and the number of N slices S of the
+    mask backward (a function of the shapes only, so results never depend on
+    the device)."""
+    block_r = min(MAX_BLOCK_R, max(DOT_MIN_READERS, _pow2(R)))
+    block_w = 128
+    block_k = 32 if dtype == torch.float32 else 64
+    num_warps = 8 if block_r * block_w >= 8192 else 4
+    tiles = triton.cdiv(max(R, 1), block_r) * triton.cdiv(max(W, 1), block_w)
+    slices = triton.cdiv(TARGET_PROGRAMS, tiles)
+    slices = min(slices, MAX_SLICES, max(1, MAX_SCRATCH // max(1, R * W)),
+                 max(1, triton.cdiv(N, 4 * block_k)))
+    slices = max(1, slices)
+    # Slices are whole multiples of BLOCK_K; recount so none is empty.
+    slice_len = triton.cdiv(triton.cdiv(max(N, 1), slices), block_k) * block_k
+    slices = max(1, triton.cdiv(N, slice_len))
+    return dict(BLOCK_R=block_r, BLOCK_W=block_w, BLOCK_K=block_k, num_warps=num_warps,
+                num_stages=3, SLICES=slices, SLICE_LEN=slice_len)
+
+
+# -- launchers ---------------------------------------------------------------------
+
+_STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _interpreted(kernel) -> bool:
+    """Whether `kernel` runs under TRITON_INTERPRET (decided when it was defined)."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def _check_rows(name: str, t: torch.Tensor, rows: int, cols: int) -> None:
+    if t.dim() != 2 or tuple(t.shape) != (rows, cols):
+        raise ValueError(f"{name} must be [{rows}, {cols}], got {tuple(t.shape)}")
+    if cols > 1 and rows > 0 and t.stride(1) != 1:
+        raise ValueError(f"{name} must have unit inner stride, got strides {t.stride()}")
+    if rows > 1 and t.stride(0) < cols:
+        raise ValueError(f"{name} rows overlap (stride {t.stride(0)} < {cols})")
+
+
+def _check_contiguous(name: str, t: torch.Tensor, shape, dtype) -> None:
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype or not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous {dtype} {list(shape)}, "
+                         f"got {t.dtype} {list(t.shape)} strides {t.stride()}")
+
+
+def _check_x(x: torch.Tensor) -> tuple[int, int]:
+    if x.dtype not in _STORAGE_DTYPES:
+        raise TypeError(f"stack dtype {x.dtype} is not float32, bfloat16 or float16")
+    if x.dim() != 2:
+        raise ValueError(f"stack must be 2-D [W, N], got {tuple(x.shape)}")
+    W, N = x.shape
+    _check_rows("stack", x, W, N)
+    if N >= 2 ** 31:
+        raise ValueError(f"{N} elements per writer: at most 2**31 - 1 are supported")
+    return W, N
+
+
+def _check_device(ref: torch.Tensor, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device}, expected {ref.device}")
+
+
+def _row_stride(t: torch.Tensor) -> int:
+    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
+
+
+def masked_sum_fwd(x: torch.Tensor, m: torch.Tensor, base: Optional[torch.Tensor] = None,
+                   base_index: Optional[torch.Tensor] = None,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """out[r] = base[g(r)] + sum_w m[r, w] * x[w] (fp32 accumulation).
+
+    x [W, N] (unit inner stride, any row stride), m [R, W] fp32 contiguous,
+    base None or [G, N] contiguous in x's dtype, base_index None or [R] int64
+    (None with base means G == 1), out [R, N] contiguous in x's dtype
+    (allocated when None). Returns out."""
+    W, N = _check_x(x)
+    if m.dim() != 2 or m.shape[1] != W:
+        raise ValueError(f"mask must be [R, {W}], got {tuple(m.shape)}")
+    R = m.shape[0]
+    _check_contiguous("mask", m, (R, W), torch.float32)
+    if base is not None:
+        G = base.shape[0] if base.dim() == 2 else -1
+        _check_contiguous("base", base, (G, N), x.dtype)
+        if base_index is None:
+            if G != 1:
+                raise ValueError(f"base has {G} rows but no base_index")
+        else:
+            _check_contiguous("base_index", base_index, (R,), torch.int64)
+    elif base_index is not None:
+        raise ValueError("base_index without base")
+    if out is None:
+        out = torch.empty((R, N), dtype=x.dtype, device=x.device)
+    _check_contiguous("out", out, (R, N), x.dtype)
+    _check_device(x, mask=m, base=base, base_index=base_index, out=out)
+    if R == 0 or N == 0:
+        return out
+    cfg = forward_config(R, W, N, x.dtype)
+    grid = (triton.cdiv(R, cfg["BLOCK_R"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _masked_sum_fwd_kernel[grid](
+        x, m, out if base is None else base,
+        out if base_index is None else base_index, out,
+        R, W, N, _row_stride(x),
+        HAS_BASE=base is not None, HAS_INDEX=base_index is not None,
+        USE_DOT=cfg["USE_DOT"], DOT_IN_FP32=_interpreted(_masked_sum_fwd_kernel),
+        BLOCK_R=cfg["BLOCK_R"], BLOCK_W=cfg["BLOCK_W"], BLOCK_N=cfg["BLOCK_N"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
+
+
+def masked_sum_bwd_stack(m: torch.Tensor, dout: torch.Tensor, dx: torch.Tensor) -> None:
+    """dx[w] += sum_r m[r, w] * dout[r], in place, accumulated in fp32.
+
+    m [R, W] fp32 contiguous, dout [R, N] contiguous (storage dtype), dx [W, N]
+    (unit inner stride, any row stride) fp32 or dout's dtype."""
+    if dout.dtype not in _STORAGE_DTYPES or dout.dim() != 2:
+        raise TypeError(f"dout must be 2-D float32/bfloat16/float16, got {dout.dtype} "
+                        f"{tuple(dout.shape)}")
+    R, N = dout.shape
+    _check_contiguous("dout", dout, (R, N), dout.dtype)
+    if m.dim() != 2 or m.shape[0] != R:
+        raise ValueError(f"mask must be [{R}, W], got {tuple(m.shape)}")
+    W = m.shape[1]
+    _check_contiguous("mask", m, (R, W), torch.float32)
+    if dx.dtype not in (torch.float32, dout.dtype):
+        raise TypeError(f"stack gradient dtype {dx.dtype}: must be float32 or {dout.dtype}")
+    _check_rows("stack gradient", dx, W, N)
+    _check_device(dout, mask=m, stack_gradient=dx)
+    if N >= 2 ** 31:
+        raise ValueError(f"{N} elements per writer: at most 2**31 - 1 are supported")
+    if R == 0 or W == 0 or N == 0:
+        return
+    cfg = backward_stack_config(R, W, N, dout.dtype, dx.dtype)
+    grid = (triton.cdiv(W, cfg["BLOCK_W"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _masked_sum_bwd_stack_kernel[grid](
+        m, dout, dx, R, W, N, _row_stride(dx),
+        USE_DOT=cfg["USE_DOT"], DOT_IN_FP32=_interpreted(_masked_sum_bwd_stack_kernel),
+        BLOCK_R=cfg["BLOCK_R"], BLOCK_W=cfg["BLOCK_W"], BLOCK_N=cfg["BLOCK_N"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def masked_sum_bwd_mask(x: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    """dm [R, W] fp32 = dout @ x^T, reduced over N in fp32 in a fixed order
+    (bit-identical run to run). x [W, N] (unit inner stride, any row stride),
+    dout [R, N] contiguous in x's dtype."""
+    W, N = _check_x(x)
+    if dout.dim() != 2 or dout.shape[1] != N:
+        raise ValueError(f"dout must be [R, {N}], got {tuple(dout.shape)}")
+    R = dout.shape[0]
+    _check_contiguous("dout", dout, (R, N), x.dtype)
+    _check_device(x, dout=dout)
+    dm = torch.empty((R, W), dtype=torch.float32, device=x.device)
+    if R == 0 or W == 0:
+        return dm
+    if N == 0:
+        return dm.zero_()
+    cfg = backward_mask_config(R, W, N, x.dtype)
+    S = cfg["SLICES"]
+    part = dm if S == 1 else torch.empty((S, R, W), dtype=torch.float32, device=x.device)
+    tiles = triton.cdiv(R, cfg["BLOCK_R"]) * triton.cdiv(W, cfg["BLOCK_W"])
+    _masked_sum_bwd_mask_kernel[(tiles * S,)](
+        x, dout, part, R, W, N, _row_stride(x), cfg["SLICE_LEN"],
+        DOT_IN_FP32=_interpreted(_masked_sum_bwd_mask_kernel),
+        BLOCK_R=cfg["BLOCK_R"], BLOCK_W=cfg["BLOCK_W"], BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if S > 1:
+        RW = R * W
+        _sum_slices_kernel[(triton.cdiv(RW, SUM_SLICES_BLOCK),)](
+            part, dm, S, RW, BLOCK=SUM_SLICES_BLOCK, num_warps=4)
+    return dm
