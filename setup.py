@@ -61,8 +61,11 @@ def cuda_extension():
         name="fastedge._cuda",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", *gencode]},
+        # No -std: torch.utils.cpp_extension picks the standard that the
+        # installed PyTorch's headers need (C++20 for recent releases, C++17
+        # for older ones); csrc/ builds under both.
+        extra_compile_args={"cxx": ["-O3"],
+                            "nvcc": ["-O3", "--expt-relaxed-constexpr", *gencode]},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
