@@ -1,0 +1,340 @@
+"""Edge Pruning: learn masks that keep a model's behaviour on a task with few
+edges (SPEC sections 1 and 3).
+
+The objective of one step, minimised over the log_alphas and maximised over
+the Lagrange multipliers:
+
+    KL(p_full || p_circuit) at the target positions
+      + lambda1 * (s - t) + lambda2 * (s - t)^2            (edges)
+      [+ the same with its own multipliers for nodes, when a node target is set]
+
+with ``s = 1 - sum(sampled edge masks) / n_edges`` and the target ``t`` raised
+linearly from 0 over the sparsity warm-up. ``p_full`` is computed once per
+example and cached. AdamW with the paper's defaults (learning rate 0.8 for
+log_alphas and multipliers, 200 learning-rate warm-up steps, no weight
+decay); the multipliers ascend (their gradients are negated).
+
+Runs save a checkpoint every ``checkpoint_every`` steps (atomically, to
+``out_dir/checkpoints/latest.pt``) and resume from it: a run killed and
+resumed ends with the same masks as an uninterrupted run with the same seed.
+A non-finite loss stops the run with `NonFiniteLossError`, which names the
+step and what was non-finite; the last good checkpoint is kept.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastedge.model import EdgeModel, patch
+
+CHECKPOINT_FORMAT = "fastedge.checkpoint/1"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or a gradient) became NaN or infinite; the run stopped."""
+
+
+@dataclass
+class PruneConfig:
+    target_sparsity: float = 0.95
+    steps: int = 3000
+    batch_size: int = 32
+    micro_batch_size: Optional[int] = None     # gradient accumulation when < batch_size
+    lr: float = 0.8                            # log_alphas
+    lambda_lr: float = 0.8                     # Lagrange multipliers
+    lr_warmup_steps: int = 200
+    sparsity_warmup_steps: Optional[int] = None  # default: 5/6 of the steps (2,500 of 3,000)
+    node_masks: bool = True
+    node_target_sparsity: Optional[float] = None  # None: no node sparsity term
+    circuit_sparsity: Optional[float] = None   # sparsity of the extracted circuit; default min(target, 1)
+    ablation: str = "interchange"
+    seed: int = 0
+    bf16: bool = False                         # run the frozen model in bf16 (masks stay fp32)
+    recompute_readers: bool = False
+    checkpoint_every: int = 100
+    eval_batch_size: int = 32
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.micro_batch_size is not None and not 1 <= self.micro_batch_size <= self.batch_size:
+            raise ValueError(f"micro_batch_size must lie in [1, batch_size={self.batch_size}], "
+                             f"got {self.micro_batch_size}")
+        if not 0 <= self.target_sparsity:
+            raise ValueError(f"target_sparsity must be non-negative, got {self.target_sparsity}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be at least 1, got {self.checkpoint_every}")
+
+    @property
+    def warmup(self) -> int:
+        if self.sparsity_warmup_steps is not None:
+            return self.sparsity_warmup_steps
+        return max(1, (self.steps * 5) // 6)
+
+    def target_at(self, step: int) -> float:
+        """The sparsity target of `step` (0-based): linear from 0 over the warm-up."""
+        return self.target_sparsity * min(1.0, (step + 1) / self.warmup)
+
+
+@dataclass
+class PruneResult:
+    circuit: object                 # fastedge.circuit.Circuit
+    metrics: dict
+    history: list = field(default_factory=list)
+    edge_model: Optional[EdgeModel] = None
+    wall_seconds: float = 0.0
+
+
+class _Multipliers(nn.Module):
+    """lambda1, lambda2 for edges (and for nodes): trained by gradient ascent."""
+
+    def __init__(self, with_nodes: bool):
+        super().__init__()
+        self.edge = nn.Parameter(torch.zeros(2))
+        self.node = nn.Parameter(torch.zeros(2)) if with_nodes else None
+
+    @staticmethod
+    def penalty(lambdas: torch.Tensor, s: torch.Tensor, t: float) -> torch.Tensor:
+        gap = s - t
+        return lambdas[0] * gap + lambdas[1] * gap * gap
+
+
+class _FullModelCache:
+    """log p_full at the target positions, per example, computed once."""
+
+    def __init__(self, em: EdgeModel, examples, device):
+        self.em, self.examples, self.device = em, examples, device
+        self.cache: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def get(self, indices: list[int], collate) -> torch.Tensor:
+        missing = [i for i in indices if i not in self.cache]
+        if missing:
+            from fastedge.evaluate import full_logits
+            batch = collate([self.examples[i] for i in missing])
+            logits = full_logits(self.em, batch.input_ids.to(self.device),
+                                 batch.attention_mask.to(self.device)).float()
+            for row, i in enumerate(missing):
+                targets = batch.target_mask[row].to(self.device)
+                self.cache[i] = F.log_softmax(logits[row][targets], dim=-1)
+        return torch.cat([self.cache[i] for i in indices])
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int = 3000,
+          out_dir: Optional[str] = None, resume: bool = False, task_name: str = "",
+          model_name: str = "", **options) -> PruneResult:
+    """Prune `model` (a Hugging Face causal LM, or an `EdgeModel`) on a task
+    (`fastedge.tasks.TaskData`). Returns the circuit at the target sparsity,
+    its metrics on the validation split, and the training history.
+
+    `options` are the fields of `PruneConfig` (batch_size, micro_batch_size,
+    lr, lambda_lr, seed, bf16, checkpoint_every, ...). With `out_dir`,
+    checkpoints go to ``out_dir/checkpoints`` and `resume=True` continues
+    from the latest one.
+    """
+    cfg = PruneConfig(target_sparsity=target_sparsity, steps=steps, **options)
+    cfg.validate()
+    started = time.time()
+    from fastedge.tasks.base import collate
+
+    data = task_or_dataset
+    train = data.split("train")
+    if len(train) == 0:
+        raise ValueError(f"task {getattr(data, 'name', '?')!r} has no training examples")
+    validation = data.split("validation")
+    if len(validation) == 0:
+        validation = train
+
+    if isinstance(model, EdgeModel):
+        em = model
+    else:
+        if cfg.bf16:
+            model = model.to(torch.bfloat16)
+        em = patch(model, ablation=cfg.ablation, node_masks=cfg.node_masks, seed=cfg.seed,
+                   recompute_readers=cfg.recompute_readers)
+    device = _model_device(em.model)
+    torch.manual_seed(cfg.seed)
+    em.reset_masks(generator=torch.Generator(device="cpu").manual_seed(cfg.seed))
+    em.to(device)
+    em.seed = cfg.seed
+    em.step.zero_()
+    if em.ablation == "mean" and em._mean_outputs is None:
+        reference = collate(train.examples[: min(len(train), 64)])
+        em.compute_mean_outputs(reference.input_ids.to(device), reference.attention_mask.to(device))
+
+    multipliers = _Multipliers(with_nodes=cfg.node_target_sparsity is not None and em.node_log_alpha is not None)
+    multipliers.to(device)
+    optimizer = torch.optim.AdamW(
+        [{"params": em.mask_parameters(), "lr": cfg.lr},
+         {"params": list(multipliers.parameters()), "lr": cfg.lambda_lr}], weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / max(1, cfg.lr_warmup_steps)))
+    sampler = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict] = []
+    start = 0
+
+    checkpoints = Path(out_dir) / "checkpoints" if out_dir else None
+    latest = checkpoints / "latest.pt" if checkpoints else None
+    if resume:
+        if latest is None:
+            raise ValueError("resume needs out_dir (where the checkpoints are)")
+        if latest.exists():
+            state = torch.load(latest, map_location=device, weights_only=False)
+            _check_resumable(state, cfg, em)
+            em.load_state_dict(state["edge_model"])
+            multipliers.load_state_dict(state["multipliers"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            sampler.set_state(state["sampler"])
+            history = state["history"]
+            start = state["step"]
+
+    cache = _FullModelCache(em, train.examples, device)
+    collate_fn = collate
+    micro = cfg.micro_batch_size or cfg.batch_size
+    bar = _progress(cfg, start)
+    em.train()
+    log_file = open(Path(out_dir) / "log.jsonl", "a") if out_dir else None
+    try:
+        for step in range(start, cfg.steps):
+            target = cfg.target_at(step)
+            indices = torch.randint(len(train), (cfg.batch_size,), generator=sampler).tolist()
+            optimizer.zero_grad(set_to_none=True)
+            totals = {"loss": 0.0, "kl": 0.0, "edge_sparsity": 0.0}
+            for lo in range(0, cfg.batch_size, micro):
+                chunk = indices[lo:lo + micro]
+                weight = len(chunk) / cfg.batch_size
+                batch = collate_fn([train.examples[i] for i in chunk])
+                full = cache.get(chunk, collate_fn)
+                out = em(batch.input_ids.to(device), batch.corrupted_input_ids.to(device),
+                         attention_mask=batch.attention_mask.to(device))
+                circuit_lp = F.log_softmax(out.logits[batch.target_mask.to(device)].float(), dim=-1)
+                kl = (full.exp() * (full - circuit_lp)).sum(-1).mean()
+                sparsity = out.edge_sparsity
+                loss = kl + multipliers.penalty(multipliers.edge, sparsity, target)
+                if multipliers.node is not None:
+                    loss = loss + multipliers.penalty(multipliers.node, out.node_sparsity,
+                                                      cfg.node_target_sparsity * min(1.0, (step + 1) / cfg.warmup))
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(_non_finite_message(step, kl, sparsity, loss, latest))
+                (loss * weight).backward()
+                totals["loss"] += loss.item() * weight
+                totals["kl"] += kl.item() * weight
+                totals["edge_sparsity"] += sparsity.item() * weight
+            for p in multipliers.parameters():  # ascent on the multipliers
+                if p.grad is not None:
+                    p.grad.neg_()
+            bad = [name for name, p in _named_trainables(em, multipliers)
+                   if p.grad is not None and not torch.isfinite(p.grad).all()]
+            if bad:
+                raise NonFiniteLossError(f"step {step}: non-finite gradient in {', '.join(bad)} "
+                                         f"(loss {totals['loss']:.4g}); " + _last_good(latest))
+            optimizer.step()
+            scheduler.step()
+            record = {"step": step + 1, **totals, "target": target,
+                      "lambda1": multipliers.edge[0].item(), "lambda2": multipliers.edge[1].item(),
+                      "lr": scheduler.get_last_lr()[0]}
+            history.append(record)
+            if log_file:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{totals['loss']:.4f}", kl=f"{totals['kl']:.4f}",
+                                sparsity=f"{totals['edge_sparsity']:.3f}", target=f"{target:.3f}")
+            if checkpoints is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+                _save_checkpoint(latest, step + 1, cfg, em, multipliers, optimizer, scheduler, sampler,
+                                 history)
+    finally:
+        if bar is not None:
+            bar.close()
+        if log_file:
+            log_file.close()
+
+    from fastedge.circuit import extract_circuit
+    from fastedge.evaluate import evaluate
+    em.eval()
+    sparsity = cfg.circuit_sparsity if cfg.circuit_sparsity is not None else min(cfg.target_sparsity, 1.0)
+    circuit = extract_circuit(em, sparsity)
+    circuit.model_name = model_name or getattr(em.model.config, "_name_or_path", "") or ""
+    circuit.task = task_name or getattr(data, "name", "")
+    circuit.ablation = em.ablation
+    metrics = evaluate(em, validation, circuit, batch_size=cfg.eval_batch_size)
+    metrics["steps"] = cfg.steps
+    metrics["target_sparsity"] = cfg.target_sparsity
+    circuit.metrics = dict(metrics)
+    return PruneResult(circuit=circuit, metrics=metrics, history=history, edge_model=em,
+                       wall_seconds=time.time() - started)
+
+
+def _named_trainables(em, multipliers):
+    yield from (("edge/node log_alpha " + n, p) for n, p in em.named_parameters())
+    yield from (("lagrange multiplier " + n, p) for n, p in multipliers.named_parameters())
+
+
+def _last_good(latest: Optional[Path]) -> str:
+    if latest is None or not latest.exists():
+        return "no checkpoint was written (pass out_dir and checkpoint_every to keep one)"
+    step = torch.load(latest, map_location="cpu", weights_only=False)["step"]
+    return f"the last good checkpoint is {latest} (step {step})"
+
+
+def _non_finite_message(step, kl, sparsity, loss, latest) -> str:
+    parts = []
+    for name, value in (("KL", kl), ("edge sparsity", sparsity), ("loss", loss)):
+        v = value.item()
+        if not math.isfinite(v):
+            parts.append(f"{name} is {v}")
+    what = ", ".join(parts) or f"loss is {loss.item()}"
+    return f"step {step}: {what}; stopped. " + _last_good(latest)
+
+
+def _progress(cfg: PruneConfig, start: int):
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=cfg.steps, initial=start, desc="pruning", unit="step", dynamic_ncols=True)
+
+
+def _save_checkpoint(path: Path, step, cfg, em, multipliers, optimizer, scheduler, sampler, history):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"format": CHECKPOINT_FORMAT, "step": step, "config": asdict(cfg),
+             "graph": em.graph.to_dict(), "edge_model": em.state_dict(),
+             "multipliers": multipliers.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "sampler": sampler.get_state(), "history": history}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a run killed mid-save keeps the previous checkpoint
+
+
+_RESUME_KEYS = ("target_sparsity", "steps", "batch_size", "micro_batch_size", "lr", "lambda_lr",
+                "lr_warmup_steps", "sparsity_warmup_steps", "node_masks", "node_target_sparsity",
+                "ablation", "seed", "bf16")
+
+
+def _check_resumable(state, cfg: PruneConfig, em: EdgeModel) -> None:
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"not a fastedge checkpoint (format {state.get('format')!r})")
+    if state["graph"] != em.graph.to_dict():
+        raise ValueError("the checkpoint was written for another model (its edge graph differs)")
+    saved = state["config"]
+    changed = [k for k in _RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+    if changed:
+        diffs = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(cfg, k)!r}" for k in changed)
+        raise ValueError(f"cannot resume with different settings ({diffs})")
