@@ -79,9 +79,11 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["fastedge", "fastedge.ops", "fastedge.backends", "fastedge.kernels"],
+    packages=["fastedge", "fastedge.ops", "fastedge.backends", "fastedge.kernels", "fastedge.tasks",
+              "fastedge.shipped"],
     package_dir={"fastedge": "fastedge", "fastedge.kernels": "kernels"},
-    package_data={"fastedge": ["csrc/*"]},
+    package_data={"fastedge.shipped": ["*/*.json", "*/*.safetensors", "*/README.md"]},
+    entry_points={"console_scripts": ["fastedge=fastedge.cli:main"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.6; platform_system == 'Linux'",

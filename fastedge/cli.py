@@ -1,0 +1,255 @@
+"""The `fastedge` command line: prune, eval, draw, compare.
+
+    fastedge prune                       # the shipped induction model, on a CPU in about a minute
+    fastedge prune --model gpt2 --task ioi --target-sparsity 0.98 --steps 3000 --out runs/ioi
+    fastedge eval --model gpt2 --task ioi --circuit runs/ioi/circuit.json
+    fastedge draw runs/ioi/circuit.json --out circuit.pdf
+    fastedge compare a/circuit.json b/circuit.json [--model M --task T]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+SHIPPED = "shipped"
+
+
+def _add_model_and_task(p: argparse.ArgumentParser, *, require_task: bool = False) -> None:
+    p.add_argument("--model", default=None,
+                   help="a Hugging Face Hub name or a local folder saved with save_pretrained "
+                        "(default: the tiny induction model shipped with fastedge)")
+    src = p.add_mutually_exclusive_group(required=require_task)
+    src.add_argument("--task", default=None,
+                     help="a built-in task: ioi, greater-than, gendered-pronoun, boolean-instruct, "
+                          "boolean-fewshot, induction (default: induction for the shipped model)")
+    src.add_argument("--data", default=None, metavar="FILE",
+                     help='a JSONL file, one example a line: {"clean": "... <predict>X</predict>", '
+                          '"corrupted": "... <predict>Y</predict>", "split": "train"|"validation"}')
+    p.add_argument("--n-examples", type=int, default=None,
+                   help="examples to generate for a built-in task (default: the task's own)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--bf16", action="store_true", help="run the frozen model in bfloat16")
+    p.add_argument("--seed", type=int, default=0, help="seed for data, masks and sampling (default 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastedge", description="Find circuits in language models with Edge Pruning.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prune", help="learn edge masks and write the circuit, its metrics and a picture",
+                       description="Prune a model on a task: writes circuit.json, metrics.json, "
+                                   "circuit.svg, log.jsonl and checkpoints/ to --out.")
+    _add_model_and_task(p)
+    p.add_argument("--target-sparsity", type=float, default=None,
+                   help="fraction of edges to remove (default 0.95; 0.9 for the shipped model)")
+    p.add_argument("--steps", type=int, default=None, help="optimisation steps (default 3000; 300 for the shipped model)")
+    p.add_argument("--batch-size", type=int, default=None, help="examples per step (default 32)")
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="examples per forward pass; gradients accumulate over the batch")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of log_alphas (default 0.8)")
+    p.add_argument("--lambda-lr", type=float, default=None, help="learning rate of the multipliers (default 0.8)")
+    p.add_argument("--ablation", choices=["interchange", "zero", "mean"], default="interchange")
+    p.add_argument("--no-node-masks", action="store_true", help="learn edge masks only")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
+    p.add_argument("--out", default="fastedge-out", metavar="DIR", help="output folder (default ./fastedge-out)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("eval", help="evaluate a circuit (or the full model) on a task",
+                       description="Prints KL to the full model, logit difference, accuracy and "
+                                   "normalised faithfulness as JSON.")
+    _add_model_and_task(p)
+    p.add_argument("--circuit", default=None, metavar="JSON", help="circuit.json (default: the full model)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", default=None, metavar="FILE", help="also write the metrics to this JSON file")
+
+    p = sub.add_parser("draw", help="draw a circuit as SVG, PNG or PDF (needs graphviz)")
+    p.add_argument("circuit", metavar="CIRCUIT_JSON")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="output file; its suffix picks the format (default: circuit.svg beside the JSON)")
+
+    p = sub.add_parser("compare", help="compare two circuits: shared and unique edges, IoU, and "
+                                       "(with --model and --task) the faithfulness of their intersection and union")
+    p.add_argument("first", metavar="A_JSON")
+    p.add_argument("second", metavar="B_JSON")
+    _add_model_and_task(p)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", default=None, metavar="FILE", help="also write the comparison to this JSON file")
+    return parser
+
+
+# -- loading ------------------------------------------------------------------------
+
+def load_model_and_task(args):
+    import torch
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = None
+    if args.model in (None, SHIPPED):
+        from fastedge import shipped
+        model = shipped.load_shipped_model()
+        name = "fastedge/shipped/" + shipped.SHIPPED_MODEL_NAME
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        try:
+            model = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="eager")
+        except OSError as exc:
+            raise SystemExit(f"fastedge: cannot load model {args.model!r}: {exc}")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+        except (OSError, ValueError):
+            tokenizer = None
+        name = args.model
+    model = model.to(device).eval()
+    if args.bf16:
+        model = model.to(torch.bfloat16)
+    task = load_task(args, tokenizer, shipped_model=args.model in (None, SHIPPED))
+    return model, task, name
+
+
+def load_task(args, tokenizer, *, shipped_model: bool):
+    from fastedge import tasks
+    kw = {"seed": args.seed}
+    if args.n_examples is not None:
+        kw["n_examples"] = args.n_examples
+    if args.data:
+        if tokenizer is None:
+            raise SystemExit("fastedge: --data needs a model with a tokenizer")
+        return tasks.load_jsonl(args.data, tokenizer)
+    name = args.task or ("induction" if shipped_model else None)
+    if name is None:
+        raise SystemExit("fastedge: give --task or --data for this model")
+    if shipped_model and name == "induction":
+        from fastedge import shipped
+        return shipped.induction_task(**kw)
+    if tokenizer is None and name != "induction":
+        raise SystemExit(f"fastedge: task {name!r} needs a tokenizer, and none could be loaded for this model")
+    return tasks.get_task(name, tokenizer, **kw)
+
+
+# -- commands ---------------------------------------------------------------------------
+
+def cmd_prune(args) -> int:
+    from fastedge.prune import prune
+    model, task, name = load_model_and_task(args)
+    shipped_model = args.model in (None, SHIPPED)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    options = dict(batch_size=args.batch_size or 32, seed=args.seed, ablation=args.ablation,
+                   node_masks=not args.no_node_masks, checkpoint_every=args.checkpoint_every,
+                   progress=not args.no_progress, micro_batch_size=args.micro_batch_size)
+    if shipped_model:
+        from fastedge import shipped
+        defaults = shipped.PRUNE_DEFAULTS
+    else:
+        defaults = {"target_sparsity": 0.95, "steps": 3000}
+    for key in ("lr", "lambda_lr"):
+        value = getattr(args, key)
+        if value is not None:
+            options[key] = value
+        elif key in defaults:
+            options[key] = defaults[key]
+    for key in ("sparsity_warmup_steps", "lr_warmup_steps"):
+        if key in defaults:
+            options[key] = defaults[key]
+    target = args.target_sparsity if args.target_sparsity is not None else defaults["target_sparsity"]
+    steps = args.steps if args.steps is not None else defaults["steps"]
+    result = prune(model, task, target_sparsity=target, steps=steps, out_dir=str(out),
+                   resume=args.resume, model_name=name, task_name=getattr(task, "name", ""), **options)
+    circuit = result.circuit
+    circuit.save(out / "circuit.json")
+    metrics = dict(result.metrics, wall_seconds=round(result.wall_seconds, 2), model=name,
+                   task=getattr(task, "name", ""))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    drawn = _draw(circuit, out / "circuit.svg")
+    print(f"circuit: {circuit.n_edges} edges kept of {circuit.graph.n_edges} "
+          f"(edge sparsity {circuit.edge_sparsity:.4f}); KL {metrics['kl']:.4f}, "
+          f"faithfulness {metrics['faithfulness']:.3f}, accuracy {metrics['accuracy']:.3f}")
+    print(f"wrote {out / 'circuit.json'}, {out / 'metrics.json'}, {drawn}, {out / 'log.jsonl'}, "
+          f"{out / 'checkpoints'}/ in {result.wall_seconds:.1f} s")
+    return 0
+
+
+def _draw(circuit, path: Path) -> str:
+    from fastedge.draw import GraphvizNotFoundError, circuit_to_dot, draw_circuit
+    try:
+        draw_circuit(circuit, path)
+        return str(path)
+    except GraphvizNotFoundError as exc:
+        dot = path.with_suffix(".dot")
+        dot.write_text(circuit_to_dot(circuit))
+        warnings.warn(f"{exc}\nWrote the graph as {dot} instead.")
+        return str(dot)
+
+
+def cmd_eval(args) -> int:
+    from fastedge import patch
+    from fastedge.circuit import Circuit
+    from fastedge.evaluate import evaluate
+    model, task, name = load_model_and_task(args)
+    em = patch(model)
+    circuit = None
+    if args.circuit:
+        circuit = Circuit.load(args.circuit)
+        if circuit.graph != em.graph:
+            raise SystemExit(f"fastedge: {args.circuit} was found on another model "
+                             f"({circuit.graph.n_writers} writers; this model has {em.graph.n_writers})")
+    else:
+        em.set_circuit(em.graph.edges())
+    data = task.split("validation") if len(task.split("validation")) else task
+    metrics = evaluate(em, data, circuit, batch_size=args.batch_size)
+    text = json.dumps(metrics, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def cmd_draw(args) -> int:
+    from fastedge.circuit import Circuit
+    from fastedge.draw import GraphvizNotFoundError, draw_circuit
+    circuit = Circuit.load(args.circuit)
+    out = Path(args.out) if args.out else Path(args.circuit).with_name("circuit.svg")
+    try:
+        draw_circuit(circuit, out)
+    except GraphvizNotFoundError as exc:
+        raise SystemExit(f"fastedge: {exc}")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from fastedge.circuit import Circuit, compare_circuits
+    a, b = Circuit.load(args.first), Circuit.load(args.second)
+    report = compare_circuits(a, b)
+    report = {k: (v if not isinstance(v, (list, set, tuple)) or len(v) <= 50 else f"{len(v)} items")
+              for k, v in report.items()}
+    if args.task or args.data or args.model:
+        from fastedge import patch
+        from fastedge.evaluate import evaluate
+        model, task, _ = load_model_and_task(args)
+        em = patch(model)
+        data = task.split("validation") if len(task.split("validation")) else task
+        for label, circuit in (("intersection", a.intersection(b)), ("union", a.union(b))):
+            report[label] = {"n_edges": circuit.n_edges,
+                             **{k: v for k, v in evaluate(em, data, circuit, batch_size=args.batch_size).items()
+                                if k in ("kl", "logit_diff", "accuracy", "faithfulness", "edge_sparsity")}}
+    text = json.dumps(report, indent=2, default=list)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"prune": cmd_prune, "eval": cmd_eval, "draw": cmd_draw, "compare": cmd_compare}
+    return commands[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
