@@ -210,6 +210,13 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
     micro = cfg.micro_batch_size or cfg.batch_size
     bar = _progress(cfg, start)
     em.train()
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (Path(out_dir) / "log.jsonl").unlink(missing_ok=True)
+        elif start < len(history) or (Path(out_dir) / "log.jsonl").exists():
+            # the log restarts from the checkpoint's history: steps after it are redone
+            (Path(out_dir) / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     log_file = open(Path(out_dir) / "log.jsonl", "a") if out_dir else None
     try:
         for step in range(start, cfg.steps):
@@ -245,11 +252,12 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
             if bad:
                 raise NonFiniteLossError(f"step {step}: non-finite gradient in {', '.join(bad)} "
                                          f"(loss {totals['loss']:.4g}); " + _last_good(latest))
+            lr_used = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
             record = {"step": step + 1, **totals, "target": target,
                       "lambda1": multipliers.edge[0].item(), "lambda2": multipliers.edge[1].item(),
-                      "lr": scheduler.get_last_lr()[0]}
+                      "lr": lr_used}
             history.append(record)
             if log_file:
                 log_file.write(json.dumps(record) + "\n")
