@@ -35,6 +35,18 @@ class TorchBackend(Backend):
     def masked_sum_forward(self, x, m, base, base_index, out):
         acc_dtype = ref.accumulation_dtype(x.dtype)
         m = m.to(acc_dtype)
+        if x.dtype == acc_dtype:
+            # fp32 / fp64: write the base rows into `out`, then one in-place
+            # matrix product: no temporary of the output's size.
+            if base is None:
+                torch.mm(m, x, out=out)
+            else:
+                if base_index is None:
+                    out.copy_(base.expand(out.shape[0], -1))
+                else:
+                    torch.index_select(base, 0, base_index, out=out)
+                out.addmm_(m, x)
+            return
         for cols in _chunks(x.shape[1], x.dtype):
             acc = m @ x[:, cols].to(acc_dtype)
             if base is not None:
