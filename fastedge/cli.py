@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "normalised faithfulness as JSON.")
     _add_model_and_task(p)
     p.add_argument("--circuit", default=None, metavar="JSON", help="circuit.json (default: the full model)")
+    p.add_argument("--masks", default=None, metavar="PT",
+                   help="masks.pt written by prune: with --sweep, circuits are extracted from these masks")
+    p.add_argument("--sweep", default=None, metavar="S1,S2,...",
+                   help="edge sparsities to sweep (needs --masks): the faithfulness curve with its CPR and CMD")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", default=None, metavar="FILE", help="also write the metrics to this JSON file")
 
@@ -170,7 +174,7 @@ def cmd_prune(args) -> int:
           f"(edge sparsity {circuit.edge_sparsity:.4f}); KL {metrics['kl']:.4f}, "
           f"faithfulness {metrics['faithfulness']:.3f}, accuracy {metrics['accuracy']:.3f}")
     print(f"wrote {out / 'circuit.json'}, {out / 'metrics.json'}, {drawn}, {out / 'log.jsonl'}, "
-          f"{out / 'checkpoints'}/ in {result.wall_seconds:.1f} s")
+          f"{out / 'masks.pt'}, {out / 'checkpoints'}/ in {result.wall_seconds:.1f} s")
     return 0
 
 
@@ -192,6 +196,23 @@ def cmd_eval(args) -> int:
     from fastedge.evaluate import evaluate
     model, task, name = load_model_and_task(args)
     em = patch(model)
+    data = task.split("validation") if len(task.split("validation")) else task
+    if args.sweep:
+        if not args.masks:
+            raise SystemExit("fastedge: --sweep needs --masks (the masks.pt that prune wrote)")
+        import torch
+        from fastedge.evaluate import sweep
+        state = torch.load(args.masks, map_location="cpu", weights_only=False)
+        if state.get("graph") != em.graph.to_dict():
+            raise SystemExit(f"fastedge: {args.masks} was learned on another model")
+        em.load_state_dict(state["edge_model"])
+        sparsities = [float(x) for x in args.sweep.split(",") if x.strip()]
+        result = sweep(em, data, sparsities, batch_size=args.batch_size)
+        text = json.dumps(result, indent=2)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+        return 0
     circuit = None
     if args.circuit:
         circuit = Circuit.load(args.circuit)
@@ -200,7 +221,6 @@ def cmd_eval(args) -> int:
                              f"({circuit.graph.n_writers} writers; this model has {em.graph.n_writers})")
     else:
         em.set_circuit(em.graph.edges())
-    data = task.split("validation") if len(task.split("validation")) else task
     metrics = evaluate(em, data, circuit, batch_size=args.batch_size)
     text = json.dumps(metrics, indent=2)
     print(text)

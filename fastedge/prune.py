@@ -277,6 +277,9 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
 
     from fastedge.circuit import extract_circuit
     from fastedge.evaluate import evaluate
+    if out_dir:  # the learned masks, for sweeps over other sparsities (fastedge eval --masks)
+        torch.save({"format": "fastedge.masks/1", "graph": em.graph.to_dict(), "edge_model": em.state_dict()},
+                   Path(out_dir) / "masks.pt")
     em.eval()
     sparsity = cfg.circuit_sparsity if cfg.circuit_sparsity is not None else min(cfg.target_sparsity, 1.0)
     circuit = extract_circuit(em, sparsity)
