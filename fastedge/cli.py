@@ -128,8 +128,8 @@ def load_task(args, tokenizer, *, shipped_model: bool):
     if name is None:
         raise SystemExit("fastedge: give --task or --data for this model")
     if shipped_model and name == "induction":
-        from fastedge import shipped
-        return shipped.induction_task(**kw)
+        from fastedge.shipped.defaults import induction_task
+        return induction_task(**kw)
     if tokenizer is None and name != "induction":
         raise SystemExit(f"fastedge: task {name!r} needs a tokenizer, and none could be loaded for this model")
     return tasks.get_task(name, tokenizer, **kw)
@@ -147,8 +147,7 @@ def cmd_prune(args) -> int:
                    node_masks=not args.no_node_masks, checkpoint_every=args.checkpoint_every,
                    progress=not args.no_progress, micro_batch_size=args.micro_batch_size)
     if shipped_model:
-        from fastedge import shipped
-        defaults = shipped.PRUNE_DEFAULTS
+        from fastedge.shipped.defaults import PRUNE_DEFAULTS as defaults
     else:
         defaults = {"target_sparsity": 0.95, "steps": 3000}
     for key in ("lr", "lambda_lr"):
@@ -157,7 +156,7 @@ def cmd_prune(args) -> int:
             options[key] = value
         elif key in defaults:
             options[key] = defaults[key]
-    for key in ("sparsity_warmup_steps", "lr_warmup_steps"):
+    for key in ("sparsity_warmup_steps", "lr_warmup_steps", "init_log_alpha"):
         if key in defaults:
             options[key] = defaults[key]
     target = args.target_sparsity if args.target_sparsity is not None else defaults["target_sparsity"]

@@ -125,15 +125,15 @@ class EdgeModel(nn.Module):
     def mask_parameters(self) -> list[nn.Parameter]:
         return list(self.parameters())
 
-    def reset_masks(self, generator: Optional[torch.Generator] = None) -> None:
-        """Back to the initial state: log_alpha ~ N(10, 0.01), no fixed circuit."""
+    def reset_masks(self, generator: Optional[torch.Generator] = None,
+                    mean: float = ops.constants.INIT_MEAN) -> None:
+        """Back to the initial state: log_alpha ~ N(10, 0.01) (or N(mean, 0.01)),
+        no fixed circuit."""
         self._fixed_masks = None
         with torch.no_grad():
-            for p in self.edge_log_alpha:
-                p.copy_(ops.init_log_alpha(*p.shape, generator=generator, device=p.device, dtype=p.dtype))
-            if self.node_log_alpha is not None:
-                p = self.node_log_alpha
-                p.copy_(ops.init_log_alpha(*p.shape, generator=generator, device=p.device, dtype=p.dtype))
+            for p in self.parameters():
+                p.copy_(ops.init_log_alpha(*p.shape, generator=generator, device=p.device, dtype=p.dtype,
+                                           mean=mean))
 
     def set_circuit(self, edges: Iterable[tuple[str, str]], nodes: Optional[Iterable[str]] = None) -> None:
         """Fix the masks to a circuit: the listed (writer, reader) edges at 1,

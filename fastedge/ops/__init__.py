@@ -209,7 +209,7 @@ def hard_concrete_deterministic(log_alpha: Tensor) -> Tensor:
 
 
 def init_log_alpha(*shape, generator: Optional[torch.Generator] = None, device=None,
-                   dtype: torch.dtype = torch.float32) -> Tensor:
+                   dtype: torch.dtype = torch.float32, mean: float = constants.INIT_MEAN) -> Tensor:
     """``log_alpha ~ N(10, 0.01)`` (float32 unless asked): every mask starts at 1."""
     t = torch.empty(*shape, dtype=dtype, device=device)
-    return t.normal_(constants.INIT_MEAN, constants.INIT_STD, generator=generator)
+    return t.normal_(mean, constants.INIT_STD, generator=generator)
