@@ -206,11 +206,7 @@ def cmd_eval(args) -> int:
             raise SystemExit(f"fastedge: {args.masks} was learned on another model")
         em.load_state_dict(state["edge_model"])
         sparsities = [float(x) for x in args.sweep.split(",") if x.strip()]
-        result = sweep(em, data, sparsities, batch_size=args.batch_size)
-        text = json.dumps(result, indent=2)
-        print(text)
-        if args.out:
-            Path(args.out).write_text(text + "\n")
+        _emit(sweep(em, data, sparsities, batch_size=args.batch_size), args.out)
         return 0
     circuit = None
     if args.circuit:
@@ -220,12 +216,16 @@ def cmd_eval(args) -> int:
                              f"({circuit.graph.n_writers} writers; this model has {em.graph.n_writers})")
     else:
         em.set_circuit(em.graph.edges())
-    metrics = evaluate(em, data, circuit, batch_size=args.batch_size)
-    text = json.dumps(metrics, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    _emit(evaluate(em, data, circuit, batch_size=args.batch_size), args.out)
     return 0
+
+
+def _emit(result: dict, out: Optional[str]) -> None:
+    """Print a JSON result, and write it to `out` when given."""
+    text = json.dumps(result, indent=2, default=list)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
 
 
 def cmd_draw(args) -> int:
@@ -257,10 +257,7 @@ def cmd_compare(args) -> int:
             report[label] = {"n_edges": circuit.n_edges,
                              **{k: v for k, v in evaluate(em, data, circuit, batch_size=args.batch_size).items()
                                 if k in ("kl", "logit_diff", "accuracy", "faithfulness", "edge_sparsity")}}
-    text = json.dumps(report, indent=2, default=list)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    _emit(report, args.out)
     return 0
 
 

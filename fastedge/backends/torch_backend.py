@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from fastedge.backends.base import Backend, Call
+from fastedge.backends.reference import ReferenceBackend
 from fastedge.kernels import reference as ref
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 CHUNK_ELEMENTS = 1 << 16  # columns of N per chunk when widening to fp32
 
 
@@ -24,13 +23,11 @@ def _chunks(n: int, dtype: torch.dtype):
         yield slice(start, min(n, start + CHUNK_ELEMENTS))
 
 
-class TorchBackend(Backend):
-    name = "torch"
+class TorchBackend(ReferenceBackend):
+    """The masked sum as matrix products; the hard-concrete and sampling
+    methods are the reference's (already vectorised)."""
 
-    def reasons(self, call: Call) -> list[str]:
-        if call.dtype not in _DTYPES:
-            return [f"dtype {call.dtype} is not one of float32, bfloat16, float16, float64"]
-        return []
+    name = "torch"
 
     def masked_sum_forward(self, x, m, base, base_index, out):
         acc_dtype = ref.accumulation_dtype(x.dtype)
@@ -69,17 +66,3 @@ class TorchBackend(Backend):
         for cols in _chunks(x.shape[1], x.dtype):
             dm.addmm_(dout[:, cols].to(acc_dtype), x[:, cols].to(acc_dtype).t())
         return dm
-
-    def hard_concrete_forward(self, log_alpha, u, training):
-        return ref.hard_concrete_forward(log_alpha, u, training)
-
-    def hard_concrete_backward(self, log_alpha, u, training, dz):
-        return ref.hard_concrete_backward(log_alpha, u, training, dz)
-
-    def sample_masks(self, edge_log_alpha, node_log_alpha, seed, reader_offset, training):
-        return ref.sample_masks(edge_log_alpha, node_log_alpha, seed, reader_offset, training)
-
-    def sample_masks_backward(self, edge_log_alpha, node_log_alpha, seed, reader_offset,
-                              training, dm, dedge_sum):
-        return ref.sample_masks_backward(edge_log_alpha, node_log_alpha, seed, reader_offset,
-                                         training, dm, dedge_sum)
