@@ -120,3 +120,11 @@ def test_config_errors():
         PruneConfig(batch_size=4, micro_batch_size=8).validate()
     with pytest.raises(ValueError, match="steps"):
         PruneConfig(steps=0).validate()
+
+
+def test_bf16_frozen_model_keeps_fp32_masks():
+    r = prune(_model(), _task(), target_sparsity=0.5, steps=3, bf16=True, **OPTS)
+    em = r.edge_model
+    assert em.adapter.token_embedding.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in em.parameters())
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in r.history)
