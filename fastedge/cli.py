@@ -46,9 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "circuit.svg, log.jsonl and checkpoints/ to --out.")
     _add_model_and_task(p)
     p.add_argument("--target-sparsity", type=float, default=None,
-                   help="fraction of edges to remove (default 0.95; for the shipped model 1.1, which keeps "
-                        "pushing, with the circuit extracted at 0.9)")
-    p.add_argument("--steps", type=int, default=None, help="optimisation steps (default 3000; 300 for the shipped model)")
+                   help="fraction of edges to remove (default 0.95; for the shipped model 1.0, with the "
+                        "circuit extracted at 0.9)")
+    p.add_argument("--steps", type=int, default=None, help="optimisation steps (default 3000; 1000 for the shipped model)")
     p.add_argument("--circuit-sparsity", type=float, default=None,
                    help="edge sparsity of the extracted circuit (default: the target, at most 1)")
     p.add_argument("--batch-size", type=int, default=None, help="examples per step (default 32)")
@@ -159,7 +159,8 @@ def cmd_prune(args) -> int:
             options[key] = value
         elif key in defaults:
             options[key] = defaults[key]
-    for key in ("sparsity_warmup_steps", "lr_warmup_steps", "init_log_alpha", "circuit_sparsity"):
+    for key in ("sparsity_warmup_steps", "lr_warmup_steps", "init_log_alpha", "circuit_sparsity",
+                "sparsity_estimate"):
         if key in defaults:
             options[key] = defaults[key]
     if args.circuit_sparsity is not None:

@@ -66,6 +66,11 @@ class PruneConfig:
     # steps). A smaller mean (3: deterministic masks 0.97) gives dense gradients
     # for short runs such as the shipped model's one-minute default.
     init_log_alpha: float = 10.0
+    # The s of the sparsity term: "sampled" (SPEC: 1 - sum of sampled edge
+    # masks / edges) or "expected" (1 - sum of P(z != 0) / edges, through
+    # hard_concrete_l0), which has a gradient even where sampled masks are
+    # clamped at 1 and so suits short runs.
+    sparsity_estimate: str = "sampled"
     checkpoint_every: int = 100
     eval_batch_size: int = 32
     progress: bool = True
@@ -80,6 +85,8 @@ class PruneConfig:
                              f"got {self.micro_batch_size}")
         if not 0 <= self.target_sparsity:
             raise ValueError(f"target_sparsity must be non-negative, got {self.target_sparsity}")
+        if self.sparsity_estimate not in ("sampled", "expected"):
+            raise ValueError(f"sparsity_estimate must be 'sampled' or 'expected', got {self.sparsity_estimate!r}")
         if self.checkpoint_every < 1:
             raise ValueError(f"checkpoint_every must be at least 1, got {self.checkpoint_every}")
 
@@ -239,7 +246,7 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
                          attention_mask=batch.attention_mask.to(device))
                 circuit_lp = F.log_softmax(out.logits[batch.target_mask.to(device)].float(), dim=-1)
                 kl = (full.exp() * (full - circuit_lp)).sum(-1).mean()
-                sparsity = out.edge_sparsity
+                sparsity = out.edge_sparsity if cfg.sparsity_estimate == "sampled" else _expected_sparsity(em)
                 loss = kl + multipliers.penalty(multipliers.edge, sparsity, target)
                 if multipliers.node is not None:
                     loss = loss + multipliers.penalty(multipliers.node, out.node_sparsity,
@@ -300,6 +307,13 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
                        wall_seconds=time.time() - started)
 
 
+def _expected_sparsity(em: EdgeModel) -> torch.Tensor:
+    """1 - (expected number of non-zero edge masks) / edges."""
+    from fastedge.ops import hard_concrete_l0
+    kept = sum(hard_concrete_l0(p).sum() for p in em.edge_log_alpha)
+    return 1 - kept / em.graph.n_edges
+
+
 def _named_trainables(em, multipliers):
     yield from (("edge/node log_alpha " + n, p) for n, p in em.named_parameters())
     yield from (("lagrange multiplier " + n, p) for n, p in multipliers.named_parameters())
@@ -342,7 +356,7 @@ def _save_checkpoint(path: Path, step, cfg, em, multipliers, optimizer, schedule
 
 _RESUME_KEYS = ("target_sparsity", "steps", "batch_size", "micro_batch_size", "lr", "lambda_lr",
                 "lr_warmup_steps", "sparsity_warmup_steps", "node_masks", "node_target_sparsity",
-                "ablation", "seed", "bf16", "init_log_alpha")
+                "ablation", "seed", "bf16", "init_log_alpha", "sparsity_estimate")
 
 
 def _check_resumable(state, cfg: PruneConfig, em: EdgeModel) -> None:

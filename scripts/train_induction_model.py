@@ -40,7 +40,7 @@ and saves the model (safetensors and config, with ``save_pretrained``), the
 heads and scores (``heads.json``) and a README into the output folder.
 
 Deterministic: fixed seeds for the weights and every batch (bit-exact
-reruns need the same thread count and kind of CPU). About a minute or two on
+reruns need the same thread count and kind of CPU). About three minutes on
 two CPU cores:
 
     python scripts/train_induction_model.py                     # train and save
@@ -222,12 +222,37 @@ induction heads read it through their **key** input (K-composition: edges
 {", ".join(f"`{prev[0]} -> {h}.k`" for h in ind)}), match it against the current token in their
 queries, and copy the attended token through their values to the output.
 These names are also in `heads.json` and `fastedge.shipped.IDENTIFIED_HEADS`.
+
+## Edge pruning on it (measured once, `scripts/train_induction_model.py --prune-from <this folder>`)
+
+Interchange ablation (`induction_batch`'s corruption), no node masks, KL(full || circuit) on the
+target positions plus a Lagrangian on the expected edge sparsity (target raised to 1.0 over 600
+steps), AdamW lr 0.1, batch 32, 1,000 steps (about 2 minutes on one CPU core): deterministic masks
+above 0.5 keep 10 of 110 edges (sparsity 0.909), KL < 1e-4, copying accuracy 1.0 (empty circuit:
+KL 19.0). The 10 edges are the mechanism and nothing else: `embeds -> a0.h2.v`,
+`a0.h2 -> a1.h{{0,1,2}}.k`, `embeds -> a1.h{{0,1,2}}.v`, `a1.h{{0,1,2}} -> resid_post`.
+With one induction head only (4 edges) the KL is 2.9 to 6.6: the induction heads add up.
 """
     with open(path, "w") as f:
         f.write(text)
 
 
 # --- a throwaway feasibility check of edge pruning on the trained model --------------
+
+def _drop_dangling(edges):
+    """Drop edges into the readers of writers with no kept path to resid_post."""
+    def writer_of(reader):  # "a1.h2.k" -> "a1.h2", "m0" -> "m0"
+        return reader.rsplit(".", 1)[0] if reader.count(".") == 2 else reader
+    live = {"resid_post"}
+    changed = True
+    while changed:
+        changed = False
+        for w, r in edges:
+            if (r == "resid_post" or writer_of(r) in live) and w not in live:
+                live.add(w)
+                changed = True
+    return [(w, r) for w, r in edges if r == "resid_post" or writer_of(r) in live]
+
 
 def prune_experiment(model, heads, *, steps: int, lr: float, target: float, batch_size: int,
                      penalty: str = "expected", seed: int = 0) -> dict:
@@ -305,6 +330,8 @@ def prune_experiment(model, heads, *, steps: int, lr: float, target: float, batc
 
     kl, acc = kl_acc(kept)
     kl_empty, acc_empty = kl_acc([])
+    pruned = _drop_dangling(kept)
+    kl_pruned, acc_pruned = kl_acc(pruned)
     sparsity = 1 - len(kept) / g.n_edges
     mech = [(p, f"{i}.k") for p in heads["previous_token"] for i in heads["induction"]]
     has_mech = [e for e in mech if e in kept]
@@ -313,9 +340,12 @@ def prune_experiment(model, heads, *, steps: int, lr: float, target: float, batc
           f"KL(full || circuit) {kl:.4f}, copying accuracy {acc:.4f} "
           f"(empty circuit: KL {kl_empty:.3f}, accuracy {acc_empty:.4f})")
     print(f"[prune] kept edges: {kept}")
+    print(f"[prune] without dangling edges (SPEC section 3): {len(pruned)} edges, sparsity "
+          f"{1 - len(pruned) / g.n_edges:.3f}, KL {kl_pruned:.4f}, copying accuracy {acc_pruned:.4f}")
     print(f"[prune] mechanism edge(s) kept: {has_mech or 'NONE'}")
     em.unpatch()
     return {"kept": kept, "sparsity": sparsity, "kl": kl, "accuracy": acc, "kl_empty": kl_empty,
+            "pruned": pruned, "kl_pruned": kl_pruned,
             "mechanism_edges": has_mech, "seconds": seconds}
 
 
@@ -334,9 +364,9 @@ def main(argv=None):
                    help="after training, try edge pruning on the model (a feasibility check)")
     p.add_argument("--prune-from", default=None,
                    help="skip training: run the pruning experiment on the model saved in this folder")
-    p.add_argument("--prune-steps", type=int, default=600)
-    p.add_argument("--prune-lr", type=float, default=0.5)
-    p.add_argument("--prune-target", type=float, default=0.95)
+    p.add_argument("--prune-steps", type=int, default=1000)
+    p.add_argument("--prune-lr", type=float, default=0.1)
+    p.add_argument("--prune-target", type=float, default=1.0)
     p.add_argument("--prune-penalty", choices=("expected", "sampled"), default="expected")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -7,8 +7,9 @@ from fastedge.cli import main
 from fastedge.circuit import Circuit
 
 # KL(full || circuit) at 90% edge sparsity must stay below this; the empty
-# circuit (every edge corrupted) sits near 19 nats on this task.
-KL_BOUND = 4.0
+# circuit (every edge corrupted) sits near 19 nats on this task, and the
+# previous-token head with three induction heads reaches about 1e-5.
+KL_BOUND = 0.01
 
 
 def test_default_prune_finds_previous_token_head_feeding_an_induction_key(tmp_path):
@@ -23,5 +24,4 @@ def test_default_prune_finds_previous_token_head_feeding_an_induction_key(tmp_pa
                  and r[: -len(".k")] in heads["induction"]]
     assert mechanism, f"no previous-token -> induction-key edge in {circuit.edges}"
     assert metrics["kl"] < KL_BOUND, metrics
-    empty_kl = metrics["empty_kl"]
-    assert metrics["kl"] < empty_kl / 4
+    assert metrics["accuracy"] >= 0.95
