@@ -32,6 +32,7 @@ class ReaderGroup:
     first_reader: int    # global index of the group's first reader (Philox reader_offset)
     n_readers: int
     n_writers: int       # the prefix length
+    index: int = 0       # position in EdgeGraph.groups (and in EdgeModel.edge_log_alpha)
 
     @property
     def readers(self) -> range:
@@ -64,14 +65,14 @@ class EdgeGraph:
             attn = ([f"a{layer}.h{i}.q" for i in range(self.n_heads)]
                     + [f"a{layer}.h{j}.k" for j in range(self.n_kv_heads)]
                     + [f"a{layer}.h{j}.v" for j in range(self.n_kv_heads)])
-            groups.append(ReaderGroup("attn", layer, len(readers), len(attn), before_layer))
+            groups.append(ReaderGroup("attn", layer, len(readers), len(attn), before_layer, len(groups)))
             readers += attn
             writers += [f"a{layer}.h{i}" for i in range(self.n_heads)]
             mlp_prefix = before_layer if self.parallel_blocks else len(writers)
-            groups.append(ReaderGroup("mlp", layer, len(readers), 1, mlp_prefix))
+            groups.append(ReaderGroup("mlp", layer, len(readers), 1, mlp_prefix, len(groups)))
             readers.append(f"m{layer}")
             writers.append(f"m{layer}")
-        groups.append(ReaderGroup("resid_post", None, len(readers), 1, len(writers)))
+        groups.append(ReaderGroup("resid_post", None, len(readers), 1, len(writers), len(groups)))
         readers.append("resid_post")
         self.writers, self.readers, self.groups = writers, readers, groups
         self.writer_index = {name: i for i, name in enumerate(writers)}

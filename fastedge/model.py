@@ -360,7 +360,7 @@ class _Run:
 
     def read(self, group: ReaderGroup, base: Optional[Tensor]) -> Tensor:
         em = self.em
-        gi = em.graph.groups.index(group)
+        gi = group.index
         if base is not None:
             base = base.expand(self.stack.shape[1:]).contiguous() if base.shape != self.stack.shape[1:] else base
         if self.plain:  # every mask 1: the unmasked model's writer outputs (for mean ablation)
