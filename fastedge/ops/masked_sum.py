@@ -140,12 +140,17 @@ def _stack_grad(ctx, mask: Tensor, dout: Tensor, stack: Tensor):
 def _setup_context(ctx, inputs, output):
     stack, mask, base, base_index, grad_stack, backend = inputs
     ctx.backend = backend
+    _record_base_and_buffer(ctx, base, grad_stack)
+    _save(ctx, stack, mask, base_index)
+
+
+def _record_base_and_buffer(ctx, base: Optional[Tensor], grad_stack: Optional[Tensor]) -> None:
+    """What both masked-sum backwards need to know about base and the buffer."""
     ctx.has_base = base is not None
     ctx.base_shape = None if base is None else base.shape
     ctx.base_dtype = None if base is None else base.dtype
     ctx.has_grad_buffer = grad_stack is not None
     ctx.grad_stack = grad_stack
-    _save(ctx, stack, mask, base_index)
 
 
 def _save(ctx, stack: Tensor, *others) -> None:
@@ -269,11 +274,7 @@ def _fused_setup(ctx, inputs, output):
     ctx.args = (seed, reader_offset, training, backend)
     ctx.backend = backend
     ctx.has_node = node_log_alpha is not None
-    ctx.has_base = base is not None
-    ctx.base_shape = None if base is None else base.shape
-    ctx.base_dtype = None if base is None else base.dtype
-    ctx.has_grad_buffer = grad_stack is not None
-    ctx.grad_stack = grad_stack
+    _record_base_and_buffer(ctx, base, grad_stack)
     # The masks are not saved: the backward re-derives them from the seed.
     _save(ctx, stack, edge_log_alpha, node_log_alpha, base_index)
 
