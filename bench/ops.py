@@ -121,6 +121,11 @@ class Model:
 MODELS = {
     "gpt2-small": Model("gpt2-small", n_layers=12, n_heads=12, n_kv_heads=12,
                         embeddings=("tok_embeds", "pos_embeds"), hidden=768, batch=32, seq=64),
+    # The paper's CodeLlama-13B runs: sequences of 64 to 72 tokens, bf16, micro-batches.
+    "codellama-13b-b1": Model("codellama-13b-b1", n_layers=40, n_heads=40, n_kv_heads=40,
+                              embeddings=("embeds",), hidden=5120, batch=1, seq=72, dtype="bfloat16"),
+    "codellama-13b-b8": Model("codellama-13b-b8", n_layers=40, n_heads=40, n_kv_heads=40,
+                              embeddings=("embeds",), hidden=5120, batch=8, seq=72, dtype="bfloat16"),
 }
 
 
@@ -141,7 +146,12 @@ CASES = [
     Case("gpt2-L5", "gpt2-small", 5),
     Case("gpt2-L11", "gpt2-small", 11),
     Case("gpt2-resid_post", "gpt2-small", None),
+    # CodeLlama-13B: the read prefix at the first, middle and last layer.
+    *[Case(f"cl13b-b{b}-L{layer}", f"codellama-13b-b{b}", layer)
+      for b in (1, 8) for layer in (0, 20, 39)],
 ]
+# The CPU default leaves CodeLlama out (tens of GB of writer tensors, minutes per cell).
+CPU_DEFAULT_CASES = [c.name for c in CASES if c.model == "gpt2-small"]
 CASE_BY_NAME = {c.name: c for c in CASES}
 
 
@@ -890,7 +900,9 @@ def parse_args(argv=None):
     ap.add_argument("--seq", type=int, help="tokens per sequence (default: the model's, 64)")
     ap.add_argument("--hidden", type=int, help="hidden size (default: the model's, 768)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="storage dtype (default: the model's)")
-    ap.add_argument("--cases", default="all", help=f"comma list of {', '.join(CASE_BY_NAME)} or all")
+    ap.add_argument("--cases", default="default",
+                    help=f"comma list of {', '.join(CASE_BY_NAME)}, or all, or default "
+                         "(all on a GPU, the GPT-2 cases on the CPU)")
     ap.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS),
                     help=f"comma list of {', '.join(PROVIDERS)} (naive always runs: it is the baseline)")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
@@ -913,7 +925,12 @@ def main(argv=None) -> int:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
-    cases = list(CASE_BY_NAME) if args.cases == "all" else _csv_list(args.cases, CASE_BY_NAME, "case")
+    if args.cases == "default":
+        cases = list(CASE_BY_NAME) if device.type == "cuda" else CPU_DEFAULT_CASES
+    elif args.cases == "all":
+        cases = list(CASE_BY_NAME)
+    else:
+        cases = _csv_list(args.cases, CASE_BY_NAME, "case")
     providers = _csv_list(args.providers, PROVIDERS, "provider")
     providers = ["naive"] + [p for p in providers if p != "naive"]
     modes = _csv_list(args.modes, MODES, "mode")
