@@ -290,23 +290,7 @@ class EdgeModel(nn.Module):
         return self.adapter.unembed(run.read(group, base)[0])
 
     def _heads(self, layer, xq, xk, xv, cos_sin, attn_bias) -> Tensor:
-        """Per-head attention outputs [H, B, S, D] from per-reader normed inputs
-        xq [Hq, B, S, D], xk / xv [Hkv, B, S, D]."""
-        a = self.adapter
-        q_w, q_b, k_w, k_b, v_w, v_b = a.qkv(layer)
-        q = _project(xq, q_w, q_b)
-        k = _project(xk, k_w, k_b)
-        v = _project(xv, v_w, v_b)
-        q, k, v = (t.permute(1, 0, 2, 3) for t in (q, k, v))  # [B, H, S, d]
-        if cos_sin is not None:
-            q, k = _rotary(q, k, *cos_sin)
-        attn = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_bias, scale=a.scale, enable_gqa=a.n_heads != a.n_kv_heads)
-        o_w, o_b = a.out(layer)
-        heads = torch.einsum("bhsd,hdD->hbsD", attn, o_w)
-        if o_b is not None:
-            heads = heads + o_b / a.n_heads  # the output bias split evenly across heads
-        return heads
+        return attention_heads(self.adapter, layer, xq, xk, xv, cos_sin, attn_bias)
 
     def _mean(self, writer: int, S: int) -> Tensor:
         means = self._mean_outputs
@@ -391,6 +375,26 @@ class _Run:
         u = (ops.node_noise(self.seed, em.graph.n_writers, em.node_log_alpha.device).to(em.mask_dtype)
              if em.training else None)
         return ops.hard_concrete(em.node_log_alpha, training=em.training, u=u).sum()
+
+
+def attention_heads(a: Adapter, layer: int, xq: Tensor, xk: Tensor, xv: Tensor, cos_sin,
+                    attn_bias: Tensor) -> Tensor:
+    """Per-head attention outputs [H, B, S, D] from per-reader normed inputs
+    xq [Hq, B, S, D], xk / xv [Hkv, B, S, D] (each head reads its own input)."""
+    q_w, q_b, k_w, k_b, v_w, v_b = a.qkv(layer)
+    q = _project(xq, q_w, q_b)
+    k = _project(xk, k_w, k_b)
+    v = _project(xv, v_w, v_b)
+    q, k, v = (t.permute(1, 0, 2, 3) for t in (q, k, v))  # [B, H, S, d]
+    if cos_sin is not None:
+        q, k = _rotary(q, k, *cos_sin)
+    attn = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_bias, scale=a.scale, enable_gqa=a.n_heads != a.n_kv_heads)
+    o_w, o_b = a.out(layer)
+    heads = torch.einsum("bhsd,hdD->hbsD", attn, o_w)
+    if o_b is not None:
+        heads = heads + o_b / a.n_heads  # the output bias split evenly across heads
+    return heads
 
 
 def _project(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
