@@ -363,13 +363,14 @@ def _row_stride(t: torch.Tensor) -> int:
 
 def masked_sum_fwd(x: torch.Tensor, m: torch.Tensor, base: Optional[torch.Tensor] = None,
                    base_index: Optional[torch.Tensor] = None,
-                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   out: Optional[torch.Tensor] = None, config: Optional[dict] = None) -> torch.Tensor:
     """out[r] = base[g(r)] + sum_w m[r, w] * x[w] (fp32 accumulation).
 
     x [W, N] (unit inner stride, any row stride), m [R, W] fp32 contiguous,
     base None or [G, N] contiguous in x's dtype, base_index None or [R] int64
     (None with base means G == 1), out [R, N] contiguous in x's dtype
-    (allocated when None). Returns out."""
+    (allocated when None). `config` overrides `forward_config` (bench/tune.py
+    sweeps it). Returns out."""
     W, N = _check_x(x)
     if m.dim() != 2 or m.shape[1] != W:
         raise ValueError(f"mask must be [R, {W}], got {tuple(m.shape)}")
@@ -391,7 +392,7 @@ def masked_sum_fwd(x: torch.Tensor, m: torch.Tensor, base: Optional[torch.Tensor
     _check_device(x, mask=m, base=base, base_index=base_index, out=out)
     if R == 0 or N == 0:
         return out
-    cfg = forward_config(R, W, N, x.dtype)
+    cfg = config or forward_config(R, W, N, x.dtype)
     grid = (triton.cdiv(R, cfg["BLOCK_R"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _masked_sum_fwd_kernel[grid](
         x, m, out if base is None else base,
@@ -404,11 +405,13 @@ def masked_sum_fwd(x: torch.Tensor, m: torch.Tensor, base: Optional[torch.Tensor
     return out
 
 
-def masked_sum_bwd_stack(m: torch.Tensor, dout: torch.Tensor, dx: torch.Tensor) -> None:
+def masked_sum_bwd_stack(m: torch.Tensor, dout: torch.Tensor, dx: torch.Tensor,
+                         config: Optional[dict] = None) -> None:
     """dx[w] += sum_r m[r, w] * dout[r], in place, accumulated in fp32.
 
     m [R, W] fp32 contiguous, dout [R, N] contiguous (storage dtype), dx [W, N]
-    (unit inner stride, any row stride) fp32 or dout's dtype."""
+    (unit inner stride, any row stride) fp32 or dout's dtype. `config`
+    overrides `backward_stack_config`."""
     if dout.dtype not in _STORAGE_DTYPES or dout.dim() != 2:
         raise TypeError(f"dout must be 2-D float32/bfloat16/float16, got {dout.dtype} "
                         f"{tuple(dout.shape)}")
@@ -426,7 +429,7 @@ def masked_sum_bwd_stack(m: torch.Tensor, dout: torch.Tensor, dx: torch.Tensor) 
         raise ValueError(f"{N} elements per writer: at most 2**31 - 1 are supported")
     if R == 0 or W == 0 or N == 0:
         return
-    cfg = backward_stack_config(R, W, N, dout.dtype, dx.dtype)
+    cfg = config or backward_stack_config(R, W, N, dout.dtype, dx.dtype)
     grid = (triton.cdiv(W, cfg["BLOCK_W"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _masked_sum_bwd_stack_kernel[grid](
         m, dout, dx, R, W, N, _row_stride(dx),
