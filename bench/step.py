@@ -87,8 +87,9 @@ def time_steps(fn, device: torch.device, warmup: int, steps: int) -> list[float]
     return samples
 
 
-def peak_of_one_step(fn, device: torch.device) -> tuple[int, int]:
-    """(peak bytes during one step, bytes allocated before it)."""
+def peak_of_one_step(fn, device: torch.device, *external) -> tuple[int, int]:
+    """(peak bytes during one step, bytes allocated before it). On the CPU,
+    `external` (the model, the masked model) counts from the start."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -98,9 +99,9 @@ def peak_of_one_step(fn, device: torch.device) -> tuple[int, int]:
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device), before
     from memtrack import LiveTensorTracker
-    with LiveTensorTracker() as tracker:
+    with LiveTensorTracker(*external) as tracker:
         fn()
-    return tracker.baseline_bytes + tracker.peak_bytes, tracker.baseline_bytes
+    return tracker.peak_total_bytes, tracker.baseline_bytes
 
 
 def quantile(xs: list[float], q: float) -> float:
@@ -191,7 +192,7 @@ def run(args) -> list[dict]:
             fn, masked = ps.step_fn(base_kind, model, ids, corrupted, full, args.micro_batch, recompute)
             t1 = time.perf_counter()
             samples = time_steps(fn, device, args.warmup, args.steps)
-            peak, before = peak_of_one_step(fn, device)
+            peak, before = peak_of_one_step(fn, device, *[m for m in (model, masked) if m is not None])
             row.update(status="ok", steps=len(samples), p20_ms=quantile(samples, 0.2),
                        p50_ms=quantile(samples, 0.5), p80_ms=quantile(samples, 0.8),
                        tokens_per_s=batch * seq / (quantile(samples, 0.5) / 1e3),
