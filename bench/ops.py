@@ -1,62 +1,123 @@
-"""Kernel microbenchmark: fastedge's masked writer sum against the authors' formulation.
+"""Kernel microbenchmark: fastedge's masked writer sum (given masks, and sampled
+from log_alpha) against the authors' formulation.
 
 What is measured
 ----------------
 One layer's worth of reader inputs (SPEC sections 2 and 5) at the shapes of a
-real pruning run, GPT-2 small by default (158 writers, trailing shape
-``T = (batch, seq, hidden) = (32, 64, 768)``, float32):
+real pruning run:
 
-* ``gpt2-L{l}``: layer ``l``'s 37 readers (12 q, 12 k, 12 v heads and the MLP),
-  which fastedge computes in **one call** over the MLP's prefix of
-  ``W = 14 + 13 l`` writers: the q/k/v rows carry structural zeros on the
-  layer's own heads, and ``base`` has two rows (the corrupted residual before
-  the layer for q/k/v, between attention and MLP for the MLP).
-* ``gpt2-resid_post``: the final read, 1 reader over all 158 writers, one
-  shared base row.
+* GPT-2 small (158 writers, trailing shape ``T = (batch, seq, hidden) =
+  (32, 64, 768)``, float32): ``gpt2-L{l}`` is layer ``l``'s 37 readers (12 q,
+  12 k, 12 v heads and the MLP), which fastedge computes in **one call** over
+  the MLP's prefix of ``W = 14 + 13 l`` writers: the q/k/v rows carry
+  structural zeros on the layer's own heads, and ``base`` has two rows (the
+  corrupted residual before the layer for q/k/v, between attention and MLP
+  for the MLP). ``gpt2-resid_post`` is the final read, 1 reader over all 158
+  writers, one shared base row.
+* CodeLlama-13B (1641 writers, ``T = (batch, 72, 5120)``, bfloat16, batch 1
+  and 8): ``cl13b-b{1,8}-L{0,20,39}``, the first, middle and last layer's 121
+  readers. The default on a GPU is every case; on the CPU the GPT-2 ones.
 
-Providers, side by side in one run (``PROVIDERS``):
+Ops (``OPS``; ``--ops``, column ``op``):
+
+* ``masked``: ``fastedge.masked_writer_sum`` with given masks ``[R, W]``.
+* ``sampled``: the fused form ``fastedge.sampled_masked_writer_sum``: the
+  hard-concrete masks are sampled inside the op from ``log_alpha [R, W]``
+  (``U(-3, 3)``, ``-inf`` at structural zeros, no node masks) and a Philox
+  seed, it returns ``(out, edge_sum)``, and its backward gives ``d log_alpha``
+  (``d edge_sum = 1``, as a sparsity term that adds the sum would).
+
+Providers, side by side in one run (``PROVIDERS`` for masked,
+``SAMPLED_PROVIDERS`` for sampled):
 
 * ``naive``: the authors' formulation (`bench/naive.py`): two full
   ``[158, *T]`` writer tensors (clean and corrupted) and, per kind of reader,
-  one einsum over each of them, always over all 158 writers.
-* ``torch``, ``triton``, ``cuda`` (and, on request, ``reference``):
-  ``fastedge.masked_writer_sum(..., backend=name)`` on fastedge's inputs: one
-  stack of deltas ``y - y~`` plus ``base``; the stack gradient accumulates in a
-  caller-owned fp32 buffer (``grad_stack``), as in a pruning step.
+  one einsum over each of them, always over all writers. For ``sampled`` the
+  masks are sampled first in plain PyTorch (``naive_hard_concrete``: the
+  SPEC section 1 formula on ``torch.rand`` noise, autograd for the backward)
+  from per-kind log_alphas in the authors' layout, with the sum of the edge
+  masks; the backward reaches the log_alphas and the clean writer tensor.
+* ``torch``, ``triton``, ``cuda`` (and, on request, ``reference``): the
+  fastedge op with ``backend=name`` on fastedge's inputs: one stack of deltas
+  ``y - y~`` plus ``base``; the stack gradient accumulates in a caller-owned
+  fp32 buffer (``grad_stack``), as in a pruning step.
 
 Modes (``MODES``): ``fwd`` (a training forward: autograd records, inputs
 require grad), ``bwd`` (the backward of a recorded forward: writer-stack and
-mask gradients), ``fwd+bwd``.
+mask or log_alpha gradients), ``fwd+bwd``.
 
-Before timing, every provider's forward output is compared with the naive
-one at the timed shape, and its gradients at a batch-1 slice of the same
-case (``CHECK_BATCH``); a provider that disagrees is reported as ``wrong``
-and not timed. A provider that cannot run here (``triton`` on a CPU, a
-backend that is not built) is reported as ``skipped`` with its reasons.
+Checks before timing (``Op.expected``): a provider whose results disagree is
+reported as ``wrong`` and not timed; one that cannot run here (``triton`` on
+a CPU, a backend that is not built) is ``skipped`` with its reasons.
+
+* ``masked``: every fastedge provider's forward is compared with the naive
+  output at the timed shape, and its stack and mask gradients at a batch-1
+  slice of the case (``CHECK_BATCH``).
+* ``sampled``: naive and fastedge draw different random numbers, so each is
+  compared with fastedge's own reference path for the same seed: the forward
+  at the timed shape with the masks and edge sum of
+  ``fastedge.ops.sample_masks(..., backend="reference")`` summed by
+  ``masked_writer_sum(..., backend="torch")``; the stack and log_alpha
+  gradients on the batch-1 slice with the whole fused op on the ``reference``
+  backend (d log_alpha is not compared where the reference's stretched sample
+  is within ``CLAMP_EDGE`` of the clamp, where it jumps). The naive sampled
+  provider is checked too, fed fastedge's noise ``fastedge.ops.edge_noise``
+  for that seed instead of ``torch.rand``.
 
 Timing (``measure``): on a GPU, ``triton.testing.do_bench`` (CUDA events,
 warm-up, L2 flushed between calls); on the CPU, ``torch.utils.benchmark.Timer``
 (its first call is the warm-up; blocks until ``--reps`` samples and
 ``--min-time`` seconds, or until ``--max-time`` would be exceeded). p20, p50
-and p80 per (case, mode, provider), and the speed-up ``naive p50 / provider p50``
-from the same run. Memory: ``state_mb`` is the bytes of the tensors a provider
-keeps (inputs; fastedge's gradient buffer in backward modes); ``peak_extra_mb``
-is the measured peak above what was allocated before a call
-(``torch.cuda.max_memory_allocated`` on a GPU; on the CPU the growth of the
-process's peak resident set, VmHWM, over the cell, or ``n/a``).
+and p80 per (case, op, mode, provider), and the speed-up ``naive p50 /
+provider p50`` of the same op from the same run. Memory: ``state_mb`` is the
+bytes of the tensors a provider keeps (inputs; fastedge's gradient buffer in
+backward modes); ``peak_extra_mb`` is the measured peak above what was
+allocated before a call (``torch.cuda.max_memory_allocated`` on a GPU; on the
+CPU the growth of the process's peak resident set, VmHWM, over the cell, or
+``n/a``).
 
-Output: one CSV row per (case, mode, provider) appended to
-``<out>/ops.csv`` and a markdown table printed and written to
-``<out>/ops-<device>-<date>.md``; ``<out>`` is ``--out``, else ``$OUT``, else
-``bench/results``.
+Bytes moved and bandwidth (``bytes_moved``, columns ``bytes_moved``,
+``bw_gb_s``, ``frac_copy_bw``): the fewest bytes one call must move through
+memory (SPEC section 5), with ``R`` readers, ``W`` writers read, ``N =
+batch * seq * hidden``, ``G`` base rows (2 for a layer, 1 for resid_post),
+``e`` the element size of the case's dtype (stack, base, out and dout; 4 for
+float32, 2 for bfloat16) and 4 bytes for the fp32 mask, log_alpha, their
+gradients and the stack-gradient buffer::
+
+    fwd     = W*N*e (read the stack prefix once) + G*N*e (base) + R*W*4 (mask, or log_alpha)
+              + R*N*e (write out)                      [+ 4: edge_sum, sampled]
+    bwd     = R*N*e (read dout) + W*N*e (read the stack) + 2*W*N*4 (read and write the fp32
+              stack-gradient buffer) + 2*R*W*4 (read the mask or log_alpha, write its
+              gradient)                                [+ 4: d edge_sum, sampled]
+    fwd+bwd = fwd + bwd
+
+The same count is used for every provider of a (case, op, mode), naive
+included (whatever it actually moves: two full writer tensors, a fresh
+gradient tensor), so ``bw_gb_s = bytes_moved / p50`` (10^9 bytes per second)
+is an *effective* bandwidth, comparable across providers: the ratio of two
+providers' bandwidths is their speed-up. ``frac_copy_bw`` is ``bw_gb_s``
+divided by ``copy_bw_gb_s``, the device's copy bandwidth measured once at the
+start of the same run (``measure_copy_bandwidth``): on a GPU a 2 GiB
+device-to-device ``copy_`` timed like a cell, on the CPU a 256 MiB memcpy
+(``Tensor.copy_`` on the torch threads, labelled in ``copy_bw_method``),
+counting the bytes read plus the bytes written; its buffers are freed before
+the cases run (``--copy-mib`` sets the size, 0 skips it and leaves the
+fraction empty).
+
+Output: one CSV row per (case, op, mode, provider) appended to
+``<out>/ops.csv`` (a file with an older header is rewritten with the union of
+the columns, old rows kept and their new cells empty) and a markdown table
+printed and written to ``<out>/ops-<device>-<date>.md``; ``<out>`` is
+``--out``, else ``$OUT``, else ``bench/results``.
 
 Extending it: a model is a `Model` in ``MODELS``, a case a `Case` in ``CASES``,
-a provider a `Provider` in ``PROVIDERS``, a mode an entry of ``MODES``, a
-column a function in ``METRICS`` (it receives the row and its `Cell`).
+an op an `Op` in ``OPS`` (its providers and its reference results), a
+provider a `Provider` in its op's table, a mode an entry of ``MODES``, a
+column a function in ``METRICS`` (it receives the row's `Cell`).
 
     python bench/ops.py                      # the default run (GPU if present, else CPU)
     python bench/ops.py --quick --out /tmp/b  # tiny shapes, seconds
-    python bench/ops.py --cases gpt2-L11 --modes fwd --providers naive,torch
+    python bench/ops.py --cases gpt2-L11 --ops sampled --modes fwd --providers naive,torch
 """
 from __future__ import annotations
 
@@ -64,6 +125,7 @@ import argparse
 import csv
 import dataclasses
 import datetime as _dt
+import math
 import os
 import platform
 import re
@@ -84,7 +146,10 @@ if str(BENCH_DIR) not in sys.path:
 import naive  # noqa: E402  (bench/naive.py)
 
 import fastedge  # noqa: E402
+import fastedge.ops  # noqa: E402
+from fastedge import constants as C  # noqa: E402
 from fastedge.backends import Call, explain  # noqa: E402
+from fastedge.kernels import reference as kref  # noqa: E402
 from fastedge.graph import EdgeGraph  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -93,6 +158,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 GRAD_TOL_FACTOR = 10.0
 CHECK_BATCH = 1  # gradients are checked on this many sequences of the case (cheap)
+LOG_ALPHA_RANGE = 3.0  # the sampled op's log_alpha ~ U(-3, 3): masks at 0, at 1 and in between
+# The hard-concrete gradient jumps where the stretched sample crosses 0 or 1; d log_alpha
+# is not compared for edges whose reference stretched sample lies this close to either.
+CLAMP_EDGE = 1e-4
 
 
 # =============================================================================
@@ -216,6 +285,10 @@ class Problem:
     base: torch.Tensor       # [G, *T] (layers) or [*T] (resid_post)
     base_index: Optional[torch.Tensor]
     dout: torch.Tensor       # [R, *T] upstream gradient
+    # The sampled op (masks drawn from log_alpha inside the call):
+    naive_log_alpha: dict = dataclasses.field(default_factory=dict)  # authors' layout, like naive_masks
+    log_alpha: Optional[torch.Tensor] = None  # fastedge's [R, W] float32, -inf at structural zeros
+    sample_seed: int = 0     # fastedge's Philox seed (reader_offset 0)
 
     @property
     def trailing(self) -> tuple:
@@ -246,6 +319,9 @@ def build_problem(case: Case, model: Model, data: WriterData, seed: int) -> Prob
     def rand(*shape):
         return torch.rand(shape, generator=gen, dtype=torch.float32)
 
+    def log_alpha(*shape):  # a mix of masks at 0, at 1 and in between
+        return rand(*shape) * (2 * LOG_ALPHA_RANGE) - LOG_ALPHA_RANGE
+
     with torch.no_grad():
         if case.layer is None:
             z = rand(Wt)
@@ -254,6 +330,8 @@ def build_problem(case: Case, model: Model, data: WriterData, seed: int) -> Prob
             valid = torch.ones(1, W, dtype=torch.bool)
             base = data.corrupted.sum(0)
             base_index = None
+            naive_la = {"z": log_alpha(Wt)}
+            la = naive_la["z"][None, :W].clone()
         else:
             qkv = [rand(Wt, H) for _ in range(3)]
             mlp = rand(Wt)
@@ -265,13 +343,51 @@ def build_problem(case: Case, model: Model, data: WriterData, seed: int) -> Prob
             base = torch.stack([data.corrupted[: lay.attn_writers].sum(0),
                                 data.corrupted[:W].sum(0)])
             base_index = torch.tensor([0] * (3 * H) + [1], dtype=torch.int64)
+            naive_la = {k: log_alpha(Wt, H) for k in ("q", "k", "v")}
+            naive_la["mlp"] = log_alpha(Wt)
+            la = to_rows(naive_la, W)
+        # fastedge marks a structural zero with log_alpha = -inf (mask exactly 0, gradient 0);
+        # the authors' layout keeps finite values there and zeroes them with the common masks.
+        la = la.masked_fill(~valid, float("-inf")).contiguous()
         dout = torch.randn((lay.n_readers,) + tuple(data.clean.shape[1:]), dtype=dtype, device=dev,
                            generator=torch.Generator(device=dev).manual_seed(seed + 1))
     to = dict(device=dev)
     return Problem(case, lay, data,
                    {k: v.to(dtype=dtype, **to) for k, v in naive_masks.items()},
                    mask.to(**to), valid.to(**to), base.to(dtype=dtype, **to),
-                   None if base_index is None else base_index.to(**to), dout)
+                   None if base_index is None else base_index.to(**to), dout,
+                   naive_log_alpha={k: v.to(**to) for k, v in naive_la.items()},
+                   log_alpha=la.to(**to), sample_seed=seed)
+
+
+def to_rows(per_kind: dict, n_writers: int) -> torch.Tensor:
+    """Authors' layout (q/k/v ``[W_total, H]``, mlp ``[W_total]``; or final ``z``)
+    to fastedge's ``[R, W]`` rows (q heads, k heads, v heads, MLP)."""
+    W = n_writers
+    if "z" in per_kind:
+        return per_kind["z"][None, :W]
+    return torch.cat([per_kind[k][:W].t() for k in ("q", "k", "v")]
+                     + [per_kind["mlp"][None, :W]])
+
+
+def from_rows(rows: torch.Tensor, problem: Problem, fill: float) -> dict:
+    """fastedge's ``[R, W]`` rows back to the authors' layout (writers past the
+    read prefix set to `fill`): the inverse of `to_rows`."""
+    lay, W = problem.layout, problem.layout.n_writers
+    if problem.case.layer is None:
+        z = rows.new_full((lay.total_writers,), fill)
+        z[:W] = rows[0]
+        return {"z": z}
+    H = lay.n_heads
+    out = {}
+    for i, k in enumerate(("q", "k", "v")):
+        t = rows.new_full((lay.total_writers, H), fill)
+        t[:W] = rows[i * H:(i + 1) * H].t()
+        out[k] = t
+    mlp = rows.new_full((lay.total_writers,), fill)
+    mlp[:W] = rows[3 * H]
+    out["mlp"] = mlp
+    return out
 
 
 # =============================================================================
@@ -280,11 +396,21 @@ def build_problem(case: Case, model: Model, data: WriterData, seed: int) -> Prob
 
 
 class Provider:
-    """One implementation. `setup` builds its inputs (requiring grad), `forward`
-    returns its outputs as a tuple; the rest converts results to fastedge's
-    layout for the checks."""
+    """One implementation of one op (``op``). `setup` builds its inputs
+    (requiring grad), `forward` returns its outputs as a tuple; the rest
+    converts results to fastedge's layout for the checks."""
     name = "?"
-    is_baseline = False
+    op = "masked"
+    is_baseline = False  # the provider speed-ups are relative to (naive)
+    checked = True       # compared with the op's reference before timing
+
+    def check_state(self, state: dict, problem: Problem) -> dict:
+        """The state to run the correctness checks with (default: `state`)."""
+        return state
+
+    def edge_sum(self, outputs: tuple) -> Optional[torch.Tensor]:
+        """The sampled op's sum of edge masks; None for the masked op."""
+        return None
 
     def skip_reasons(self, problem: Problem) -> list[str]:
         return []
@@ -308,7 +434,7 @@ class Provider:
 
     def gradients(self, problem: Problem, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """One backward from scratch: (d stack [W, *T] in float32, d mask [R, W]
-        with structural zeros set to 0)."""
+        (d log_alpha for the sampled op) with structural zeros set to 0)."""
         raise NotImplementedError
 
     def state_bytes(self, state: dict, mode: str) -> int:
@@ -328,15 +454,17 @@ def _nbytes(*tensors) -> int:
 
 
 class NaiveProvider(Provider):
-    """The authors' formulation (bench/naive.py)."""
+    """The authors' formulation (bench/naive.py) with given masks; the
+    masked op's reference (not checked: it is what the others are checked against)."""
     name = "naive"
     is_baseline = True
+    checked = False
 
     def setup(self, problem):
         lay = problem.layout
         x = problem.data.clean.detach().requires_grad_(True)
         corr_x = problem.data.corrupted
-        masks = {k: v.detach().clone().requires_grad_(True) for k, v in problem.naive_masks.items()}
+        masks = {k: v.detach().clone().requires_grad_(True) for k, v in self.params(problem).items()}
         state = {"x": x, "corr_x": corr_x, "masks": masks}
         if problem.case.layer is not None:
             first_head = lay.attn_writers  # the layer's first head is the first writer q/k/v may not read
@@ -346,8 +474,15 @@ class NaiveProvider(Provider):
                                                         problem.dtype, problem.device)
         return state
 
+    def params(self, problem: Problem) -> dict:
+        """The per-kind tensors that require grad (authors' layout)."""
+        return problem.naive_masks
+
     def forward(self, s):
-        m = s["masks"]
+        return self._reads(s, s["masks"])
+
+    @staticmethod
+    def _reads(s, m):
         if "z" in m:
             return (naive.final_read(s["x"], s["corr_x"], m["z"]),)
         return naive.layer_reads(s["x"], s["corr_x"], m["q"], m["k"], m["v"], m["mlp"],
@@ -375,15 +510,74 @@ class NaiveProvider(Provider):
         W = problem.layout.n_writers
         dx = grads[0][:W].float()
         if problem.case.layer is None:
-            dmask = grads[1][None, :W]
+            dmask = to_rows({"z": grads[1]}, W)
         else:
-            dq, dk, dv, dmlp = grads[1:]
-            dmask = torch.cat([dq[:W].t(), dk[:W].t(), dv[:W].t(), dmlp[None, :W]])
+            dmask = to_rows(dict(zip(("q", "k", "v", "mlp"), grads[1:])), W)
         return dx, dmask.float() * problem.valid
 
     def state_bytes(self, s, mode):
         return _nbytes(s["x"], s["corr_x"], *s["masks"].values(), s.get("attn_common"),
                        s.get("mlp_common"))
+
+
+def naive_hard_concrete(log_alpha: torch.Tensor, u: Optional[torch.Tensor]) -> torch.Tensor:
+    """The authors' training-time mask, in plain PyTorch (autograd gives its
+    backward): ``u ~ U(eps, 1 - eps)`` from torch's generator unless given,
+    ``s = sigmoid((log u - log(1 - u) + log_alpha) / beta)``,
+    ``z = clamp(s (r - l) + l, 0, 1)`` (SPEC section 1)."""
+    if u is None:
+        u = torch.rand(log_alpha.shape, dtype=log_alpha.dtype, device=log_alpha.device)
+        u = u * (1 - 2 * C.EPS) + C.EPS
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / C.BETA)
+    return (s * (C.LIMIT_RIGHT - C.LIMIT_LEFT) + C.LIMIT_LEFT).clamp(0.0, 1.0)
+
+
+class NaiveSampledProvider(NaiveProvider):
+    """The authors' formulation of the sampled op: hard-concrete masks sampled
+    in plain PyTorch from per-kind log_alphas (authors' layout) with
+    ``torch.rand`` noise, the sum of the edge masks the reads use (what the
+    sparsity term needs), then the same einsums as `NaiveProvider`; the
+    backward reaches log_alpha and the clean writer tensor.
+
+    It draws other random numbers than fastedge's Philox sampler, so for the
+    checks (`check_state`) it is fed fastedge's own noise for the same seed
+    (`fastedge.ops.edge_noise`) and compared with the reference."""
+    op = "sampled"
+    checked = True
+
+    def params(self, problem):
+        return problem.naive_log_alpha
+
+    def check_state(self, state, problem):
+        R, W = problem.layout.n_readers, problem.layout.n_writers
+        u = fastedge.ops.edge_noise(problem.sample_seed, R, W, 0, problem.device)
+        return dict(state, u=from_rows(u, problem, 0.5))
+
+    def forward(self, s):
+        noise = s.get("u") or {}
+        z = {k: naive_hard_concrete(la, noise.get(k)) for k, la in s["masks"].items()}  # float32
+        if "z" in z:
+            edge_sum = z["z"].sum()
+        else:
+            edge_sum = (sum((z[k] * s["attn_common"].float()).sum() for k in ("q", "k", "v"))
+                        + (z["mlp"] * s["mlp_common"].float()).sum())
+        # the reads in the storage dtype, as the masked naive provider's given masks
+        reads = self._reads(s, {k: v.to(s["x"].dtype) for k, v in z.items()})
+        return (*reads, edge_sum)
+
+    def grad_outputs(self, s, problem):
+        return super().grad_outputs(s, problem) + [_unit(problem)]
+
+    def rows(self, problem, outputs):
+        return super().rows(problem, outputs[:-1])
+
+    def edge_sum(self, outputs):
+        return outputs[-1]
+
+
+def _unit(problem: Problem) -> torch.Tensor:
+    """d loss / d edge_sum: 1, as for a sparsity term that adds the edge sum."""
+    return torch.ones((), dtype=torch.float32, device=problem.device)
 
 
 class FastedgeProvider(Provider):
@@ -438,14 +632,126 @@ class FastedgeProvider(Provider):
         return _nbytes(s["stack"], s["mask"], s["base"], s["base_index"], grad)
 
 
-PROVIDERS: dict[str, Provider] = {
+class FastedgeSampledProvider(FastedgeProvider):
+    """fastedge.sampled_masked_writer_sum on one backend: the masks sampled
+    from log_alpha and the seed inside the op (no node masks), ``(out,
+    edge_sum)`` returned; d log_alpha from autograd, the stack gradient into
+    the caller-owned buffer."""
+    op = "sampled"
+
+    def skip_reasons(self, problem):
+        reasons = super().skip_reasons(problem)
+        if reasons:
+            return reasons
+        lay = problem.layout
+        call = Call(op="sample_masks", device=problem.device, dtype=torch.float32,
+                    n_readers=lay.n_readers, n_writers=lay.n_writers)
+        return explain(call)[self.backend]
+
+    def setup(self, problem):
+        stack = problem.data.delta.detach().requires_grad_(True)
+        return {"stack": stack,
+                "log_alpha": problem.log_alpha.detach().clone().requires_grad_(True),
+                "base": problem.base, "base_index": problem.base_index, "seed": problem.sample_seed,
+                "grad_stack": torch.zeros(stack.shape, dtype=torch.float32, device=stack.device)}
+
+    def forward(self, s):
+        return fastedge.sampled_masked_writer_sum(
+            s["stack"], s["log_alpha"], None, s["base"], s["base_index"], seed=s["seed"],
+            grad_stack=s["grad_stack"], backend=self.backend)
+
+    def grad_inputs(self, s):
+        return [s["log_alpha"]]
+
+    def grad_outputs(self, s, problem):
+        return [problem.dout, _unit(problem)]
+
+    def edge_sum(self, outputs):
+        return outputs[1]
+
+    def state_bytes(self, s, mode):
+        grad = s["grad_stack"] if "bwd" in mode else None
+        return _nbytes(s["stack"], s["log_alpha"], s["base"], s["base_index"], grad)
+
+
+PROVIDERS: dict[str, Provider] = {  # the masked op
     "naive": NaiveProvider(),
     "torch": FastedgeProvider("torch"),
     "triton": FastedgeProvider("triton"),
     "cuda": FastedgeProvider("cuda"),
     "reference": FastedgeProvider("reference"),  # per-reader einsums: slow, not in the default run
 }
+SAMPLED_PROVIDERS: dict[str, Provider] = {
+    "naive": NaiveSampledProvider(),
+    **{name: FastedgeSampledProvider(name) for name in ("torch", "triton", "cuda", "reference")},
+}
 DEFAULT_PROVIDERS = ["naive", "torch", "triton", "cuda"]
+
+
+# =============================================================================
+# Ops: what each is checked against
+# =============================================================================
+
+
+@dataclass
+class Expected:
+    """An op's reference results for one case."""
+    rows: torch.Tensor                  # [R, *T] at the timed shape
+    edge_sum: Optional[torch.Tensor]    # the sampled op's edge sum
+    grads: Optional[tuple]              # (d stack [W, *T] fp32, d mask or d log_alpha [R, W]) on `small`
+    small: Optional[Problem]            # the CHECK_BATCH slice the gradients are checked on
+    grad_skip: Optional[torch.Tensor]   # [R, W] bool: d mask entries not compared (clamp edges)
+
+
+def _expected_masked(problem: Problem, need_grads: bool) -> Expected:
+    """The naive provider's outputs (full shape) and gradients (slice)."""
+    p = PROVIDERS["naive"]
+    with torch.no_grad():
+        rows = p.rows(problem, p.forward(p.setup(problem)))
+    small = grads = None
+    if need_grads:
+        small = problem.sliced(CHECK_BATCH)
+        grads = p.gradients(small, p.setup(small))
+    return Expected(rows, None, grads, small, None)
+
+
+def _expected_sampled(problem: Problem, need_grads: bool) -> Expected:
+    """fastedge's own reference path for the same seed: the masks from
+    `fastedge.sample_masks(..., backend="reference")` summed at the timed shape
+    with `masked_writer_sum(..., backend="torch")` (one matrix product; the
+    per-reader reference einsums would widen the whole stack to fp32), and the
+    whole fused op on the reference backend for the gradients (slice)."""
+    la = problem.log_alpha
+    with torch.no_grad():
+        mask, edge_sum = fastedge.ops.sample_masks(la, seed=problem.sample_seed, backend="reference")
+        rows = fastedge.masked_writer_sum(problem.data.delta, mask, problem.base,
+                                          problem.base_index, backend="torch")
+        R, W = la.shape
+        u = fastedge.ops.edge_noise(problem.sample_seed, R, W, 0, problem.device)
+        _, stretched = kref.hard_concrete_stretched(la, u)
+        skip = (stretched.abs() < CLAMP_EDGE) | ((stretched - 1).abs() < CLAMP_EDGE)
+    small = grads = None
+    if need_grads:
+        small = problem.sliced(CHECK_BATCH)
+        ref = SAMPLED_PROVIDERS["reference"]
+        grads = ref.gradients(small, ref.setup(small))
+    return Expected(rows, edge_sum, grads, small, skip)
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operation: its providers and how its reference results are made."""
+    name: str
+    providers: dict
+    expected: Callable[[Problem, bool], Expected]
+    reference: str   # what the checks compare with, in words
+
+
+OPS = {
+    "masked": Op("masked", PROVIDERS, _expected_masked, "naive"),
+    "sampled": Op("sampled", SAMPLED_PROVIDERS, _expected_sampled,
+                  "fastedge reference (same seed)"),
+}
 
 
 # =============================================================================
@@ -557,20 +863,26 @@ def _measure_cpu(fn, st: Settings, label: str) -> Timing:
                   "rss-hwm" if extra is not None else "n/a")
 
 
-def _measure_cuda(fn, st: Settings) -> Timing:
+def _cuda_samples(fn, st: Settings) -> tuple[list, str]:
+    """Per-call times in ms of `fn` on the GPU, and how they were taken."""
     try:
         from triton.testing import do_bench
         samples = do_bench(fn, warmup=st.warmup_ms, rep=st.rep_ms, return_mode="all")
         method = "cuda triton.testing.do_bench"
     except (ImportError, AssertionError, TypeError):  # no Triton, or one without return_mode="all"
         samples, method = _cuda_events(fn, st), "cuda events"
+    return list(samples), method
+
+
+def _measure_cuda(fn, st: Settings) -> Timing:
+    samples, method = _cuda_samples(fn, st)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     fn()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
-    return Timing(list(samples), method, extra, "cuda.max_memory_allocated")
+    return Timing(samples, method, extra, "cuda.max_memory_allocated")
 
 
 def _cuda_events(fn, st: Settings) -> list:
@@ -595,6 +907,58 @@ def _cuda_events(fn, st: Settings) -> list:
     return [a.elapsed_time(b) for a, b in events]
 
 
+@dataclass
+class CopyBandwidth:
+    """The device's copy bandwidth, measured once per run."""
+    gb_s: Optional[float]   # (bytes read + bytes written) / median time, 10^9 bytes per second
+    method: str             # how, or why it was not measured
+
+
+def measure_copy_bandwidth(device: torch.device, mib: int, st: Settings) -> CopyBandwidth:
+    """Time ``dst.copy_(src)`` of two `mib` MiB uint8 buffers and count 2 x `mib`
+    MiB per copy (read plus written), like SPEC section 5's copy figure. GPU:
+    device-to-device, timed like a cell (`_cuda_samples`; one copy is far
+    larger than L2). CPU: a memcpy through ``Tensor.copy_`` on the torch
+    threads, timed with torch.utils.benchmark. The buffers are freed (and the
+    CUDA cache emptied) before returning, so the cases start from nothing."""
+    if mib <= 0:
+        return CopyBandwidth(None, "not measured (--copy-mib 0)")
+    nbytes = mib * 2 ** 20
+    note = ""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        fit = (free // 3) // 2 ** 20 * 2 ** 20  # two buffers and do_bench's L2 flush, with room
+        if fit < nbytes:
+            nbytes, note = fit, f" (shrunk from {mib} MiB to fit free memory)"
+    bufs = [torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)]
+    bufs.append(torch.empty_like(bufs[0]))
+
+    def fn():
+        bufs[1].copy_(bufs[0])
+
+    try:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            samples, how = _cuda_samples(fn, st)
+            torch.cuda.synchronize(device)
+        else:
+            copy_st = dataclasses.replace(st, reps=max(st.reps, 5), min_time=min(st.min_time, 0.5),
+                                          max_time=min(st.max_time, 3.0))
+            samples = _measure_cpu(fn, copy_st, "copy").samples_ms
+            how = f"torch.utils.benchmark, {torch.get_num_threads()} threads"
+    finally:
+        bufs.clear()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+    ms = torch.quantile(torch.tensor(samples, dtype=torch.float64), 0.5).item()
+    where = "cuda device-to-device copy_" if device.type == "cuda" else "CPU memcpy (Tensor.copy_)"
+    method = (f"{where} of {nbytes / 2 ** 20:.0f} MiB{note}, read+written "
+              f"counted, median of {len(samples)} ({how})")
+    return CopyBandwidth(2 * nbytes / (ms * 1e-3) / 1e9, method)
+
+
 # =============================================================================
 # Checks
 # =============================================================================
@@ -606,30 +970,46 @@ def _max_err(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
     return err, scale
 
 
-def check_forward(p: Provider, state: dict, problem: Problem,
-                  want: torch.Tensor) -> tuple[Optional[str], Optional[float]]:
-    """(None, max |err|) when `p`'s forward agrees with the naive output, else (why not, err)."""
+def check_forward(p: Provider, state: dict, problem: Problem, want: Expected,
+                  ref: str = "naive") -> tuple[Optional[str], Optional[float]]:
+    """(None, max |err|) when `p`'s forward agrees with the reference output
+    (and edge sum), else (why not, err)."""
     with torch.no_grad():
-        got = p.rows(problem, p.forward(state))
-    if got.shape != want.shape:
-        return f"forward shape {tuple(got.shape)} != naive {tuple(want.shape)}", None
+        outputs = p.forward(p.check_state(state, problem))
+        got = p.rows(problem, outputs)
+    if got.shape != want.rows.shape:
+        return f"forward shape {tuple(got.shape)} != {ref} {tuple(want.rows.shape)}", None
     if not torch.isfinite(got).all():
         return "forward has non-finite values", None
-    err, scale = _max_err(got, want)
+    err, scale = _max_err(got, want.rows)
     if not err <= TOL[problem.dtype] * scale:
-        return f"forward differs from naive: max |err| {err:.3g} (scale {scale:.3g})", err
+        return f"forward differs from {ref}: max |err| {err:.3g} (scale {scale:.3g})", err
+    if want.edge_sum is not None:
+        got_sum = p.edge_sum(outputs)
+        sum_err, sum_scale = _max_err(got_sum, want.edge_sum)
+        if not sum_err <= TOL[torch.float32] * sum_scale:
+            return (f"edge_sum differs from {ref}: {got_sum.item():.6g} vs "
+                    f"{want.edge_sum.item():.6g}"), err
     return None, err
 
 
-def check_gradients(p: Provider, small: Problem, want: tuple) -> Optional[str]:
-    """None when `p`'s stack and mask gradients agree with the naive ones on `small`."""
-    got = p.gradients(small, p.setup(small))
-    for what, g, w in zip(("stack", "mask"), got, want):
+def check_gradients(p: Provider, want: Expected, ref: str = "naive") -> Optional[str]:
+    """None when `p`'s stack and mask (or log_alpha) gradients agree with the
+    reference ones on the slice `want.small`."""
+    small = want.small
+    got = p.gradients(small, p.check_state(p.setup(small), small))
+    names = ("stack", "mask" if want.edge_sum is None else "log_alpha")
+    for i, (what, g, w) in enumerate(zip(names, got, want.grads)):
         if g.shape != w.shape:
-            return f"d{what} shape {tuple(g.shape)} != naive {tuple(w.shape)}"
+            return f"d{what} shape {tuple(g.shape)} != {ref} {tuple(w.shape)}"
+        if i == 1 and want.grad_skip is not None:
+            g, w = g.masked_fill(want.grad_skip, 0), w.masked_fill(want.grad_skip, 0)
+        if not torch.isfinite(g).all():
+            return f"d{what} has non-finite values"
         err, scale = _max_err(g, w)
         if not err <= TOL[small.dtype] * GRAD_TOL_FACTOR * scale:
-            return f"d{what} differs from naive (batch {CHECK_BATCH}): max |err| {err:.3g} (scale {scale:.3g})"
+            return (f"d{what} differs from {ref} (batch {CHECK_BATCH}): max |err| {err:.3g} "
+                    f"(scale {scale:.3g})")
     return None
 
 
@@ -652,64 +1032,93 @@ class Cell:
     max_err: Optional[float] = None
     load1: float = 0.0
     speedup: Optional[float] = None
+    op: str = "masked"
+    bytes_moved: Optional[int] = None   # `bytes_moved(op, mode, problem)`
+    copy_gb_s: Optional[float] = None   # the run's copy bandwidth (`measure_copy_bandwidth`)
+
+    @property
+    def gb_s(self) -> Optional[float]:
+        """Effective bandwidth: bytes_moved / p50, in GB/s (10^9 bytes per second)."""
+        if self.timing is None or not self.bytes_moved:
+            return None
+        return self.bytes_moved / (self.timing.quantile(0.5) * 1e-3) / 1e9
+
+    @property
+    def frac_copy_bw(self) -> Optional[float]:
+        gb_s = self.gb_s
+        return None if gb_s is None or not self.copy_gb_s else gb_s / self.copy_gb_s
+
+
+def bytes_moved(op: str, mode: str, problem: Problem) -> int:
+    """The fewest bytes one call must move through memory (SPEC section 5);
+    the formula is in the module docstring ("Bytes moved")."""
+    lay = problem.layout
+    R, W = lay.n_readers, lay.n_writers
+    N = math.prod(problem.trailing)
+    e = problem.data.delta.element_size()     # storage dtype: stack, base, out, dout
+    G = 0 if problem.base is None else (1 if problem.base_index is None else problem.base.shape[0])
+    f32 = 4                                    # mask / log_alpha, their gradients, the grad buffer
+    sampled = op == "sampled"
+    fwd = W * N * e + G * N * e + R * W * f32 + R * N * e + (f32 if sampled else 0)
+    bwd = R * N * e + W * N * e + 2 * W * N * f32 + 2 * R * W * f32 + (f32 if sampled else 0)
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
 def run_case(case: Case, model: Model, data: WriterData, providers: list, modes: list,
-             st: Settings, seed: int, log: Callable[[str], None]) -> list:
-    problem = build_problem(case, model, data, seed)
+             st: Settings, seed: int, log: Callable[[str], None], op: str = "masked",
+             problem: Optional[Problem] = None) -> list:
+    """Check, then time, every provider of `op` on one case; one `Cell` per
+    (mode, provider). `problem` (from `build_problem`) may be shared between ops."""
+    the_op = OPS[op]
+    if problem is None:
+        problem = build_problem(case, model, data, seed)
     lay = problem.layout
-    log(f"[{case.name}] R={lay.n_readers} W={lay.n_writers}/{lay.total_writers} "
+    log(f"[{case.name} {op}] R={lay.n_readers} W={lay.n_writers}/{lay.total_writers} "
         f"T={'x'.join(map(str, problem.trailing))} {str(problem.dtype).replace('torch.', '')}")
-    base_p = PROVIDERS["naive"]
-    base_state = base_p.setup(problem)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        want = base_p.rows(problem, base_p.forward(base_state))
-    log(f"  naive reference forward: {time.perf_counter() - t0:.2f} s")
     need_grads = any("bwd" in m for m in modes)
-    if need_grads:
-        small = problem.sliced(CHECK_BATCH)
-        want_grads = base_p.gradients(small, base_p.setup(small))
-    del base_state
+    t0 = time.perf_counter()
+    want = the_op.expected(problem, need_grads)
+    log(f"  reference results ({the_op.reference}): {time.perf_counter() - t0:.2f} s")
 
     cells = []
     for name in providers:
-        p = PROVIDERS[name]
+        p = the_op.providers[name]
         reasons = p.skip_reasons(problem)
         if reasons:
             note = "; ".join(reasons)
             log(f"  {name}: skipped ({note})")
-            cells += [Cell(case, lay, m, name, "skipped", note=note) for m in modes]
+            cells += [Cell(case, lay, m, name, "skipped", note=note, op=op) for m in modes]
             continue
         state = p.setup(problem)
         fwd_wrong, err, grad_wrong = None, None, None
-        if not p.is_baseline:
+        if p.checked:
             try:
-                fwd_wrong, err = check_forward(p, state, problem, want)
+                fwd_wrong, err = check_forward(p, state, problem, want, the_op.reference)
             except Exception as exc:  # a provider that fails is reported, not fatal
                 fwd_wrong = f"forward raised {type(exc).__name__}: {exc}"
             if need_grads and fwd_wrong is None:
                 try:
-                    grad_wrong = check_gradients(p, small, want_grads)
+                    grad_wrong = check_gradients(p, want, the_op.reference)
                 except Exception as exc:
                     grad_wrong = f"backward raised {type(exc).__name__}: {exc}"
             if fwd_wrong is None:
-                log(f"  {name}: forward agrees with naive (max |err| {err:.3g})"
+                log(f"  {name}: forward agrees with {the_op.reference} (max |err| {err:.3g})"
                     + ("" if not need_grads else
                        "; gradients agree" if grad_wrong is None else "; gradients DO NOT agree"))
         for mode in modes:
             wrong = fwd_wrong or (grad_wrong if "bwd" in mode else None)
             if wrong:
                 log(f"  {name} {mode}: WRONG, not timed: {wrong}")
-                cells.append(Cell(case, lay, mode, name, "wrong", note=wrong, max_err=err))
+                cells.append(Cell(case, lay, mode, name, "wrong", note=wrong, max_err=err, op=op))
                 continue
             fn = MODES[mode](p, state, problem)
-            timing = measure(fn, problem.device, st, f"{case.name} {mode} {name}")
+            timing = measure(fn, problem.device, st, f"{case.name} {op} {mode} {name}")
             del fn
             cell = Cell(case, lay, mode, name, "ok", timing, p.state_bytes(state, mode),
-                        max_err=err, load1=os.getloadavg()[0])
+                        max_err=err, load1=os.getloadavg()[0], op=op,
+                        bytes_moved=bytes_moved(op, mode, problem))
             log(f"  {name:>9} {mode:<7} p50 {timing.quantile(0.5):10.2f} ms  "
-                f"({len(timing.samples_ms)} samples)")
+                f"{_sig(cell.gb_s):>8} GB/s  ({len(timing.samples_ms)} samples)")
             cells.append(cell)
         del state
     naive_p50 = {c.mode: c.timing.quantile(0.5) for c in cells
@@ -786,18 +1195,28 @@ def _ms_short(text: str) -> str:
     return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
 
 
-# Extra columns: name -> function(cell) -> value. Later: bytes moved, bandwidth, ...
+def _sig(x: Optional[float], digits: int = 4) -> str:
+    return "" if x is None else f"{x:.{digits}g}"
+
+
+# Extra columns: name -> function(cell) -> value.
 METRICS: dict[str, Callable[[Cell], object]] = {
     "state_mb": lambda c: _mb(c.state_bytes) if c.timing else "",
     "peak_extra_mb": lambda c: (_mb(c.timing.peak_extra_bytes) or "n/a") if c.timing else "",
     "mem_method": lambda c: c.timing.mem_method if c.timing else "",
+    # vs naive for the masked op; vs fastedge's reference path for the sampled op
     "max_abs_err_vs_naive": lambda c: "" if c.max_err is None else f"{c.max_err:.3g}",
+    "bytes_moved": lambda c: c.bytes_moved if c.timing and c.bytes_moved else "",
+    "bw_gb_s": lambda c: _sig(c.gb_s),
+    "frac_copy_bw": lambda c: _sig(c.frac_copy_bw, 3),
 }
 
+# Columns of ops.csv. The run's copy bandwidth (copy_bw_gb_s, copy_bw_method)
+# is the same on every row of a run, like the device and versions.
 COLUMNS = ["date", "device", "timing", "torch", "triton", "fastedge", "git_rev", "threads",
-           "load1", "case", "model", "readers", "writers", "total_writers", "shape", "dtype",
+           "load1", "case", "op", "model", "readers", "writers", "total_writers", "shape", "dtype",
            "mode", "provider", "status", "samples", "p20_ms", "p50_ms", "p80_ms",
-           "speedup_vs_naive", *METRICS, "note"]
+           "speedup_vs_naive", *METRICS, "copy_bw_gb_s", "copy_bw_method", "note"]
 
 
 def make_row(cell: Cell, env: dict, model: Model, trailing: tuple, dtype: str) -> dict:
@@ -806,7 +1225,7 @@ def make_row(cell: Cell, env: dict, model: Model, trailing: tuple, dtype: str) -
     row = dict(env)
     row.update({
         "load1": f"{cell.load1:.2f}" if t else "",
-        "case": cell.case.name, "model": model.name, "readers": lay.n_readers,
+        "case": cell.case.name, "op": cell.op, "model": model.name, "readers": lay.n_readers,
         "writers": lay.n_writers, "total_writers": lay.total_writers,
         "shape": f"R{lay.n_readers} W{lay.n_writers}/{lay.total_writers} T{'x'.join(map(str, trailing))}",
         "dtype": dtype, "mode": cell.mode, "provider": cell.provider, "status": cell.status,
@@ -823,8 +1242,12 @@ def make_row(cell: Cell, env: dict, model: Model, trailing: tuple, dtype: str) -
 
 
 def append_csv(path: Path, rows: list) -> None:
-    """Append rows; if the file's header differs (columns added later), rewrite it
-    with the union of both headers so that old rows keep their values."""
+    """Append rows. If the file's header differs (a file written before columns
+    were added, e.g. ``op``, ``bytes_moved``, ``bw_gb_s``), rewrite it with the
+    union of both headers, `COLUMNS` first in their order and then the file's
+    other columns: every old row keeps its values, and its cells in the new
+    columns are empty (an empty ``op`` is a row from before the sampled op,
+    i.e. the masked op)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and path.stat().st_size:
         with open(path, newline="") as f:
@@ -838,7 +1261,7 @@ def append_csv(path: Path, rows: list) -> None:
             with open(path, "a", newline="") as f:
                 csv.DictWriter(f, COLUMNS).writerows(rows)
             return
-        columns = header + [c for c in COLUMNS if c not in header]
+        columns = COLUMNS + [c for c in header if c not in COLUMNS]
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, columns)
@@ -853,30 +1276,48 @@ def append_csv(path: Path, rows: list) -> None:
         w.writerows(rows)
 
 
+def _gb_s_short(text: str) -> str:
+    if not text:
+        return ""
+    x = float(text)
+    return f"{x:.0f}" if x >= 10 else f"{x:.2g}"
+
+
+def _pct(text: str) -> str:
+    if not text:
+        return ""
+    x = 100 * float(text)
+    return f"{x:.0f}%" if x >= 10 else f"{x:.2g}%"
+
+
 def markdown(rows: list, header_lines: list) -> str:
     out = list(header_lines) + [""]
-    out.append("| case | shape | mode | provider | p20 ms | p50 ms | p80 ms | n | speed-up vs naive "
-               "| state MB | peak extra MB |")
-    out.append("|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|")
+    out.append("| case | op | shape | mode | provider | p20 ms | p50 ms | p80 ms | n "
+               "| speed-up vs naive | GB/s | % of copy bw | state MB | peak extra MB |")
+    out.append("|---|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     skipped = {}
     for r in rows:
         if r["status"] == "skipped":
-            skipped.setdefault(r["provider"], r["note"])
+            skipped.setdefault((r["op"], r["provider"]), r["note"])
             continue
         if r["status"] == "wrong":
-            out.append(f"| {r['case']} | {r['shape']} | {r['mode']} | {r['provider']} | "
-                       f"WRONG: {r['note']} | | | | | | |")
+            out.append(f"| {r['case']} | {r['op']} | {r['shape']} | {r['mode']} | {r['provider']} | "
+                       f"WRONG: {r['note']} | | | | | | | | |")
             continue
         speed = f"{float(r['speedup_vs_naive']):.2f}x" if r["speedup_vs_naive"] else ""
         p20, p50, p80 = (_ms_short(r[k]) for k in ("p20_ms", "p50_ms", "p80_ms"))
-        out.append(f"| {r['case']} | {r['shape']} | {r['mode']} | {r['provider']} | {p20} | "
-                   f"{p50} | {p80} | {r['samples']} | {speed} | {r['state_mb']} | "
+        out.append(f"| {r['case']} | {r['op']} | {r['shape']} | {r['mode']} | {r['provider']} | "
+                   f"{p20} | {p50} | {p80} | {r['samples']} | {speed} | "
+                   f"{_gb_s_short(r['bw_gb_s'])} | {_pct(r['frac_copy_bw'])} | {r['state_mb']} | "
                    f"{r['peak_extra_mb']} |")
     if skipped:
         out.append("")
         out.append("Skipped providers:")
-        for name, note in skipped.items():
-            out.append(f"- `{name}`: {note}")
+        notes = {}
+        for (op, name), note in skipped.items():
+            notes.setdefault((name, note), []).append(op)
+        for (name, note), op_list in notes.items():
+            out.append(f"- `{name}` ({', '.join(op_list)}): {note}")
     return "\n".join(out) + "\n"
 
 
@@ -906,6 +1347,12 @@ def parse_args(argv=None):
     ap.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS),
                     help=f"comma list of {', '.join(PROVIDERS)} (naive always runs: it is the baseline)")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
+    ap.add_argument("--ops", default=",".join(OPS),
+                    help=f"comma list of {', '.join(OPS)}: the masked writer sum with given masks, "
+                         "and its fused form that samples the masks from log_alpha")
+    ap.add_argument("--copy-mib", type=int,
+                    help="size of each buffer of the copy-bandwidth measurement (default 2048 on "
+                         "a GPU, 256 on the CPU, 64 with --quick on the CPU; 0: do not measure)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes and few samples: a smoke test")
     ap.add_argument("--out", help="results folder (default: $OUT if set, else bench/results)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -934,6 +1381,7 @@ def main(argv=None) -> int:
     providers = _csv_list(args.providers, PROVIDERS, "provider")
     providers = ["naive"] + [p for p in providers if p != "naive"]
     modes = _csv_list(args.modes, MODES, "mode")
+    ops = _csv_list(args.ops, OPS, "op")
 
     quick = args.quick
     st = Settings(reps=args.reps or (5 if quick else 3),
@@ -942,16 +1390,23 @@ def main(argv=None) -> int:
                   warmup_ms=5 if quick else 25, rep_ms=20 if quick else 200)
     out_dir = Path(args.out or os.environ.get("OUT") or BENCH_DIR / "results")
 
+    def log(msg):
+        print(msg, flush=True)
+
+    # Before any case allocates: the copy buffers are gone when the cases run.
+    copy_mib = args.copy_mib if args.copy_mib is not None else (
+        2048 if device.type == "cuda" else 64 if quick else 256)
+    copy_bw = measure_copy_bandwidth(device, copy_mib, st)
+    log(f"copy bandwidth: {_sig(copy_bw.gb_s)} GB/s ({copy_bw.method})")
+
     env = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(device),
         "timing": "cuda triton.testing.do_bench" if device.type == "cuda" else "cpu torch.utils.benchmark",
         "torch": torch.__version__, "triton": triton_version(), "fastedge": fastedge.__version__,
         "git_rev": git_revision(), "threads": torch.get_num_threads(),
+        "copy_bw_gb_s": _sig(copy_bw.gb_s), "copy_bw_method": copy_bw.method,
     }
-
-    def log(msg):
-        print(msg, flush=True)
 
     by_model: dict = {}
     for name in cases:
@@ -975,8 +1430,14 @@ def main(argv=None) -> int:
             f"{data.delta.nbytes / 2 ** 30:.2f} GiB stack) in {time.perf_counter() - t0:.1f} s")
         shapes.append(f"{model.name}: T = {trailing}, {model.dtype}")
         for i, case in enumerate(model_cases):
-            cells = run_case(case, model, data, providers, modes, st, args.seed + 1 + i, log)
-            rows += [make_row(c, env, model, trailing, model.dtype) for c in cells]
+            problem = build_problem(case, model, data, args.seed + 1 + i)
+            for op in ops:
+                cells = run_case(case, model, data, providers, modes, st, args.seed + 1 + i, log,
+                                 op=op, problem=problem)
+                for c in cells:
+                    c.copy_gb_s = copy_bw.gb_s
+                rows += [make_row(c, env, model, trailing, model.dtype) for c in cells]
+            del problem
         del data
 
     elapsed = time.perf_counter() - started
@@ -992,7 +1453,7 @@ def main(argv=None) -> int:
                        f"{st.min_time:g} s of samples when cheap, no sample started past "
                        f"{st.max_time:g} s (so the slowest cells have fewer samples: column n)")
     header = [
-        f"# fastedge masked writer sum: {kind} microbenchmark",
+        f"# fastedge masked writer sum ({', '.join(ops)}): {kind} microbenchmark",
         "",
         f"- date {env['date']}; device {env['device']}; torch {env['torch']}; triton {env['triton']}; "
         f"fastedge {env['fastedge']} @ {env['git_rev']}",
@@ -1004,14 +1465,29 @@ def main(argv=None) -> int:
         "tensors, one einsum over each per kind of reader, over all writers; fastedge: one "
         "masked_writer_sum per case over the read prefix, stack gradient accumulated into a "
         "caller-owned fp32 buffer",
+        "- op masked: masks given; op sampled: hard-concrete masks sampled from log_alpha "
+        "[R, W] on every call (naive: torch.rand noise and the formula in plain PyTorch, then the "
+        "same einsums, plus the sum of the edge masks; fastedge: sampled_masked_writer_sum, "
+        "Philox noise from a seed inside the op, no node masks), backward into log_alpha",
         "- fwd is a training forward (autograd recording); bwd is the backward of one recorded "
-        "forward (stack and mask gradients); speed-up = naive p50 / provider p50 from this run",
+        "forward (stack and mask or log_alpha gradients); speed-up = naive p50 / provider p50 "
+        "of the same op from this run",
+        "- GB/s: effective bandwidth, the fewest bytes the op must move (the same count for "
+        "every provider; fwd: read W*N stack + G*N base + the [R, W] fp32 mask, write R*N out; "
+        "bwd: read R*N dout + W*N stack, read and write the W*N fp32 gradient buffer, read the "
+        "mask and write its gradient; N = batch*seq*hidden, stack/base/out/dout in the case's "
+        "dtype) / p50, in 10^9 bytes/s",
+        f"- copy bandwidth of this device, measured at the start of this run: "
+        f"{_sig(copy_bw.gb_s)} GB/s ({copy_bw.method}); % of copy bw = GB/s / that"
+        + ("" if copy_bw.gb_s else " (empty: not measured)"),
         "- state MB: tensors the provider keeps (inputs; fastedge's gradient buffer in backward "
         "modes); peak extra MB: measured peak above what was allocated before a call "
         "(GPU: torch.cuda.max_memory_allocated; CPU: growth of peak RSS, VmHWM, over the cell)",
-        f"- every provider's forward matched naive at the timed shape (fp32 tolerance "
-        f"{TOL[torch.float32]:g} x scale) and its gradients at batch {CHECK_BATCH} before timing, "
-        "unless marked WRONG",
+        f"- before timing, every provider's forward matched the op's reference at the timed shape "
+        f"(fp32 tolerance {TOL[torch.float32]:g} x scale) and its gradients at batch {CHECK_BATCH}, "
+        "unless marked WRONG; masked: the naive output; sampled: fastedge's reference path for the "
+        "same seed (reference-backend masks and edge sum, the fused op on the reference backend "
+        "for the gradients); naive sampled is checked too, fed fastedge's noise for that seed",
     ]
     loads = [float(r["load1"]) for r in rows if r["load1"]] + [load_start[0], load_end[0]]
     if device.type == "cpu" and max(loads) > (os.cpu_count() or 1) + 0.5:
