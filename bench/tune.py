@@ -31,11 +31,17 @@ SHAPES = {
     "cl13b-b1-L39": (121, 1640, 1 * 72 * 5120, torch.bfloat16),
     "gpt2-L11": (37, 157, 32 * 64 * 768, torch.float32),
     "gpt2-L5": (37, 79, 32 * 64 * 768, torch.float32),
+    "cl13b-b8-L20-mlp": (1, 861 + 40, 8 * 72 * 5120, torch.bfloat16),  # the MLP's lone reader
 }
 
 
 def fwd_candidates(R, W, N, dtype):
     block_r = kms.forward_config(R, W, N, dtype)["BLOCK_R"]
+    if R < kms.DOT_MIN_READERS:  # the vector path
+        grid = [(1024, 8, 4, 1), (512, 8, 4, 1), (2048, 8, 8, 1), (1024, 16, 8, 1), (512, 4, 4, 1),
+                (1024, 8, 4, 2)]
+        return [dict(USE_DOT=False, BLOCK_R=block_r, BLOCK_N=bn, BLOCK_W=bw, num_warps=nw, num_stages=ns)
+                for bn, bw, nw, ns in grid]
     base = dict(USE_DOT=True, BLOCK_R=block_r)
     grid = [(128, 32, 8, 3), (256, 32, 8, 3), (128, 64, 8, 3), (256, 64, 8, 2), (64, 64, 4, 4),
             (128, 32, 4, 4), (64, 32, 4, 3), (128, 16, 4, 3), (256, 16, 8, 3)]
@@ -43,6 +49,10 @@ def fwd_candidates(R, W, N, dtype):
 
 
 def bwd_candidates(R, W, N, dtype):
+    if R < kms.DOT_MIN_READERS:
+        grid = [(16, 256, 4, 1), (16, 512, 4, 1), (32, 256, 4, 1), (8, 512, 4, 1), (16, 1024, 8, 1)]
+        return [dict(USE_DOT=False, BLOCK_R=1, BLOCK_W=bw, BLOCK_N=bn, num_warps=nw, num_stages=ns)
+                for bw, bn, nw, ns in grid]
     grid = [(16, 128, 128, 8, 3), (32, 128, 128, 8, 3), (16, 128, 256, 8, 3), (16, 64, 128, 4, 3),
             (32, 64, 256, 8, 3), (16, 256, 64, 8, 3)]
     return [dict(USE_DOT=True, BLOCK_R=br, BLOCK_W=bw, BLOCK_N=bn, num_warps=nw, num_stages=ns)
@@ -76,7 +86,7 @@ def run(shapes, ops) -> None:
         if "fwd" in ops:
             want = (m.double() @ x[:, cols].double() + base[:, cols].double()).float()
             nbytes = W * N * esz + R * N * esz + N * esz
-            current = kms.forward_config(R, W, N, dtype)
+            current = kms.forward_config(R, W, N, dtype, arch=kms._arch(device))
             for cfg in fwd_candidates(R, W, N, dtype):
                 tag = "*" if all(current.get(k) == v for k, v in cfg.items()) else " "
                 label = (f"fwd {name:>13} {tag} BN={cfg['BLOCK_N']:<3} BW={cfg['BLOCK_W']:<3} "
@@ -90,7 +100,7 @@ def run(shapes, ops) -> None:
                         continue
                     ms = triton.testing.do_bench(lambda: kms.masked_sum_fwd(x, m, base, None, out, config=cfg),
                                                  warmup=10, rep=100, return_mode="median")
-                    print(f"{label}: {ms:8.3f} ms  {nbytes / ms / 1e9:7.0f} GB/s  "
+                    print(f"{label}: {ms:8.3f} ms  {nbytes / (ms * 1e-3) / 1e9:7.0f} GB/s  "
                           f"{nbytes / (ms * 1e-3) / bw_copy:5.1%} of copy  (err {err:.1e})", flush=True)
                 except Exception as exc:  # noqa: BLE001  (compile failures are results too)
                     print(f"{label}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", flush=True)
@@ -116,7 +126,7 @@ def run(shapes, ops) -> None:
                         continue
                     ms = triton.testing.do_bench(lambda: kms.masked_sum_bwd_stack(m, dout, dx, config=cfg),
                                                  warmup=10, rep=100, return_mode="median")
-                    print(f"{label}: {ms:8.3f} ms  {nbytes / ms / 1e9:7.0f} GB/s  "
+                    print(f"{label}: {ms:8.3f} ms  {nbytes / (ms * 1e-3) / 1e9:7.0f} GB/s  "
                           f"{nbytes / (ms * 1e-3) / bw_copy:5.1%} of copy  (err {err:.1e})", flush=True)
                 except Exception as exc:  # noqa: BLE001
                     print(f"{label}: FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", flush=True)

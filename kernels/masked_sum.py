@@ -260,9 +260,10 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, int(n)))
 
 
-def forward_config(R: int, W: int, N: int, dtype: torch.dtype) -> dict:
+def forward_config(R: int, W: int, N: int, dtype: torch.dtype, arch: int = 0) -> dict:
     """Kernel constexprs and launch options of the forward for R readers, W
-    writers, N columns, storage dtype `dtype`."""
+    writers, N columns, storage dtype `dtype`, on a GPU of compute capability
+    `arch` (90 for sm_90; 0 when unknown or interpreted)."""
     if R < DOT_MIN_READERS:
         block_r = _pow2(R)
         # Keep about 32 accumulator registers per thread (128 threads).
@@ -278,6 +279,17 @@ def forward_config(R: int, W: int, N: int, dtype: torch.dtype) -> dict:
     block_n = 256 if block_r <= 16 else 128
     block_w = 16 if dtype == torch.float32 else 32
     num_warps = 8 if block_r >= 128 else 4
+    # Measured on an H200 (bench/tune.py, bench/results/tune-*.log): a wider
+    # column tile halves the re-reads of the mask tile per stack byte for 65+
+    # readers in 16 bits (CodeLlama-13B: 1.5-1.6x faster than 128 columns), and
+    # a narrower one with a longer K step suits fp32 at 17-64 readers (GPT-2:
+    # 1.1-1.4x).
+    # The wide tile keeps its accumulators in registers on sm_90 (wgmma) but
+    # spills on sm_80 (ptxas), so it is Hopper's only.
+    if block_r == 128 and dtype != torch.float32 and arch >= 90:
+        block_n = 256
+    elif dtype == torch.float32 and 16 < block_r <= 64:
+        block_n, block_w = 64, 32
     return dict(USE_DOT=True, BLOCK_R=block_r, BLOCK_W=block_w, BLOCK_N=block_n,
                 num_warps=num_warps, num_stages=3)
 
@@ -289,7 +301,12 @@ def backward_stack_config(R: int, W: int, N: int, dtype: torch.dtype,
         return dict(USE_DOT=False, BLOCK_R=1, BLOCK_W=16, BLOCK_N=256, num_warps=4,
                     num_stages=1)
     # 128 x 128 dx tile over 8 warps; readers (the reduction) in steps of 16,
-    # which keeps the hi/lo split of the mask small enough not to spill.
+    # which keeps the hi/lo split of the mask small enough not to spill. In 16
+    # bits a 64 x 128 tile over 4 warps measured 1.13-1.15x faster on an H200
+    # (bench/tune.py at CodeLlama-13B shapes); fp32 was mixed, so it keeps 128.
+    if dtype != torch.float32:
+        return dict(USE_DOT=True, BLOCK_R=16, BLOCK_W=64, BLOCK_N=128, num_warps=4,
+                    num_stages=3)
     return dict(USE_DOT=True, BLOCK_R=16, BLOCK_W=128, BLOCK_N=128, num_warps=8,
                 num_stages=3)
 
@@ -317,6 +334,14 @@ def backward_mask_config(R: int, W: int, N: int, dtype: torch.dtype) -> dict:
 # -- launchers ---------------------------------------------------------------------
 
 _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _arch(device: torch.device) -> int:
+    """Compute capability as an integer (90 for sm_90); 0 off CUDA."""
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 def _interpreted(kernel) -> bool:
@@ -392,7 +417,7 @@ def masked_sum_fwd(x: torch.Tensor, m: torch.Tensor, base: Optional[torch.Tensor
     _check_device(x, mask=m, base=base, base_index=base_index, out=out)
     if R == 0 or N == 0:
         return out
-    cfg = config or forward_config(R, W, N, x.dtype)
+    cfg = config or forward_config(R, W, N, x.dtype, arch=_arch(x.device))
     grid = (triton.cdiv(R, cfg["BLOCK_R"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _masked_sum_fwd_kernel[grid](
         x, m, out if base is None else base,
