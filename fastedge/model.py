@@ -101,6 +101,11 @@ class EdgeModel(nn.Module):
         object.__setattr__(self, "model", model)  # not a submodule: its weights are not ours
         object.__setattr__(self, "adapter", adapter)
         self.graph = EdgeGraph.from_config(model.config)
+        for attn, mlp in zip(self.graph.groups[0:-1:2], self.graph.groups[1:-1:2]):
+            # `_Run.read_layer` reads the MLP reader in the attention group's call
+            if mlp.first_reader != attn.first_reader + attn.n_readers or mlp.n_writers < attn.n_writers:
+                raise AssertionError(f"graph layout: the MLP reader of group {mlp.index} does not follow "
+                                     f"its attention group")
         self.ablation = ablation
         self.recompute_readers = recompute_readers
         self._frozen_flags = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -249,13 +254,17 @@ class EdgeModel(nn.Module):
                                           x_c.expand(a.n_kv_heads, -1, -1, -1), cos_sin, attn_bias)
             elif ablation == "mean":
                 heads_c = torch.stack([self._mean(first_head + h, S) for h in range(a.n_heads)])
-            # clean heads from their readers
-            heads = run.region(self._attn_readers, layer, attn_group, resid_c, cos_sin, attn_bias)
+            # clean heads from their readers; the same call reads the MLP's
+            # share of the writers before the layer (see `_Run.read_layer`)
+            heads, mlp_partial = run.region(self._attn_readers, layer, attn_group, mlp_group, resid_c,
+                                            cos_sin, attn_bias)
             run.write(first_head, heads if heads_c is None else heads - heads_c)
             attn_c = None if heads_c is None else heads_c.sum(0)
-            # the MLP
+            # the MLP: its partial sum, the corrupted attention output (part of
+            # its base) and its reads of this layer's heads
             mlp_base = resid_c if a.parallel else _add(resid_c, attn_c)
-            y_mlp = run.region(self._mlp_reader, layer, mlp_group, mlp_base)
+            y_mlp = run.region(self._mlp_reader, layer, attn_group, mlp_group, mlp_partial,
+                               None if a.parallel else attn_c)
             mlp_writer = first_head + a.n_heads
             if ablation == "interchange":
                 with torch.no_grad():
@@ -276,15 +285,19 @@ class EdgeModel(nn.Module):
     # With recompute_readers they run under activation checkpointing, so the
     # reader inputs ([R, B, S, D] per layer) are recomputed in the backward.
 
-    def _attn_readers(self, run, layer, group, base, cos_sin, attn_bias):
+    def _attn_readers(self, run, layer, group, mlp_group, base, cos_sin, attn_bias):
         a = self.adapter
-        x = a.attn_norm(layer, run.read(group, base))
+        x = run.read_layer(group, mlp_group, base)
+        mlp_partial = x[-1]
+        x = a.attn_norm(layer, x[:-1])
         hq, hkv = a.n_heads, a.n_kv_heads
-        return self._heads(layer, x[:hq], x[hq:hq + hkv], x[hq + hkv:], cos_sin, attn_bias)
+        return self._heads(layer, x[:hq], x[hq:hq + hkv], x[hq + hkv:], cos_sin, attn_bias), mlp_partial
 
-    def _mlp_reader(self, run, layer, group, base):
+    def _mlp_reader(self, run, layer, attn_group, group, partial, attn_c):
         a = self.adapter
-        return a.mlp(layer, a.mlp_norm(layer, run.read(group, base)[0]))
+        x = partial if attn_c is None else partial + attn_c
+        x = run.read_rest(attn_group, group, x)
+        return a.mlp(layer, a.mlp_norm(layer, x))
 
     def _final_reader(self, run, layer, group, base):
         return self.adapter.unembed(run.read(group, base)[0])
@@ -342,28 +355,86 @@ class _Run:
         self.edge_sum = self.edge_sum + edge_sum
         return out
 
+    def read_layer(self, attn: ReaderGroup, mlp: ReaderGroup, base: Optional[Tensor]) -> Tensor:
+        """One layer's attention readers and, as one more row, the MLP reader's
+        sum over the same writers (those before the layer), in one call over
+        the attention prefix: ``[R_attn + 1, *T]``. The MLP reader is the next
+        reader after the attention group, so its row draws the same noise as
+        in a call of its own. Reading the prefix once instead of twice (and
+        accumulating both readers' gradients in one backward) halves the
+        passes over the stack per layer."""
+        W = attn.n_writers
+        mlp_la_prefix = lambda t: t[:, :W]  # noqa: E731
+        return self._read(attn.index, attn.first_reader, attn.n_readers + 1, W, base,
+                          extra=(mlp.index, mlp_la_prefix))
+
+    def read_rest(self, attn: ReaderGroup, mlp: ReaderGroup, partial: Tensor) -> Tensor:
+        """The MLP reader's input: `partial` (its sum over the writers before
+        the layer, plus its base) plus its masked reads of the writers between
+        the attention prefix and itself (the layer's heads)."""
+        em, W_a, W_m = self.em, attn.n_writers, mlp.n_writers
+        if W_m == W_a:  # parallel blocks: the MLP reads no head of its layer
+            return partial
+        rows = self.stack[W_a:W_m]
+        grad_rows = self.grad_buffer[W_a:W_m] if self.needs_grad else None
+        base = partial.expand(rows.shape[1:]).contiguous() if partial.shape != rows.shape[1:] else partial
+        if self.plain:
+            mask = torch.ones(1, W_m - W_a, device=rows.device, dtype=em.mask_dtype)
+            return ops.masked_writer_sum(rows, mask, base)[0]
+        if em._fixed_masks is not None:
+            mask = em._fixed_masks[mlp.index][:, W_a:]
+            self.region_edge_sum = self.region_edge_sum + mask.sum()
+            if self.needs_grad:
+                mask = mask + 0 * self.token_for_read
+            return ops.masked_writer_sum(rows, mask, base, grad_stack=grad_rows)[0]
+        edge = em.edge_log_alpha[mlp.index]
+        if self.needs_grad:
+            edge = edge + 0 * self.token_for_read
+        # the whole row's masks (W_m values: cheap), so that the noise counters
+        # are those of the MLP reader's own call; the prefix part is unused here
+        z, _ = ops.sample_masks(edge, None, seed=self.seed, reader_offset=mlp.first_reader,
+                                training=em.training)
+        z = z[:, W_a:]
+        self.region_edge_sum = self.region_edge_sum + z.sum()
+        if em.node_log_alpha is not None:
+            u = (ops.node_noise(self.seed, W_m, rows.device).to(em.mask_dtype)[W_a:]
+                 if em.training else None)
+            z = z * ops.hard_concrete(em.node_log_alpha[W_a:W_m], training=em.training, u=u)
+        return ops.masked_writer_sum(rows, z, base, grad_stack=grad_rows)[0]
+
     def read(self, group: ReaderGroup, base: Optional[Tensor]) -> Tensor:
+        return self._read(group.index, group.first_reader, group.n_readers, group.n_writers, base)
+
+    def _read(self, gi: int, first_reader: int, n_readers: int, n_writers: int, base: Optional[Tensor],
+              extra=None) -> Tensor:
+        """Readers ``first_reader ..`` of group `gi` over the first `n_writers`
+        writers; `extra` = (group index, column selector) appends the rows of
+        the next group (the MLP reader) to the same call."""
         em = self.em
-        gi = group.index
         if base is not None:
             base = base.expand(self.stack.shape[1:]).contiguous() if base.shape != self.stack.shape[1:] else base
         if self.plain:  # every mask 1: the unmasked model's writer outputs (for mean ablation)
-            mask = torch.ones(group.n_readers, group.n_writers, device=self.stack.device,
-                              dtype=em.mask_dtype)
+            mask = torch.ones(n_readers, n_writers, device=self.stack.device, dtype=em.mask_dtype)
             return ops.masked_writer_sum(self.stack, mask, base)
+
+        def rows_of(per_group):  # this group's rows, plus the extra group's selected columns
+            if extra is None:
+                return per_group[gi]
+            return torch.cat([per_group[gi], extra[1](per_group[extra[0]])])
+
         grad_stack = self.grad_buffer if self.needs_grad else None
         if em._fixed_masks is not None:
-            mask = em._fixed_masks[gi]
+            mask = rows_of(em._fixed_masks)
+            self.region_edge_sum = self.region_edge_sum + mask.sum()
             if self.needs_grad:
                 mask = mask + 0 * self.token_for_read
-            self.region_edge_sum = self.region_edge_sum + em._fixed_masks[gi].sum()
             return ops.masked_writer_sum(self.stack, mask, base, grad_stack=grad_stack)
-        edge = em.edge_log_alpha[gi]
+        edge = rows_of(em.edge_log_alpha)
         if self.needs_grad:
             edge = edge + 0 * self.token_for_read
-        node = None if em.node_log_alpha is None else em.node_log_alpha[: group.n_writers]
+        node = None if em.node_log_alpha is None else em.node_log_alpha[:n_writers]
         out, edge_sum = ops.sampled_masked_writer_sum(
-            self.stack, edge, node, base, seed=self.seed, reader_offset=group.first_reader,
+            self.stack, edge, node, base, seed=self.seed, reader_offset=first_reader,
             training=em.training, grad_stack=grad_stack)
         self.region_edge_sum = self.region_edge_sum + edge_sum
         return out
