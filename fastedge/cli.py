@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="edge sparsity of the extracted circuit (default: the target, at most 1)")
     p.add_argument("--batch-size", type=int, default=None, help="examples per step (default 32)")
     p.add_argument("--micro-batch-size", type=int, default=None,
-                   help="examples per forward pass; gradients accumulate over the batch")
+                   help="examples per forward pass; gradients accumulate over the batch "
+                        "(under torchrun: default batch size / ranks)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of log_alphas (default 0.8)")
     p.add_argument("--lambda-lr", type=float, default=None, help="learning rate of the multipliers (default 0.8)")
     p.add_argument("--ablation", choices=["interchange", "zero", "mean"], default="interchange")
@@ -141,11 +142,27 @@ def load_task(args, tokenizer, *, shipped_model: bool):
 # -- commands ---------------------------------------------------------------------------
 
 def cmd_prune(args) -> int:
+    # under torchrun (`torchrun --nproc_per_node N -m fastedge.cli prune ...`) every rank joins the
+    # process group and prunes data parallel; only rank 0 prints and writes
+    from fastedge import distributed
+    owns_group = distributed.init_from_env(device=args.device)
+    try:
+        return _prune(args, main_rank=distributed.current().is_main)
+    finally:
+        if owns_group:
+            distributed.destroy()
+
+
+def _prune(args, *, main_rank: bool) -> int:
     from fastedge.prune import prune
+    if not main_rank:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     model, task, name = load_model_and_task(args)
     shipped_model = args.model in (None, SHIPPED)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
     options = dict(batch_size=args.batch_size or 32, seed=args.seed, ablation=args.ablation,
                    node_masks=not args.no_node_masks, checkpoint_every=args.checkpoint_every,
                    progress=not args.no_progress, micro_batch_size=args.micro_batch_size)
@@ -171,6 +188,8 @@ def cmd_prune(args) -> int:
     steps = args.steps if args.steps is not None else defaults["steps"]
     result = prune(model, task, target_sparsity=target, steps=steps, out_dir=str(out),
                    resume=args.resume, model_name=name, task_name=getattr(task, "name", ""), **options)
+    if not main_rank:
+        return 0
     circuit = result.circuit
     circuit.save(out / "circuit.json")
     metrics = dict(result.metrics, wall_seconds=round(result.wall_seconds, 2), model=name,

@@ -19,6 +19,14 @@ Runs save a checkpoint every ``checkpoint_every`` steps (atomically, to
 resumed ends with the same masks as an uninterrupted run with the same seed.
 A non-finite loss stops the run with `NonFiniteLossError`, which names the
 step and what was non-finite; the last good checkpoint is kept.
+
+Micro-batch ``j`` of step ``k`` samples its hard-concrete masks with the seed
+``seed * 1_000_003 + k * n_micro + j`` (`_noise_seed`): the seed of the
+model's ``k * n_micro + j``-th training forward in one process. Under
+`torch.distributed` with several ranks (`fastedge.distributed`), each rank
+runs its block of every step's micro-batches with those seeds, and the
+gradients are summed over ranks: the run computes what one process computes
+with the same micro-batch size.
 """
 from __future__ import annotations
 
@@ -34,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastedge import distributed
 from fastedge.model import EdgeModel, patch
 
 CHECKPOINT_FORMAT = "fastedge.checkpoint/1"
@@ -160,9 +169,18 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
     lr, lambda_lr, seed, bf16, checkpoint_every, ...). With `out_dir`,
     checkpoints go to ``out_dir/checkpoints`` and `resume=True` continues
     from the latest one.
+
+    When `torch.distributed` is initialised with more than one rank (torchrun;
+    see `fastedge.distributed`), the steps run data parallel: each rank runs
+    its share of every global batch's micro-batches (`micro_batch_size`
+    defaults to ``batch_size // world_size``), gradients and logged totals are
+    summed over ranks, and only rank 0 writes files. Every rank returns the
+    same result.
     """
     cfg = PruneConfig(target_sparsity=target_sparsity, steps=steps, **options)
     cfg.validate()
+    group = distributed.current()
+    micro, n_micro = _micro_batches(cfg, group)
     started = time.time()
     from fastedge.tasks.base import collate
 
@@ -192,7 +210,7 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
         em.compute_mean_outputs(reference.input_ids.to(device), reference.attention_mask.to(device))
 
     multipliers = _Multipliers(with_nodes=cfg.node_target_sparsity is not None and em.node_log_alpha is not None)
-    multipliers.to(device)
+    multipliers.to(device=device, dtype=em.mask_dtype)
     optimizer = torch.optim.AdamW(
         [{"params": em.mask_parameters(), "lr": cfg.lr},
          {"params": list(multipliers.parameters()), "lr": cfg.lambda_lr}], weight_decay=0.0)
@@ -207,7 +225,7 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
     if resume:
         if latest is None:
             raise ValueError("resume needs out_dir (where the checkpoints are)")
-        if latest.exists():
+        if latest.exists():  # every rank loads it: the state is replicated
             state = torch.load(latest, map_location=device, weights_only=False)
             _check_resumable(state, cfg, em)
             em.load_state_dict(state["edge_model"])
@@ -218,68 +236,33 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
             history = state["history"]
             start = state["step"]
 
-    cache = _FullModelCache(em, train.examples, device)
-    collate_fn = collate
-    micro = cfg.micro_batch_size or cfg.batch_size
-    bar = _progress(cfg, start)
+    trainer = _Trainer(cfg=cfg, em=em, multipliers=multipliers, optimizer=optimizer, scheduler=scheduler,
+                       cache=_FullModelCache(em, train.examples, device), examples=train.examples,
+                       device=device, micro=micro, n_micro=n_micro, group=group, latest=latest)
+    writes = out_dir is not None and group.is_main  # only rank 0 writes files
+    bar = _progress(cfg, start) if group.is_main else None
     em.train()
-    if out_dir:
+    if writes:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         if not resume:
             (Path(out_dir) / "log.jsonl").unlink(missing_ok=True)
         elif start < len(history) or (Path(out_dir) / "log.jsonl").exists():
             # the log restarts from the checkpoint's history: steps after it are redone
             (Path(out_dir) / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-    log_file = open(Path(out_dir) / "log.jsonl", "a") if out_dir else None
+    log_file = open(Path(out_dir) / "log.jsonl", "a") if writes else None
     try:
         for step in range(start, cfg.steps):
-            target = cfg.target_at(step)
             indices = torch.randint(len(train), (cfg.batch_size,), generator=sampler).tolist()
-            optimizer.zero_grad(set_to_none=True)
-            totals = {"loss": 0.0, "kl": 0.0, "edge_sparsity": 0.0}
-            for lo in range(0, cfg.batch_size, micro):
-                chunk = indices[lo:lo + micro]
-                weight = len(chunk) / cfg.batch_size
-                batch = collate_fn([train.examples[i] for i in chunk])
-                full = cache.get(chunk, collate_fn)
-                out = em(batch.input_ids.to(device), batch.corrupted_input_ids.to(device),
-                         attention_mask=batch.attention_mask.to(device))
-                circuit_lp = F.log_softmax(out.logits[batch.target_mask.to(device)].float(), dim=-1)
-                kl = (full.exp() * (full - circuit_lp)).sum(-1).mean()
-                sparsity = out.edge_sparsity if cfg.sparsity_estimate == "sampled" else _expected_sparsity(em)
-                loss = kl + multipliers.penalty(multipliers.edge, sparsity, target)
-                if multipliers.node is not None:
-                    loss = loss + multipliers.penalty(multipliers.node, out.node_sparsity,
-                                                      cfg.node_target_sparsity * min(1.0, (step + 1) / cfg.warmup))
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(_non_finite_message(step, kl, sparsity, loss, latest))
-                (loss * weight).backward()
-                totals["loss"] += loss.item() * weight
-                totals["kl"] += kl.item() * weight
-                totals["edge_sparsity"] += sparsity.item() * weight
-            for p in multipliers.parameters():  # ascent on the multipliers
-                if p.grad is not None:
-                    p.grad.neg_()
-            bad = [name for name, p in _named_trainables(em, multipliers)
-                   if p.grad is not None and not torch.isfinite(p.grad).all()]
-            if bad:
-                raise NonFiniteLossError(f"step {step}: non-finite gradient in {', '.join(bad)} "
-                                         f"(loss {totals['loss']:.4g}); " + _last_good(latest))
-            lr_used = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            record = {"step": step + 1, **totals, "target": target,
-                      "lambda1": multipliers.edge[0].item(), "lambda2": multipliers.edge[1].item(),
-                      "lr": lr_used}
+            record = _train_step(trainer, step, indices)
             history.append(record)
             if log_file:
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{totals['loss']:.4f}", kl=f"{totals['kl']:.4f}",
-                                sparsity=f"{totals['edge_sparsity']:.3f}", target=f"{target:.3f}")
-            if checkpoints is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+                bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.4f}",
+                                sparsity=f"{record['edge_sparsity']:.3f}", target=f"{record['target']:.3f}")
+            if writes and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
                 _save_checkpoint(latest, step + 1, cfg, em, multipliers, optimizer, scheduler, sampler,
                                  history)
     finally:
@@ -290,9 +273,10 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
 
     from fastedge.circuit import extract_circuit
     from fastedge.evaluate import evaluate
-    if out_dir:  # the learned masks, for sweeps over other sparsities (fastedge eval --masks)
+    if writes:  # the learned masks, for sweeps over other sparsities (fastedge eval --masks)
         torch.save({"format": "fastedge.masks/1", "graph": em.graph.to_dict(), "edge_model": em.state_dict()},
                    Path(out_dir) / "masks.pt")
+    distributed.barrier(group)  # rank 0's files exist when any rank returns
     em.eval()
     sparsity = cfg.circuit_sparsity if cfg.circuit_sparsity is not None else min(cfg.target_sparsity, 1.0)
     circuit = extract_circuit(em, sparsity)
@@ -305,6 +289,132 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
     circuit.metrics = dict(metrics)
     return PruneResult(circuit=circuit, metrics=metrics, history=history, edge_model=em,
                        wall_seconds=time.time() - started)
+
+
+def _micro_batches(cfg: PruneConfig, group: distributed.Group) -> tuple[int, int]:
+    """(examples per micro-batch, micro-batches per global batch). In one
+    process the last micro-batch may be smaller; data parallel, the global
+    batch must split into whole micro-batches, the same number on every rank.
+    Data parallel, a missing micro_batch_size becomes batch_size // world
+    (and is recorded in the config, so that a checkpoint names it)."""
+    world = group.world_size
+    if world == 1:
+        micro = cfg.micro_batch_size or cfg.batch_size
+        return micro, -(-cfg.batch_size // micro)
+    if cfg.micro_batch_size is None:
+        if cfg.batch_size % world:
+            raise ValueError(
+                f"data-parallel pruning over {world} ranks: batch_size {cfg.batch_size} does not split "
+                f"evenly over {world} ranks; choose a batch_size that is a multiple of {world}, or set "
+                f"micro_batch_size so that batch_size is a multiple of micro_batch_size * {world}")
+        cfg.micro_batch_size = cfg.batch_size // world
+    micro = cfg.micro_batch_size
+    n_micro = cfg.batch_size // micro
+    if cfg.batch_size % micro or n_micro % world:
+        raise ValueError(
+            f"data-parallel pruning over {world} ranks needs every rank to get the same number of whole "
+            f"micro-batches: batch_size {cfg.batch_size} with micro_batch_size {micro} gives "
+            + (f"{n_micro} full micro-batches and {cfg.batch_size % micro} examples left over"
+               if cfg.batch_size % micro else f"{n_micro} micro-batches, which do not split evenly over "
+                                              f"{world} ranks")
+            + f"; batch_size must be a multiple of micro_batch_size * world_size = {micro * world}")
+    return micro, n_micro
+
+
+def _noise_seed(seed: int, step: int, n_micro: int, micro_index: int) -> int:
+    """The hard-concrete noise seed of micro-batch `micro_index` (its index in
+    the global batch) of step `step` (0-based). It is the seed one process
+    has always given its k-th training forward (EdgeModel's own rule,
+    ``seed * 1_000_003 + k``) with ``k = step * n_micro + micro_index``, so
+    data-parallel ranks sample the masks one process would for the same
+    micro-batch, and old checkpoints resume unchanged."""
+    return seed * 1_000_003 + step * n_micro + micro_index
+
+
+@dataclass
+class _Trainer:
+    """What an optimisation step needs; built once by `prune`."""
+    cfg: PruneConfig
+    em: EdgeModel
+    multipliers: _Multipliers
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    cache: _FullModelCache
+    examples: list
+    device: torch.device
+    micro: int                   # examples per micro-batch
+    n_micro: int                 # micro-batches per global batch
+    group: distributed.Group
+    latest: Optional[Path]       # the checkpoint, for error messages
+
+
+def _train_step(t: _Trainer, step: int, indices: list[int]) -> dict:
+    """One optimisation step on the global batch `indices` (0-based `step`):
+    this rank's micro-batches forward and backward (each loss weighted by its
+    share of the batch), gradients and totals summed over ranks, ascent on the
+    multipliers, the finiteness check, AdamW and the scheduler. Returns the
+    step's log record."""
+    cfg, em, multipliers = t.cfg, t.em, t.multipliers
+    target = cfg.target_at(step)
+    t.optimizer.zero_grad(set_to_none=True)
+    totals = {"loss": 0.0, "kl": 0.0, "edge_sparsity": 0.0}
+    per_rank = t.n_micro // t.group.world_size
+    failure = None
+    for j in range(t.group.rank * per_rank, (t.group.rank + 1) * per_rank):
+        chunk = indices[j * t.micro:(j + 1) * t.micro]
+        weight = len(chunk) / cfg.batch_size
+        kl, sparsity, loss = _micro_batch_loss(t, step, j, chunk, target)
+        if not torch.isfinite(loss):
+            failure = _non_finite_message(step, kl, sparsity, loss, t.latest)
+            break
+        (loss * weight).backward()
+        totals["loss"] += loss.item() * weight
+        totals["kl"] += kl.item() * weight
+        totals["edge_sparsity"] += sparsity.item() * weight
+    if t.group.distributed:
+        flags = [0.0] * t.group.world_size
+        flags[t.group.rank] = float(failure is not None)
+        summed = distributed.all_reduce_sum([*totals.values(), *flags], t.group, t.device)
+        totals = dict(zip(totals, summed[:len(totals)]))
+        failed = [r for r, f in enumerate(summed[len(totals):]) if f]
+        if failed and failure is None:
+            failure = (f"step {step}: non-finite loss on rank{'s' if len(failed) > 1 else ''} "
+                       f"{', '.join(map(str, failed))}; stopped. " + _last_good(t.latest))
+    if failure is not None:
+        raise NonFiniteLossError(failure)
+    distributed.all_reduce_gradients([p for _, p in _named_trainables(em, multipliers)], t.group)
+    em.step.fill_((step + 1) * t.n_micro)  # training forwards so far, as EdgeModel counts them
+    for p in multipliers.parameters():  # ascent on the multipliers
+        if p.grad is not None:
+            p.grad.neg_()
+    bad = [name for name, p in _named_trainables(em, multipliers)
+           if p.grad is not None and not torch.isfinite(p.grad).all()]
+    if bad:
+        raise NonFiniteLossError(f"step {step}: non-finite gradient in {', '.join(bad)} "
+                                 f"(loss {totals['loss']:.4g}); " + _last_good(t.latest))
+    lr_used = t.optimizer.param_groups[0]["lr"]
+    t.optimizer.step()
+    t.scheduler.step()
+    return {"step": step + 1, **totals, "target": target,
+            "lambda1": multipliers.edge[0].item(), "lambda2": multipliers.edge[1].item(), "lr": lr_used}
+
+
+def _micro_batch_loss(t: _Trainer, step: int, j: int, chunk: list[int], target: float):
+    """(KL, edge sparsity, loss) of micro-batch `j` (examples `chunk`)."""
+    from fastedge.tasks.base import collate
+    cfg, em, multipliers, device = t.cfg, t.em, t.multipliers, t.device
+    batch = collate([t.examples[i] for i in chunk])
+    full = t.cache.get(chunk, collate)
+    out = em(batch.input_ids.to(device), batch.corrupted_input_ids.to(device),
+             attention_mask=batch.attention_mask.to(device), seed=_noise_seed(em.seed, step, t.n_micro, j))
+    circuit_lp = F.log_softmax(out.logits[batch.target_mask.to(device)].float(), dim=-1)
+    kl = (full.exp() * (full - circuit_lp)).sum(-1).mean()
+    sparsity = out.edge_sparsity if cfg.sparsity_estimate == "sampled" else _expected_sparsity(em)
+    loss = kl + multipliers.penalty(multipliers.edge, sparsity, target)
+    if multipliers.node is not None:
+        loss = loss + multipliers.penalty(multipliers.node, out.node_sparsity,
+                                          cfg.node_target_sparsity * min(1.0, (step + 1) / cfg.warmup))
+    return kl, sparsity, loss
 
 
 def _expected_sparsity(em: EdgeModel) -> torch.Tensor:
