@@ -1360,6 +1360,8 @@ def parse_args(argv=None):
     ap.add_argument("--min-time", type=float, help="CPU: seconds of samples at least per cell (default 1)")
     ap.add_argument("--max-time", type=float,
                     help="CPU: stop sampling a cell before it exceeds this many seconds (default 20)")
+    ap.add_argument("--rep-ms", type=int,
+                    help="GPU: milliseconds of repeats per cell for do_bench (default 200; 20 with --quick)")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
 
@@ -1387,7 +1389,8 @@ def main(argv=None) -> int:
     st = Settings(reps=args.reps or (5 if quick else 3),
                   min_time=args.min_time if args.min_time is not None else (0.02 if quick else 1.0),
                   max_time=args.max_time if args.max_time is not None else (0.2 if quick else 20.0),
-                  warmup_ms=5 if quick else 25, rep_ms=20 if quick else 200)
+                  warmup_ms=5 if quick else 25,
+                  rep_ms=args.rep_ms or (20 if quick else 200))
     out_dir = Path(args.out or os.environ.get("OUT") or BENCH_DIR / "results")
 
     def log(msg):
