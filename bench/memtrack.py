@@ -102,11 +102,15 @@ def storages_of(*objects) -> list[torch.Tensor]:
 class LiveTensorTracker(TorchDispatchMode):
     """Counts live tensor storages (see the module docstring)."""
 
-    def __init__(self, *external, device: Optional[str] = None, round_to: int = 1):
+    def __init__(self, *external, device: Optional[str] = None, round_to: int = 1,
+                 record_peak: bool = False):
         super().__init__()
+        self.record_peak = record_peak
+        self.peak_snapshot: list[tuple[str, tuple, str, int]] = []  # (op, shape, dtype, bytes) at peak
+        self._peak_pending = False
         self.device_type = None if device is None else torch.device(device).type
         self.round_to = max(1, int(round_to))
-        self._entries: dict[int, list] = {}   # id(storage) -> [weakref, nbytes, pre_existing]
+        self._entries: dict[int, list] = {}   # id(storage) -> [weakref, nbytes, pre_existing, origin]
         self._external = list(external)
         self.current_bytes = 0
         self.peak_bytes = 0
@@ -129,7 +133,7 @@ class LiveTensorTracker(TorchDispatchMode):
         r = self.round_to
         return -(-n // r) * r if r > 1 else n
 
-    def _see(self, t: torch.Tensor, pre_existing: bool) -> None:
+    def _see(self, t: torch.Tensor, pre_existing: bool, op: str = "") -> None:
         if self.device_type is not None and t.device.type != self.device_type:
             return
         try:
@@ -146,7 +150,11 @@ class LiveTensorTracker(TorchDispatchMode):
             return
         size = self._size(storage)
         ref = weakref.ref(storage, lambda _r, key=key: self._freed(key, _r))
-        self._entries[key] = [ref, size, pre_existing]
+        origin = None
+        if self.record_peak:
+            origin = ("(before the step)" if pre_existing else op, tuple(t.shape),
+                      str(t.dtype).replace("torch.", ""))
+        self._entries[key] = [ref, size, pre_existing, origin]
         if pre_existing:
             self.baseline_bytes += size
         else:
@@ -163,6 +171,8 @@ class LiveTensorTracker(TorchDispatchMode):
         entry = self._entries.get(key)
         if entry is None or entry[0] is not ref:
             return
+        if self._peak_pending:
+            self._take_snapshot()
         del self._entries[key]
         if entry[2]:
             self._baseline_live -= entry[1]
@@ -175,6 +185,28 @@ class LiveTensorTracker(TorchDispatchMode):
         total = self.current_bytes + self._baseline_live
         if total > self.peak_total_bytes:
             self.peak_total_bytes = total
+            self._peak_pending = self.record_peak
+
+    def _take_snapshot(self) -> None:
+        """The storages live at the peak (taken when memory first falls after it)."""
+        self._peak_pending = False
+        self.peak_snapshot = [(e[3][0], e[3][1], e[3][2], e[1]) if e[3] else ("(before the step)", (), "", e[1])
+                              for e in self._entries.values() if e[0]() is not None]
+
+    def peak_breakdown(self, top: int = 20) -> list[tuple[str, int, int]]:
+        """(what, count, bytes) of the storages live at the peak, largest first
+        (needs ``record_peak=True``); `what` is the op that made them and their
+        shape and dtype ("(before the step)" for the baseline)."""
+        if self._peak_pending:
+            self._take_snapshot()
+        groups: dict[str, list[int]] = {}
+        for op, shape, dtype, n in self.peak_snapshot:
+            key = f"{op} {list(shape)} {dtype}"
+            g = groups.setdefault(key, [0, 0])
+            g[0] += 1
+            g[1] += n
+        rows = sorted(((k, c, b) for k, (c, b) in groups.items()), key=lambda r: -r[2])
+        return rows[:top]
 
     def reset_peak(self) -> None:
         """Start the peaks again from the memory live now."""
@@ -204,9 +236,10 @@ class LiveTensorTracker(TorchDispatchMode):
                 self._see(t, pre_existing=True)  # no-op (or a resize check) if already known
         out = func(*args, **kwargs)
         flat_out, _ = tree_flatten(out)
+        name = func.__name__ if self.record_peak else ""
         for t in flat_out:
             if _is_tensor(t):
-                self._see(t, pre_existing=False)
+                self._see(t, pre_existing=False, op=name)
         # in-place ops and out= arguments may have resized an input's storage
         for t in flat_in:
             if _is_tensor(t):

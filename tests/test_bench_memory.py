@@ -161,3 +161,122 @@ def test_fake_step_counts_what_the_real_step_allocates(kind, recompute):
             del fn, held
     assert figures[0] == figures[1]
     assert figures[0][1] > 0
+
+
+# -- fastedge's memory features (fastedge/model.py, "Memory"), sized on fake tensors ----------------
+
+
+def _fake_step_memory(n_layers=2, n_heads=8, B=4, S=32, D=64, **patch_kwargs):
+    """(step peak above what existed before, stack bytes, B*S*D*2) of one
+    fastedge step (recompute_readers=True) of a bf16 Llama traced on fake tensors."""
+    import fastedge
+    import pruning_step as ps
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    cfg = LlamaConfig(num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_heads,
+                      hidden_size=D, intermediate_size=96, vocab_size=101, tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval().requires_grad_(False)
+        ids, corrupted = ps.random_batch(101, B, S, "cpu")
+        full = torch.zeros(B, 101).log_softmax(-1)
+        em = fastedge.patch(model, node_masks=False, recompute_readers=True, **patch_kwargs)
+        em.train()
+        opt = ps.make_optimizer(em)
+        em.forward = functools.partial(em.forward, seed=0)
+        with LiveTensorTracker(model, em, ids, corrupted, full) as t:
+            ps.pruning_step(em, opt, ids, corrupted, full)
+    stack = em.graph.n_writers * B * S * D * 2
+    return t.peak_bytes, stack, B * S * D * 2
+
+
+@pytest.fixture
+def small_norm_chunks(monkeypatch):
+    import fastedge.model
+    monkeypatch.setattr(fastedge.model, "NORM_CHUNK_ELEMENTS", 4096)  # 64 rows of 64
+
+
+def test_memory_beyond_stack_and_buffer_does_not_grow_with_depth(small_norm_chunks):
+    """The peak holds the stack, its gradient buffer and one layer's reader
+    region; per other layer only the regions' two [B, S, D] inputs stay.
+    (A view of a layer's [R + 1, B, S, D] read kept as a region input, as
+    once happened, adds 25 units per layer here.)"""
+    peak2, stack2, unit = _fake_step_memory(n_layers=2)
+    peak4, stack4, _ = _fake_step_memory(n_layers=4)
+    extra2, extra4 = peak2 - 2 * stack2, peak4 - 2 * stack4
+    assert extra4 - extra2 <= 2 * 3 * unit
+
+
+def test_lean_norm_keeps_the_reader_norms_small(small_norm_chunks):
+    """With lean_norm, a layer's reader norms keep only their bf16 input:
+    the peak's layer part stays under 4 copies of the layer's read
+    ([R + 1, B, S, D], R = 3 * 8 heads); Hugging Face's RMSNorm keeps a
+    float32 copy and makes four more in its backward."""
+    lean, stack, unit = _fake_step_memory(lean_norm=True)
+    plain, _, _ = _fake_step_memory(lean_norm=False)
+    read = 25 * unit
+    assert lean - 2 * stack < 4 * read
+    assert plain - 2 * stack > 8 * read
+
+
+def test_float32_grad_buffer_costs_one_more_bf16_stack():
+    bf16, stack, _ = _fake_step_memory()
+    fp32, _, _ = _fake_step_memory(grad_buffer_dtype=torch.float32)
+    assert fp32 - bf16 == stack
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "gpt2"])
+@pytest.mark.parametrize("recompute", [False, True], ids=["keep", "recompute"])
+def test_lean_norm_gives_the_same_values_and_gradients(arch, recompute, small_norm_chunks):
+    """Chunked and recomputed, each row by the same ops: bitwise equal."""
+    import fastedge
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from tiny_models import tiny_model, token_batch
+    results = []
+    for lean in (False, True):
+        model = tiny_model(arch, dtype=torch.bfloat16)
+        ids, corrupted = token_batch(3, 9)
+        em = fastedge.patch(model, lean_norm=lean, recompute_readers=recompute)
+        em.reset_masks(generator=torch.Generator().manual_seed(0), mean=0.5)  # gradients away from the clamp
+        em.train()
+        out = em(ids, corrupted, seed=3)
+        (out.logits.float().pow(2).mean() + 1e-3 * (out.edge_mask_sum + out.node_mask_sum)).backward()
+        results.append((out.logits.detach(), [p.grad for p in em.parameters()]))
+    (logits_a, grads_a), (logits_b, grads_b) = results
+    assert torch.equal(logits_a, logits_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    assert any(g.abs().sum() > 0 for g in grads_a)
+
+
+def test_grad_buffer_dtype_is_checked():
+    import fastedge
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from tiny_models import tiny_model
+    with pytest.raises(ValueError, match="grad_buffer_dtype"):
+        fastedge.patch(tiny_model("gpt2"), grad_buffer_dtype=torch.float16)
+
+
+# -- bench/memory.py --------------------------------------------------------------------------------
+
+
+def test_memory_cli_quick(tmp_path):
+    """The whole pipeline on a 1-layer tiny Llama: traced points, the affine
+    fit, the limits (traced: the largest micro-batch fits, one more does
+    not), CSV and markdown."""
+    import csv
+
+    import memory
+    argv = ["--quick", "--layers", "1", "--designs", "fastedge", "--cards", "0.02", "--micro-batch", "1",
+            "--setting-micro", "0", "--grid", "16,64", "--out", str(tmp_path)]
+    args = memory.parse_args(argv)
+    result = memory.run(args, log=lambda *a: None)
+    memory.write_outputs(result, args)
+    fit = result["fits"]["fastedge"]
+    assert fit.max_rel_residual < 2e-3          # affine in tokens (S^2 terms: the attention mask)
+    (lim,) = [x for x in result["limits"] if x.kind == "micro"]
+    usable = result["usable"][0.02]
+    assert lim.max_batch >= 2
+    assert lim.traced.total <= usable < lim.traced_next.total
+    rows = list(csv.DictReader(open(tmp_path / "memory.csv")))
+    assert {r["what"] for r in rows} >= {"point", "limit-micro", "limit-grid"}
+    assert all(r["torch"] == torch.__version__ for r in rows)
+    assert len(list(tmp_path.glob("memory-tiny-llama-*.md"))) == 1

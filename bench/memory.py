@@ -1,0 +1,558 @@
+"""Peak memory of one pruning step, sized on fake tensors (nothing allocated).
+
+What is measured
+----------------
+The model (CodeLlama-13B shape by default: 40 layers, 40 heads, hidden
+5,120, bf16 weights, random; nothing downloaded) is built under PyTorch's
+`FakeTensorMode`, so its 26 GB of weights exist as metadata only. One
+pruning step (bench/pruning_step.py: corrupted pass, masked forward, KL +
+Lagrangian loss, backward into the masks, AdamW update, with its optimizer
+state) runs on fake tensors under `bench/memtrack.py`'s `LiveTensorTracker`,
+which counts every live tensor storage by its size, op by op. Reported per
+(design, micro-batch, seq): the weights and what else existed before the step
+(inputs, masks, the KL targets: "before"), the peak above that ("step") and
+the peak of everything live ("peak total"). Designs:
+
+* ``fastedge``: `fastedge.patch` with ``recompute_readers=True`` (reader
+  inputs recomputed in the backward);
+* ``fastedge-norecompute``: the same with ``recompute_readers=False``;
+* ``naive``: the authors' design (bench/naive_model.py).
+
+The fake tensors are CPU tensors: this PyTorch build cannot fake CUDA
+tensors (indexing and autograd need the CUDA runtime), so SDPA takes its CPU
+kernel's memory (output and logsumexp, like CUDA's flash / memory-efficient
+kernels). Not seen: what a kernel or a custom op allocates inside itself
+(cuBLAS and SDPA workspaces, fastedge's kernels' scratch), the CUDA context,
+allocator rounding beyond 512-byte blocks and fragmentation. A budget
+therefore keeps headroom: a card of C GB is taken to offer
+``C - headroom_gib GiB - headroom_frac * C`` (default 1.5 GiB + 5%), with C
+the nominal 80 GB and 141 GB as decimal gigabytes (10^9 bytes; the cards
+expose a little more).
+
+The search
+----------
+A 40-layer step takes tens of seconds to trace on a CPU, so the limits come
+from a fit: for a fixed model the step's memory is affine in the token count
+``batch * seq`` (every activation is per token; the attention scores of
+the fused SDPA kernel are never stored). `fit` traces a few points with
+different batch and seq, fits ``peak_total = a + b * tokens`` and reports the
+largest relative residual. The largest micro-batch at a seq and the largest
+batch for each seq of a grid follow; each predicted limit at seq 72 is then
+traced (it must fit, and one more must not), and so is the grid's limit at
+the longest seq that fits. The paper's setting (effective batch 32 in
+micro-batches, seq 72) is traced as a whole step.
+
+Output: rows appended to ``<out>/memory.csv`` (date, torch version, git
+revision) and a markdown report ``<out>/memory-<model>-<date>.md``; ``<out>``
+is ``--out``, else ``$OUT``, else ``bench/results``.
+
+    python bench/memory.py                                  # CodeLlama-13B, all designs, limits
+    python bench/memory.py --designs fastedge --micro-batch 1,8,32 --no-search
+    python bench/memory.py --model gpt2-small --seq 64
+    python bench/memory.py --quick                          # a tiny Llama, small budgets (seconds)
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import functools
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+import pruning_step as ps  # noqa: E402
+from memtrack import LiveTensorTracker  # noqa: E402
+
+GB = 1e9
+GIB = 2 ** 30
+DESIGNS = {"fastedge": ("fastedge", True), "fastedge-norecompute": ("fastedge", False),
+           "naive": ("naive", True)}
+DEFAULT_GRID = (64, 72, 128, 256, 512, 1024, 2048)
+
+
+def tiny_llama_config(n_layers: Optional[int] = None):
+    """--quick: a 2-layer Llama small enough to trace in a second."""
+    from transformers import LlamaConfig
+    cfg = LlamaConfig(vocab_size=503, hidden_size=128, intermediate_size=344,
+                      num_hidden_layers=n_layers or 2, num_attention_heads=4, num_key_value_heads=4,
+                      max_position_embeddings=4096, tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+CONFIGS = {"codellama-13b": ps.codellama_13b_config, "gpt2-small": ps.gpt2_small_config,
+           "tiny-llama": tiny_llama_config}
+
+
+@dataclass
+class Point:
+    design: str
+    batch: int
+    micro_batch: int
+    seq: int
+    before: int            # bytes live before the step: weights, masks, inputs, KL targets
+    weights: int           # the frozen model's parameters
+    step: int              # peak above `before`
+    total: int             # peak of everything live
+    seconds: float
+    breakdown: list = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch * self.seq
+
+
+class FakeBench:
+    """One fake model; traces steps of any design on it."""
+
+    def __init__(self, model_name: str, dtype: torch.dtype, n_layers: Optional[int] = None,
+                 patch_kwargs: Optional[dict] = None):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from transformers import AutoModelForCausalLM
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True)
+        self.patch_kwargs = dict(patch_kwargs or {})
+        cfg = CONFIGS[model_name](n_layers) if n_layers else CONFIGS[model_name]()
+        self.config = cfg
+        with self.mode, torch.device("cpu"):
+            self.model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval().requires_grad_(False)
+        self.weights = sum(p.untyped_storage().nbytes() for p in
+                           {p.untyped_storage()._cdata: p for p in self.model.parameters()}.values())
+
+    def trace(self, design: str, micro_batch: int, seq: int, batch: Optional[int] = None,
+              breakdown: bool = False) -> Point:
+        kind, recompute = DESIGNS[design]
+        batch = batch or micro_batch
+        vocab = self.config.vocab_size
+        t0 = time.perf_counter()
+        with self.mode:
+            ids, corrupted = ps.random_batch(vocab, batch, seq, "cpu")
+            full = torch.zeros(batch, vocab).log_softmax(-1)
+            masked = None
+            try:
+                fn, masked = _step_fn(kind, self.model, ids, corrupted, full, micro_batch, recompute,
+                                      self.patch_kwargs)
+                with LiveTensorTracker(self.model, masked, ids, corrupted, full, round_to=512,
+                                       record_peak=breakdown) as t:
+                    fn()
+            finally:
+                if masked is not None and hasattr(masked, "unpatch"):
+                    masked.unpatch()
+                self.model.requires_grad_(False)
+                fn = masked = None
+        return Point(design, batch, micro_batch, seq, t.baseline_bytes, self.weights, t.peak_bytes,
+                     t.peak_total_bytes, time.perf_counter() - t0,
+                     t.peak_breakdown(12) if breakdown else [])
+
+
+def _step_fn(kind, model, ids, corrupted, full, micro_batch, recompute, patch_kwargs):
+    """bench/pruning_step.step_fn, with two changes for fake tensors: fastedge
+    runs with a fixed seed (its step counter cannot be read from a fake
+    tensor), and extra `fastedge.patch` options (patch_kwargs) are passed."""
+    if kind == "fastedge" and patch_kwargs:
+        import fastedge
+        em = fastedge.patch(model, node_masks=False, recompute_readers=recompute, **patch_kwargs)
+        em.train()
+        opt = ps.make_optimizer(em)
+        fn = (lambda: ps.pruning_step(em, opt, ids, corrupted, full, micro_batch))
+        masked = em
+    else:
+        fn, masked = ps.step_fn(kind, model, ids, corrupted, full, micro_batch, recompute)
+    if kind == "fastedge":
+        masked.forward = functools.partial(masked.forward, seed=0)
+    return fn, masked
+
+
+# -- the fit and the limits --------------------------------------------------------------
+
+
+@dataclass
+class Fit:
+    a: float        # bytes at zero tokens (weights, masks, optimizer state, ...)
+    b: float        # bytes per token
+    max_rel_residual: float
+    points: list
+
+    def predict(self, tokens: int) -> float:
+        return self.a + self.b * tokens
+
+    def max_tokens(self, usable: float) -> int:
+        return max(0, math.floor((usable - self.a) / self.b))
+
+
+def fit_affine(points: list[Point]) -> Fit:
+    xs = [float(p.tokens) for p in points]
+    ys = [float(p.total) for p in points]
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    a = my - b * mx
+    res = max(abs(a + b * x - y) / y for x, y in zip(xs, ys))
+    return Fit(a, b, res, list(points))
+
+
+def usable_bytes(card_gb: float, headroom_gib: float, headroom_frac: float) -> float:
+    return card_gb * GB - headroom_gib * GIB - headroom_frac * card_gb * GB
+
+
+@dataclass
+class Limit:
+    design: str
+    card_gb: float
+    usable: float
+    seq: int
+    max_batch: int          # largest (micro-)batch at seq predicted by the fit (0: none fits)
+    predicted_total: float  # at max_batch (or at batch 1 when none fits)
+    traced: Optional[Point] = None        # max_batch traced
+    traced_next: Optional[Point] = None   # max_batch + 1 traced
+    kind: str = "micro"     # "micro": largest micro-batch at the paper's seq; "grid": batch x seq
+
+
+def search_micro(bench: FakeBench, fit: Fit, design: str, card_gb: float, usable: float, seq: int,
+                 verify: bool, log) -> Limit:
+    """Largest micro-batch at `seq` from the fit, then traced: it must fit and
+    one more must not; if a trace disagrees with the fit, step until both hold."""
+    m = fit.max_tokens(usable) // seq
+    lim = Limit(design, card_gb, usable, seq, m, fit.predict(max(m, 1) * seq))
+    if not verify:
+        return lim
+    for _ in range(8):
+        below = bench.trace(design, m, seq) if m >= 1 else None
+        above = bench.trace(design, m + 1, seq)
+        log(f"    verify {design} @ {card_gb:g} GB: micro {m}: "
+            f"{'-' if below is None else f'{below.total / GB:.2f} GB'}, micro {m + 1}: {above.total / GB:.2f} GB "
+            f"(usable {usable / GB:.2f} GB)")
+        if below is not None and below.total > usable:
+            m -= 1
+            continue
+        if above.total <= usable:
+            m += 1
+            continue
+        lim.max_batch, lim.traced, lim.traced_next = m, below, above
+        lim.predicted_total = fit.predict(max(m, 1) * seq)
+        return lim
+    raise RuntimeError("the micro-batch search did not settle; the fit is far off")
+
+
+def grid_limits(fit: Fit, design: str, card_gb: float, usable: float, seqs) -> list[Limit]:
+    out = []
+    for s in seqs:
+        b = fit.max_tokens(usable) // s
+        out.append(Limit(design, card_gb, usable, s, b, fit.predict(max(b, 1) * s), kind="grid"))
+    return out
+
+
+# -- output ------------------------------------------------------------------------------------
+
+
+def _git_rev() -> str:
+    """`git describe --always --dirty` of the tree this file is in (or $GIT_REV,
+    for a copy of a revision outside git)."""
+    if os.environ.get("GIT_REV"):
+        return os.environ["GIT_REV"]
+    try:
+        rev = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=10"], cwd=BENCH_DIR,
+                             capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev or "unknown"
+    except Exception:
+        return "unknown"
+
+
+COLUMNS = ["date", "torch", "transformers", "git_rev", "model", "layers", "dtype", "what", "design",
+           "batch", "micro_batch", "seq", "tokens", "weights_gb", "before_gb", "step_gb", "peak_total_gb",
+           "fit_gb", "card_gb", "usable_gb", "max_batch", "fits", "trace_s", "options", "note"]
+
+
+def point_row(p: Point, meta: dict, fit: Optional[Fit], usable: dict, what: str = "point") -> dict:
+    row = dict(meta, what=what, design=p.design, batch=p.batch, micro_batch=p.micro_batch, seq=p.seq,
+               tokens=p.tokens, weights_gb=p.weights / GB, before_gb=p.before / GB, step_gb=p.step / GB,
+               peak_total_gb=p.total / GB, trace_s=p.seconds)
+    if fit is not None:
+        row["fit_gb"] = fit.predict(p.tokens) / GB
+    row["fits"] = " ".join(f"{c:g}:{'yes' if p.total <= u else 'no'}" for c, u in usable.items())
+    return row
+
+
+def limit_row(lim: Limit, meta: dict) -> dict:
+    row = dict(meta, what=f"limit-{lim.kind}", design=lim.design, seq=lim.seq, card_gb=lim.card_gb,
+               usable_gb=lim.usable / GB, max_batch=lim.max_batch, micro_batch=lim.max_batch,
+               batch=lim.max_batch, tokens=lim.max_batch * lim.seq, fit_gb=lim.predicted_total / GB)
+    if lim.traced is not None:
+        row["peak_total_gb"] = lim.traced.total / GB
+        row["note"] = (f"traced: {lim.max_batch} -> {lim.traced.total / GB:.2f} GB, "
+                       f"{lim.max_batch + 1} -> {lim.traced_next.total / GB:.2f} GB")
+    elif lim.traced_next is not None:
+        row["note"] = f"traced: 1 -> {lim.traced_next.total / GB:.2f} GB (nothing fits)"
+    return row
+
+
+def append_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old_rows, old_cols = [], []
+    if path.exists():
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            old_cols, old_rows = list(reader.fieldnames or []), list(reader)
+    cols = COLUMNS + [c for c in old_cols if c not in COLUMNS]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in old_rows + rows:
+            w.writerow({c: _fmt(r.get(c, "")) for c in cols})
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.5g}"
+    return "" if v is None else str(v)
+
+
+UNIT = [GB, "GB"]   # the markdown's unit: MB for --quick
+
+
+def _card(card_gb: float) -> str:
+    return f"{card_gb * GB / UNIT[0]:g}"
+
+
+def _gb(x) -> str:
+    return "" if x is None else f"{x / UNIT[0]:.2f}"
+
+
+def markdown(meta: dict, args, points: list[Point], fits: dict, limits: list[Limit],
+             setting: list[Point], usable: dict) -> str:
+    U, unit = UNIT[1], UNIT[0]
+    cards = list(usable)
+    fits_hdr = " | ".join(f"fits {_card(c)} {U}" for c in cards)
+    L = [f"# Peak memory of one pruning step: {meta['model']} ({meta['layers']} layers, {meta['dtype']})", "",
+         f"- date {meta['date']}; torch {meta['torch']}; transformers {meta['transformers']}; "
+         f"git {meta['git_rev']}; options {meta['options'] or 'defaults'}",
+         "- traced on fake tensors (FakeTensorMode, CPU fake device) with bench/memtrack.py: every live "
+         "tensor storage, 512-byte rounded; kernels' internal scratch, the CUDA context and fragmentation "
+         "are not counted",
+         "- step: bench/pruning_step.py (corrupted pass, masked forward, KL + Lagrangian, backward, AdamW "
+         "with its state); 'before': weights, masks, inputs and KL targets; 'step': the peak above that",
+         "- budgets: " + ", ".join(f"{_card(c)} {U} card -> {u / unit:.2f} {U} usable" for c, u in usable.items())
+         + f" (headroom {args.headroom_gib:g} GiB + {args.headroom_frac:.0%} of the card; "
+         f"{U} = {unit:.0e} bytes)",
+         "", "## Peak per design (traced)", "",
+         f"| design | batch | micro-batch | seq | weights {U} | before {U} | step {U} | peak total {U} "
+         f"| fit {U} | {fits_hdr} | trace s |",
+         "|---|--:|--:|--:|--:|--:|--:|--:|--:|" + "--|" * len(cards) + "--:|"]
+    for p in points:
+        f = fits.get(p.design)
+        L.append(f"| {p.design} | {p.batch} | {p.micro_batch} | {p.seq} | {_gb(p.weights)} | {_gb(p.before)} "
+                 f"| {_gb(p.step)} | {_gb(p.total)} | {_gb(f.predict(p.tokens)) if f else ''} | "
+                 + " | ".join("yes" if p.total <= u else "no" for u in usable.values())
+                 + f" | {p.seconds:.0f} |")
+    if fits:
+        L += ["", "## Fit: peak total = a + b * (micro-batch x seq)", "",
+              f"| design | a {U} | b MB per token | points (micro-batch x seq) | largest relative residual |",
+              "|---|--:|--:|--|--:|"]
+        for d, f in fits.items():
+            pts = ", ".join(f"{p.micro_batch}x{p.seq}" for p in f.points)
+            L.append(f"| {d} | {f.a / unit:.3f} | {f.b / 1e6:.4f} | {pts} | {f.max_rel_residual:.1e} |")
+    micro = [x for x in limits if x.kind == "micro"]
+    if micro:
+        L += ["", f"## Largest micro-batch at seq {args.seq}", "",
+              f"| design | card {U} | usable {U} | largest micro-batch | fit {U} at it | traced {U} at it "
+              f"| traced {U} at one more |", "|---|--:|--:|--:|--:|--:|--:|"]
+        for x in micro:
+            L.append(f"| {x.design} | {_card(x.card_gb)} | {x.usable / unit:.2f} | {x.max_batch} "
+                     f"| {x.predicted_total / unit:.2f} | {_gb(x.traced.total) if x.traced else ''} "
+                     f"| {_gb(x.traced_next.total) if x.traced_next else ''} |")
+    grid = [x for x in limits if x.kind == "grid"]
+    if grid:
+        seqs = sorted({x.seq for x in grid})
+        L += ["", "## Largest batch per seq (from the fit; micro-batch = batch)", "",
+              f"| design | card {U} | " + " | ".join(f"seq {s}" for s in seqs) + " | most tokens |",
+              "|---|--:|" + "--:|" * len(seqs) + "--:|"]
+        for d in dict.fromkeys(x.design for x in grid):
+            for c in cards:
+                row = {x.seq: x for x in grid if x.design == d and x.card_gb == c}
+                best = max(row.values(), key=lambda x: (x.max_batch * x.seq, x.seq))
+                L.append(f"| {d} | {_card(c)} | " + " | ".join(
+                    f"{row[s].max_batch}" + (" (traced)" if row[s].traced else "") for s in seqs)
+                    + f" | {best.max_batch} x {best.seq} = {best.max_batch * best.seq} |")
+        for x in grid:
+            if x.traced is not None:
+                L.append(f"\nTraced: {x.design}, {_card(x.card_gb)} {U} card, seq {x.seq}: batch {x.max_batch} "
+                         f"-> {_gb(x.traced.total)} {U} (fit {_gb(x.predicted_total)}), batch "
+                         f"{x.max_batch + 1} -> {_gb(x.traced_next.total)} {U}.")
+    if setting:
+        L += ["", "## The paper's setting, traced as a whole step", "",
+              f"| design | batch | micro-batch | seq | peak total {U} | {fits_hdr} |",
+              "|---|--:|--:|--:|--:|" + "--|" * len(cards)]
+        for p in setting:
+            L.append(f"| {p.design} | {p.batch} | {p.micro_batch} | {p.seq} | {_gb(p.total)} | "
+                     + " | ".join("yes" if p.total <= u else "no" for u in usable.values()) + " |")
+    bd = [p for p in points if p.breakdown]
+    if bd:
+        L += ["", "## What is live at the peak", ""]
+        for p in bd:
+            L += [f"{p.design}, micro-batch {p.micro_batch}, seq {p.seq} (peak total {_gb(p.total)} {U}):", "",
+                  f"| made by (op), shape, dtype | count | {U} |", "|---|--:|--:|"]
+            for what, count, nbytes in p.breakdown:
+                L.append(f"| {what} | {count} | {nbytes / unit:.3f} |")
+            L.append("")
+    return "\n".join(L) + "\n"
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=sorted(CONFIGS), default="codellama-13b")
+    ap.add_argument("--layers", type=int, help="override the number of layers")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    ap.add_argument("--designs", default="fastedge,fastedge-norecompute,naive",
+                    help=f"comma list of {', '.join(DESIGNS)}")
+    ap.add_argument("--seq", type=int, default=72, help="the paper's sequence length (default 72)")
+    ap.add_argument("--micro-batch", default="1,8,32", help="comma list: micro-batches traced at --seq")
+    ap.add_argument("--batch", type=int, default=32, help="effective batch of the paper's setting (32)")
+    ap.add_argument("--setting-micro", type=int, default=8,
+                    help="micro-batch of the whole-step trace of the paper's setting (0: skip)")
+    ap.add_argument("--grid", default=",".join(map(str, DEFAULT_GRID)), help="seqs of the batch x seq search")
+    ap.add_argument("--cards", default="80,141", help="card sizes in GB (10^9 bytes)")
+    ap.add_argument("--headroom-gib", type=float, default=1.5, help="CUDA context, workspaces (GiB)")
+    ap.add_argument("--headroom-frac", type=float, default=0.05, help="fragmentation, as a fraction of the card")
+    ap.add_argument("--no-search", action="store_true", help="only trace the --micro-batch points")
+    ap.add_argument("--no-verify", action="store_true", help="do not trace the predicted limits")
+    ap.add_argument("--breakdown", action="store_true", default=True,
+                    help="record what is live at the peak for the largest --micro-batch point")
+    ap.add_argument("--grad-buffer-dtype", choices=["auto", "float32"], default=None,
+                    help="fastedge.patch(grad_buffer_dtype=...) for the fastedge designs")
+    ap.add_argument("--lean-norm", choices=["on", "off"], default=None,
+                    help="fastedge.patch(lean_norm=...) for the fastedge designs")
+    ap.add_argument("--out", help="results folder (default: $OUT if set, else bench/results)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a 2-layer tiny Llama, budgets of a few MB, seq grid 8..64: runs in seconds")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.model = "tiny-llama" if args.model == "codellama-13b" else args.model
+        args.cards = "0.015,0.03" if args.cards == "80,141" else args.cards
+        args.headroom_gib, args.headroom_frac = 0.0, 0.05
+        args.grid = "8,16,32,64" if args.grid == ",".join(map(str, DEFAULT_GRID)) else args.grid
+        args.seq = 16 if args.seq == 72 else args.seq
+        args.batch = 8 if args.batch == 32 else args.batch
+        args.setting_micro = 2 if args.setting_micro == 8 else args.setting_micro
+        args.micro_batch = "1,2,8" if args.micro_batch == "1,8,32" else args.micro_batch
+    return args
+
+
+def run(args, log=print):
+    UNIT[:] = [1e6, "MB"] if args.quick else [GB, "GB"]
+    designs = [d.strip() for d in args.designs.split(",") if d.strip()]
+    for d in designs:
+        if d not in DESIGNS:
+            raise SystemExit(f"unknown design {d!r}: use {', '.join(DESIGNS)}")
+    micros = [int(x) for x in args.micro_batch.split(",") if x.strip()]
+    seqs = [int(x) for x in args.grid.split(",") if x.strip()]
+    cards = [float(x) for x in args.cards.split(",") if x.strip()]
+    usable = {c: usable_bytes(c, args.headroom_gib, args.headroom_frac) for c in cards}
+    patch_kwargs = {}
+    if args.grad_buffer_dtype:
+        patch_kwargs["grad_buffer_dtype"] = None if args.grad_buffer_dtype == "auto" else torch.float32
+    if args.lean_norm:
+        patch_kwargs["lean_norm"] = args.lean_norm == "on"
+    t0 = time.perf_counter()
+    bench = FakeBench(args.model, DTYPES[args.dtype], args.layers, patch_kwargs)
+    log(f"fake {args.model} built in {time.perf_counter() - t0:.1f} s: weights {bench.weights / GB:.2f} GB")
+    meta = dict(date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"), torch=torch.__version__,
+                transformers=_version("transformers"), git_rev=_git_rev(), model=args.model,
+                layers=bench.config.num_hidden_layers, dtype=args.dtype,
+                options=" ".join(f"{k}={v}" for k, v in patch_kwargs.items()))
+    points, fits, limits, setting = [], {}, [], []
+    for design in designs:
+        traced = {}
+
+        def trace(m, s, breakdown=False, design=design, traced=traced):
+            if (m, s) not in traced or (breakdown and not traced[(m, s)].breakdown):
+                p = bench.trace(design, m, s, breakdown=breakdown)
+                log(f"  {design:>21} micro {m:>3} x seq {s:>5}: before {p.before / GB:8.3f} GB, step "
+                    f"{p.step / GB:9.3f} GB, total {p.total / GB:9.3f} GB  ({p.seconds:.0f} s)")
+                traced[(m, s)] = p
+            return traced[(m, s)]
+
+        for m in micros:
+            points.append(trace(m, args.seq, breakdown=args.breakdown and m == max(micros)))
+        if args.no_search:
+            continue
+        # the fit: 1, 2 and 4 sequences, and 4x the tokens as one sequence
+        fit_pts = [trace(1, args.seq), trace(2, args.seq), trace(4, args.seq), trace(1, 4 * args.seq)]
+        fit = fit_affine(fit_pts)
+        fits[design] = fit
+        log(f"  {design}: fit a = {fit.a / GB:.3f} GB, b = {fit.b / 1e6:.3f} MB/token, largest residual "
+            f"{fit.max_rel_residual:.1e}")
+        for p in fit_pts:
+            if not any(p is q for q in points):
+                points.append(p)
+        for c, u in usable.items():
+            lim = search_micro(bench, fit, design, c, u, args.seq, not args.no_verify, log)
+            limits.append(lim)
+            grid = grid_limits(fit, design, c, u, seqs)
+            fitting = [g for g in grid if g.max_batch >= 1]
+            if fitting and not args.no_verify:
+                g = max(fitting, key=lambda g: g.seq)   # the longest seq that fits: farthest from the fit points
+                if g.seq != args.seq:
+                    g.traced = bench.trace(design, g.max_batch, g.seq)
+                    g.traced_next = bench.trace(design, g.max_batch + 1, g.seq)
+                    log(f"    verify grid {design} @ {c:g} GB seq {g.seq}: batch {g.max_batch} -> "
+                        f"{g.traced.total / GB:.2f} GB, {g.max_batch + 1} -> {g.traced_next.total / GB:.2f} GB")
+            limits.extend(grid)
+        if args.setting_micro and args.batch:
+            p = bench.trace(design, args.setting_micro, args.seq, batch=args.batch)
+            log(f"  {design:>21} batch {args.batch} in micro-batches of {args.setting_micro}: "
+                f"total {p.total / GB:.3f} GB ({p.seconds:.0f} s)")
+            setting.append(p)
+    rows = [point_row(p, meta, fits.get(p.design), usable) for p in points]
+    rows += [point_row(p, meta, fits.get(p.design), usable, what="setting") for p in setting]
+    rows += [limit_row(x, meta) for x in limits]
+    return dict(meta=meta, points=points, fits=fits, limits=limits, setting=setting, usable=usable,
+                rows=rows, markdown=markdown(meta, args, points, fits, limits, setting, usable))
+
+
+def _version(name: str) -> str:
+    try:
+        return __import__(name).__version__
+    except ImportError:
+        return "absent"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(1)   # nothing is computed on fake tensors
+    result = run(args)
+    csv_path, md = write_outputs(result, args)
+    print(result["markdown"])
+    print(f"wrote {csv_path} ({len(result['rows'])} rows) and {md}")
+    return 0
+
+
+def write_outputs(result: dict, args) -> tuple[Path, Path]:
+    """Append the rows to <out>/memory.csv, write <out>/memory-<model>-<date>.md."""
+    out = Path(args.out or os.environ.get("OUT") or BENCH_DIR / "results")
+    out.mkdir(parents=True, exist_ok=True)
+    append_csv(out / "memory.csv", result["rows"])
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    md = out / f"memory-{args.model}-{stamp}.md"
+    md.write_text(result["markdown"])
+    return out / "memory.csv", md
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
