@@ -271,7 +271,8 @@ def _git_rev() -> str:
 
 COLUMNS = ["date", "torch", "transformers", "git_rev", "model", "layers", "dtype", "what", "design",
            "batch", "micro_batch", "seq", "tokens", "weights_gb", "before_gb", "step_gb", "peak_total_gb",
-           "fit_gb", "card_gb", "usable_gb", "max_batch", "fits", "trace_s", "options", "note"]
+           "fit_gb", "card_gb", "usable_gb", "max_batch", "fits", "trace_s", "options", "device",
+           "device_step_gb", "device_peak_total_gb", "device_reserved_gb", "note"]
 
 
 def point_row(p: Point, meta: dict, fit: Optional[Fit], usable: dict, what: str = "point") -> dict:
@@ -439,6 +440,9 @@ def parse_args(argv=None):
     ap.add_argument("--lean-norm", choices=["on", "off"], default=None,
                     help="fastedge.patch(lean_norm=...) for the fastedge designs")
     ap.add_argument("--out", help="results folder (default: $OUT if set, else bench/results)")
+    ap.add_argument("--check-device", action="store_true",
+                    help="run each traced step for real on --device and compare the peaks")
+    ap.add_argument("--device", default="cuda", help="for --check-device (cpu: a dry run, memtrack counts)")
     ap.add_argument("--quick", action="store_true",
                     help="a 2-layer tiny Llama, budgets of a few MB, seq grid 8..64: runs in seconds")
     args = ap.parse_args(argv)
@@ -464,11 +468,7 @@ def run(args, log=print):
     seqs = [int(x) for x in args.grid.split(",") if x.strip()]
     cards = [float(x) for x in args.cards.split(",") if x.strip()]
     usable = {c: usable_bytes(c, args.headroom_gib, args.headroom_frac) for c in cards}
-    patch_kwargs = {}
-    if args.grad_buffer_dtype:
-        patch_kwargs["grad_buffer_dtype"] = None if args.grad_buffer_dtype == "auto" else torch.float32
-    if args.lean_norm:
-        patch_kwargs["lean_norm"] = args.lean_norm == "on"
+    patch_kwargs = _patch_kwargs(args)
     t0 = time.perf_counter()
     bench = FakeBench(args.model, DTYPES[args.dtype], args.layers, patch_kwargs)
     log(f"fake {args.model} built in {time.perf_counter() - t0:.1f} s: weights {bench.weights / GB:.2f} GB")
@@ -526,6 +526,114 @@ def run(args, log=print):
                 rows=rows, markdown=markdown(meta, args, points, fits, limits, setting, usable))
 
 
+# -- the same steps for real on a GPU ----------------------------------------------------------
+
+
+def check_device(args, log=print) -> dict:
+    """Each (design, micro-batch) step traced on fake tensors and run for real
+    on the GPU (random weights built there): the fake "step" figure against
+    ``torch.cuda.max_memory_allocated`` minus what was allocated before the
+    step (the second step: Triton kernels compiled, AdamW state present)."""
+    import gc
+
+    from transformers import AutoModelForCausalLM
+    UNIT[:] = [1e6, "MB"] if args.quick else [GB, "GB"]
+    U = UNIT[1]
+    dev = torch.device(args.device)
+    designs = [d.strip() for d in args.designs.split(",") if d.strip()]
+    micros = [int(x) for x in args.micro_batch.split(",") if x.strip()]
+    patch_kwargs = _patch_kwargs(args)
+    if dev.type == "cuda":
+        free, total = torch.cuda.mem_get_info(dev)
+        name = torch.cuda.get_device_name(dev)
+    else:  # a dry run of the code path: real CPU tensors counted by bench/memtrack.py
+        free = total = 0
+        name = "cpu (live tensors)"
+    log(f"{name}: {total / GB:.2f} GB ({total / GIB:.2f} GiB), {free / GB:.2f} GB free")
+    fake = FakeBench(args.model, DTYPES[args.dtype], args.layers, patch_kwargs)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(fake.config, dtype=DTYPES[args.dtype]).eval().requires_grad_(False)
+    meta = dict(date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"), torch=torch.__version__,
+                transformers=_version("transformers"), git_rev=_git_rev(), model=args.model,
+                layers=fake.config.num_hidden_layers, dtype=args.dtype, device=name,
+                options=" ".join(f"{k}={v}" for k, v in patch_kwargs.items()))
+    vocab = fake.config.vocab_size
+    cases = [(d, m, m) for d in designs for m in micros]
+    if args.setting_micro and args.batch:
+        cases += [(d, args.setting_micro, args.batch) for d in designs]
+    rows, lines = [], []
+    for design, m, batch in cases:
+        p = fake.trace(design, m, args.seq, batch=batch)
+        kind, recompute = DESIGNS[design]
+        ids, corrupted = ps.random_batch(vocab, batch, args.seq, dev)
+        full = torch.zeros(batch, vocab, device=dev).log_softmax(-1)
+        fn = masked = None
+        try:
+            fn, masked = _step_fn(kind, model, ids, corrupted, full, m, recompute, patch_kwargs)
+            fn()
+            before, peak, reserved, secs = _measure(fn, dev, (model, masked, ids, corrupted, full))
+            status = ""
+        except torch.cuda.OutOfMemoryError as exc:
+            before = peak = reserved = 0
+            secs, status = 0.0, "out of memory: " + str(exc).splitlines()[0][:120]
+        finally:
+            if masked is not None and hasattr(masked, "unpatch"):
+                masked.unpatch()
+            model.requires_grad_(False)
+            fn = masked = None
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        row = point_row(p, meta, None, {}, what="device-check")
+        row.update(device_step_gb=(peak - before) / GB, device_peak_total_gb=peak / GB,
+                   device_reserved_gb=reserved / GB, note=status or f"device step {secs:.2f} s")
+        rows.append(row)
+        ratio = (peak - before) / p.step if p.step and peak else float("nan")
+        lines.append(f"| {design} | {batch} | {m} | {args.seq} | {_gb(p.step)} | {_gb(peak - before) if peak else status} "
+                     f"| {ratio:.3f} | {_gb(p.total)} | {_gb(peak) if peak else ''} | {_gb(reserved) if peak else ''} |")
+        log(lines[-1])
+    md = "\n".join([
+        f"# Fake-tensor memory against the device: {args.model} ({meta['layers']} layers, {args.dtype})", "",
+        f"- {meta['date']}; {name}, {total / GB:.2f} GB ({total / GIB:.2f} GiB) as CUDA reports it; torch "
+        f"{meta['torch']}; git {meta['git_rev']}; options {meta['options'] or 'defaults'}",
+        "- fake: bench/memtrack.py on fake (CPU) tensors; device: torch.cuda.max_memory_allocated over the "
+        "second step minus memory_allocated before it; 'total' includes the weights; reserved: the caching "
+        "allocator's peak reservation", "",
+        f"| design | batch | micro-batch | seq | fake step {U} | device step {U} | device / fake "
+        f"| fake total {U} | device total {U} | device reserved {U} |", "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|", *lines]) + "\n"
+    return dict(meta=meta, rows=rows, markdown=md)
+
+
+def _measure(fn, dev: torch.device, held) -> tuple[int, int, int, float]:
+    """(bytes allocated before, peak bytes, peak reserved, seconds) of one step."""
+    import gc
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        gc.collect()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(dev)
+        return (before, torch.cuda.max_memory_allocated(dev), torch.cuda.max_memory_reserved(dev),
+                time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    with LiveTensorTracker(*held, round_to=512) as t:
+        fn()
+    return t.baseline_bytes, t.peak_total_bytes, 0, time.perf_counter() - t0
+
+
+def _patch_kwargs(args) -> dict:
+    patch_kwargs = {}
+    if args.grad_buffer_dtype:
+        patch_kwargs["grad_buffer_dtype"] = None if args.grad_buffer_dtype == "auto" else torch.float32
+    if args.lean_norm:
+        patch_kwargs["lean_norm"] = args.lean_norm == "on"
+    return patch_kwargs
+
+
 def _version(name: str) -> str:
     try:
         return __import__(name).__version__
@@ -536,20 +644,20 @@ def _version(name: str) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)   # nothing is computed on fake tensors
-    result = run(args)
-    csv_path, md = write_outputs(result, args)
+    result = check_device(args) if args.check_device else run(args)
+    csv_path, md = write_outputs(result, args, "memory-check" if args.check_device else "memory")
     print(result["markdown"])
     print(f"wrote {csv_path} ({len(result['rows'])} rows) and {md}")
     return 0
 
 
-def write_outputs(result: dict, args) -> tuple[Path, Path]:
-    """Append the rows to <out>/memory.csv, write <out>/memory-<model>-<date>.md."""
+def write_outputs(result: dict, args, prefix: str = "memory") -> tuple[Path, Path]:
+    """Append the rows to <out>/memory.csv, write <out>/<prefix>-<model>-<date>.md."""
     out = Path(args.out or os.environ.get("OUT") or BENCH_DIR / "results")
     out.mkdir(parents=True, exist_ok=True)
     append_csv(out / "memory.csv", result["rows"])
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    md = out / f"memory-{args.model}-{stamp}.md"
+    md = out / f"{prefix}-{args.model}-{stamp}.md"
     md.write_text(result["markdown"])
     return out / "memory.csv", md
 

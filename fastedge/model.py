@@ -114,7 +114,11 @@ class _StackWrite(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dtoken):
+        if ctx.grad_buffer is None:
+            raise RuntimeError("Trying to backward through an EdgeModel forward a second time: its "
+                               "gradient buffer is released after the first backward")
         rows = ctx.grad_buffer[ctx.start:ctx.start + ctx.n]
+        ctx.grad_buffer = None  # a finished graph kept alive (its output held) must not keep the buffer
         return dtoken, rows.to(ctx.dtype), None, None, None
 
 

@@ -167,9 +167,21 @@ def _save(ctx, stack: Tensor, *others) -> None:
 def _saved(ctx):
     """(stack, *others) as given to `_save`."""
     saved = ctx.saved_tensors
-    if ctx.unchecked_stack is not None:
+    if ctx.has_grad_buffer:
+        if ctx.unchecked_stack is None:
+            raise RuntimeError("Trying to backward through the graph a second time: with grad_stack, "
+                               "the stack and the buffer are released after the first backward")
         return (ctx.unchecked_stack, *saved)
     return (saved[-1], *saved[:-1])
+
+
+def _release(ctx) -> None:
+    """Drop the references to the stack and the buffer once the backward has
+    used them, as autograd frees saved tensors: a graph that stays alive after
+    its backward (its output still referenced, as in a gradient-accumulation
+    loop until the next micro-batch's forward returns) must not keep them."""
+    ctx.unchecked_stack = None
+    ctx.grad_stack = None
 
 
 def _backward(ctx, dout):
@@ -182,6 +194,7 @@ def _backward(ctx, dout):
         dmask = backward_mask_op(stack, dout, mask, ctx.backend)
     if ctx.has_base and ctx.needs_input_grad[2]:
         dbase = _base_grad(ctx, dout, base_index)
+    _release(ctx)
     return dstack, dmask, dbase, None, None, None
 
 
@@ -303,6 +316,7 @@ def _fused_backward(ctx, dout, dedge_sum):
             d_node = None
     if ctx.has_base and ctx.needs_input_grad[3]:
         dbase = _base_grad(ctx, dout, base_index)
+    _release(ctx)
     return dstack, d_edge, d_node, dbase, None, None, None, None, None, None
 
 
