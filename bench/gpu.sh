@@ -7,10 +7,12 @@
 #      authors' design and the floor;
 #   4. bench/step.py: pruning steps of a CodeLlama-13B-shaped model with random weights built on the
 #      device (bf16, batch 32 in micro-batches of 8, seq 72): step time, tokens/s, peak memory;
-#   5. bench/tune.py: candidate Triton block sizes at the same layer shapes (printed to the log).
+#   5. bench/memory.py --check-device: fake-tensor peak memory against the device's, on a small model;
+#   6. bench/tune.py: candidate Triton block sizes at the same layer shapes (printed to the log).
 #
 # Results go to $OUT when it is set (the device tool's folder), else bench/results/.
-# Usage: bench/gpu.sh [stage ...]   stages: tests step-gpt2 step-codellama ops tune (default: all, in this order)
+# Usage: bench/gpu.sh [stage ...]   stages: tests step-gpt2 step-codellama ops memory-check tune
+#                                   (default: all, in this order)
 # Each stage has a time limit, so the whole run ends within 10 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +21,7 @@ mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/gpu-run.log"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-STAGES=${*:-tests step-gpt2 step-codellama ops tune}
+STAGES=${*:-tests step-gpt2 step-codellama ops memory-check tune}
 
 say() { echo "[gpu.sh $(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
 declare -A RESULT
@@ -52,13 +54,13 @@ stage() {  # stage NAME LIMIT_SECONDS COMMAND...
 }
 
 # xdist: the op tests are independent; the extension is already built and cached
-stage tests 120 $PY -m pytest -m gpu -q -n 8 -p no:cacheprovider -rfE --tb=short \
-  --junitxml="$OUT_DIR/gpu-tests.xml"
+stage tests 120 $PY -m pytest -m gpu -q -n 8 -p no:cacheprovider -rfE --tb=short
 stage step-gpt2 120 $PY bench/step.py --model gpt2-small --batch 32 --seq 64 \
   --kinds floor,fastedge,fastedge-norecompute,naive --out "$OUT_DIR"
 stage step-codellama 150 $PY bench/step.py --model codellama-13b --batch 32 --micro-batch 8 --seq 72 \
   --kinds floor,fastedge --steps 2 --warmup 1 --out "$OUT_DIR"
 stage ops 180 $PY bench/ops.py --rep-ms ${OPS_REP_MS:-100} --out "$OUT_DIR"
+stage memory-check 60 $PY bench/memory.py --quick --check-device --device cuda --out "$OUT_DIR"
 stage tune 100 $PY bench/tune.py
 
 say "summary:"
