@@ -440,6 +440,9 @@ def parse_args(argv=None):
     ap.add_argument("--lean-norm", choices=["on", "off"], default=None,
                     help="fastedge.patch(lean_norm=...) for the fastedge designs")
     ap.add_argument("--out", help="results folder (default: $OUT if set, else bench/results)")
+    ap.add_argument("--grad-precision", action="store_true",
+                    help="mask-gradient error of a bf16 vs a float32 gradient buffer against float64 "
+                         "(a 40-layer small Llama on the CPU; --layers to change)")
     ap.add_argument("--check-device", action="store_true",
                     help="run each traced step for real on --device and compare the peaks")
     ap.add_argument("--device", default="cuda", help="for --check-device (cpu: a dry run, memtrack counts)")
@@ -625,6 +628,73 @@ def _measure(fn, dev: torch.device, held) -> tuple[int, int, int, float]:
     return t.baseline_bytes, t.peak_total_bytes, 0, time.perf_counter() - t0
 
 
+# -- what a bf16 gradient buffer costs in precision ------------------------------------------------
+
+
+def grad_precision(args, log=print) -> dict:
+    """Mask gradients of a bf16 Llama (``--layers``, default 40; hidden 128,
+    8 heads: small enough for a CPU) with a bf16 and a float32 gradient
+    buffer, and of the authors' design in bf16, each against the same model
+    in float64 (relative L2 error of the edge log_alpha gradients; masks
+    deterministic, spread over (0, 1), the same in every run)."""
+    import fastedge
+    from naive_model import NaiveEdgeModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+    L = args.layers or 40
+    cfg = LlamaConfig(num_hidden_layers=L, num_attention_heads=8, num_key_value_heads=8, hidden_size=128,
+                      intermediate_size=344, vocab_size=211, tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in base.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)  # norms away from 1
+    weights = {k: v.to(torch.bfloat16).double() for k, v in base.state_dict().items()}  # bf16 values
+    g = torch.Generator().manual_seed(1)
+    ids, corrupted = torch.randint(0, 211, (4, 24), generator=g), torch.randint(0, 211, (4, 24), generator=g)
+
+    def grads(dtype, buffer=None, naive=False):
+        model = LlamaForCausalLM(cfg).eval()
+        model.load_state_dict({k: v.to(torch.float32) for k, v in weights.items()})
+        model = model.to(dtype).requires_grad_(False)
+        em = fastedge.patch(model, node_masks=False, grad_buffer_dtype=buffer)
+        gm = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for q in em.parameters():
+                q.copy_((torch.randn(q.shape, generator=gm) + 1.0).to(q.dtype))
+        em.eval()
+        masked = em
+        if naive:
+            masked = NaiveEdgeModel(model)
+            masked.copy_masks_from(em)
+            em.unpatch()
+            masked.eval()
+        out = masked(ids, corrupted)
+        out.logits.float().log_softmax(-1)[:, -1].sum().backward()
+        return torch.cat([q.grad.double().flatten() for q in masked.parameters()])
+
+    def rel(x, y):
+        return ((x - y).norm() / y.norm()).item()
+    ref, ref_naive = grads(torch.float64), grads(torch.float64, naive=True)
+    res = {"fastedge, bf16 buffer": rel(grads(torch.bfloat16), ref),
+           "fastedge, float32 buffer": rel(grads(torch.bfloat16, torch.float32), ref),
+           "naive (authors' design), bf16": rel(grads(torch.bfloat16, naive=True), ref_naive),
+           "fastedge, float32 model (the reference's own rounding)": rel(grads(torch.float32), ref)}
+    meta = dict(date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"), torch=torch.__version__,
+                transformers=_version("transformers"), git_rev=_git_rev(), model="llama-h128", layers=L,
+                dtype="bfloat16")
+    rows = [dict(meta, what="grad-precision", design=k, note=f"relative L2 error {v:.4g}") for k, v in res.items()]
+    md = "\n".join([f"# Mask-gradient error against float64: bf16 Llama, {L} layers, hidden 128, 8 heads", "",
+                     f"- {meta['date']}; torch {meta['torch']}; git {meta['git_rev']}; batch 4 x seq 24, "
+                     "deterministic masks log_alpha ~ N(1, 1), loss: last-position log-probabilities", "",
+                     "| run | relative L2 error of d log_alpha |", "|---|--:|",
+                     *[f"| {k} | {v:.3g} |" for k, v in res.items()]]) + "\n"
+    for line in md.splitlines():
+        log(line)
+    return dict(meta=meta, rows=rows, markdown=md)
+
+
 def _patch_kwargs(args) -> dict:
     patch_kwargs = {}
     if args.grad_buffer_dtype:
@@ -644,8 +714,13 @@ def _version(name: str) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)   # nothing is computed on fake tensors
-    result = check_device(args) if args.check_device else run(args)
-    csv_path, md = write_outputs(result, args, "memory-check" if args.check_device else "memory")
+    if args.grad_precision:
+        result, prefix = grad_precision(args), "memory-grad-precision"
+    elif args.check_device:
+        result, prefix = check_device(args), "memory-check"
+    else:
+        result, prefix = run(args), "memory"
+    csv_path, md = write_outputs(result, args, prefix)
     print(result["markdown"])
     print(f"wrote {csv_path} ({len(result['rows'])} rows) and {md}")
     return 0
@@ -657,7 +732,7 @@ def write_outputs(result: dict, args, prefix: str = "memory") -> tuple[Path, Pat
     out.mkdir(parents=True, exist_ok=True)
     append_csv(out / "memory.csv", result["rows"])
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    md = out / f"{prefix}-{args.model}-{stamp}.md"
+    md = out / f"{prefix}-{result['meta']['model']}-{stamp}.md"
     md.write_text(result["markdown"])
     return out / "memory.csv", md
 

@@ -40,9 +40,12 @@ releasing rows of the buffer as the backward passes writers, or the stack
 earlier, would not lower the peak. Besides the weights, the peak holds those
 two and one layer's reader region; at CodeLlama-13B shape (bf16) that is,
 per token of a micro-batch, 16.8 MB of stack, 16.8 MB of buffer and about
-5 MB of the layer, with ``recompute_readers=True``. Without recomputation
-each layer's reader inputs ([R + 1, B, S, D]) stay alive until its backward
-(about 150 MB per token in all). What keeps the layer's part small:
+5 MB of the layer, with ``recompute_readers=True`` (38 MB per token in all:
+a micro-batch of 17 sequences of 72 tokens fits an 80 GB card with 1.5 GiB
++ 5% to spare; the paper's micro-batches of 8 take 49 GB, on an H200 too).
+Without recomputation each layer's reader inputs ([R + 1, B, S, D]) stay
+alive until its backward (91 MB per token in all). What keeps the layer's
+part small:
 
 * ``lean_norm=True`` (default): the norm a layer's readers apply (a copy per
   reader, [R, B, S, D]) runs a chunk of rows at a time (`NORM_CHUNK_ELEMENTS`)
@@ -56,15 +59,23 @@ each layer's reader inputs ([R + 1, B, S, D]) stay alive until its backward
   the MLP's share of the layer's read leaves the attention region as a copy:
   a view would keep the whole [R + 1, B, S, D] read of every layer alive
   until the MLP's backward, since a region's inputs are kept.
+* The backward releases the stack and the buffer once it has used them
+  (`_StackWrite` and the masked-sum ops drop their references): a finished
+  micro-batch's graph stays alive as long as its output is referenced (in a
+  gradient-accumulation loop, until the next micro-batch's forward returns)
+  and must not hold them while the next micro-batch allocates its own. So a
+  graph's backward runs once (a second one raises).
 * ``grad_buffer_dtype``: the buffer is kept in the stack's dtype by default
   (bf16 for a bf16 model). Each reader group's backward adds its
   fp32-accumulated share into it, up to 2L + 1 times per row, rounding each
-  time. Against float64, the mask gradients of a 40-layer bf16 Llama have
-  2.0% error with a bf16 buffer, 1.75% with a float32 one and 1.9% in the
-  authors' design (bf16 throughout); ``grad_buffer_dtype=torch.float32``
-  removes that share of the error at twice the buffer's bytes (one more
-  bf16 stack's worth: at 13B shape, the largest micro-batch at seq 72 on an
-  80 GB card drops from 17 to 11).
+  time. Against float64, the mask gradients of a 40-layer bf16 Llama
+  (hidden 128; bench/memory.py --grad-precision) have 1.65% error with a
+  bf16 buffer, 1.50% with a float32 one and 1.48% in the authors' design
+  (bf16 throughout): the bf16 forward dominates, and the buffer's rounding
+  adds a tenth to it. ``grad_buffer_dtype=torch.float32`` removes that
+  share at twice the buffer's bytes (one more bf16 stack's worth: at 13B
+  shape, the largest micro-batch at seq 72 on an 80 GB card drops from 17
+  to 11).
 """
 from __future__ import annotations
 

@@ -307,3 +307,16 @@ def test_a_finished_graph_does_not_keep_the_stack():
             with pytest.raises(RuntimeError, match="second time"):
                 loss.backward()
         em.unpatch()
+
+
+def test_grad_precision_mode():
+    """--grad-precision on 2 layers: bf16 runs are off float64 by bf16's
+    rounding (percents), the float32 model by float32's (1e-6)."""
+    import memory
+    args = memory.parse_args(["--grad-precision", "--layers", "2"])
+    res = memory.grad_precision(args, log=lambda *a: None)
+    errors = {r["design"]: float(r["note"].split()[-1]) for r in res["rows"]}
+    assert len(errors) == 4
+    (fp32_model,) = [v for k, v in errors.items() if "float32 model" in k]
+    assert fp32_model < 1e-4
+    assert all(1e-4 < v < 0.1 for k, v in errors.items() if "float32 model" not in k)
