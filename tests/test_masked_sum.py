@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fastedge
+from fastedge import ops
 from fastedge.backends import get_backend
 from conftest import backend_targets
 from tolerances import assert_matches_reference
@@ -224,3 +225,29 @@ def test_prefix_is_a_view_not_a_copy():
     stack = torch.randn(100, 4, 8)
     prefix = flat_rows(stack[:30])
     assert prefix.data_ptr() == stack.data_ptr() and prefix.stride() == (32, 1)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["masked", "sampled"])
+def test_grad_stack_kept_with_retain_graph_and_released_without(fused):
+    """With a caller-owned buffer the op drops its references to the stack and
+    the buffer after a backward (a finished micro-batch's graph must not hold
+    them), except under retain_graph=True, where a second backward accumulates
+    the same gradient again, as autograd's own saved tensors allow."""
+    g = torch.Generator().manual_seed(7)
+    stack = torch.randn(6, 3, 5, generator=g)
+    buf = torch.zeros_like(stack)
+    la = torch.randn(4, 5, generator=g).requires_grad_(True)
+    if fused:
+        out, _ = ops.sampled_masked_writer_sum(stack, la, seed=3, grad_stack=buf)
+    else:
+        out = ops.masked_writer_sum(stack, torch.sigmoid(la), grad_stack=buf)
+    dout = torch.randn(out.shape, generator=g)
+    (d1,) = torch.autograd.grad(out, [la], dout, retain_graph=True)
+    first = buf.clone()
+    assert first.abs().sum() > 0
+    (d2,) = torch.autograd.grad(out, [la], dout, retain_graph=True)
+    torch.testing.assert_close(d2, d1)
+    torch.testing.assert_close(buf, 2 * first)
+    torch.autograd.grad(out, [la], dout)  # released now
+    with pytest.raises(RuntimeError, match="second time"):
+        torch.autograd.grad(out, [la], dout)

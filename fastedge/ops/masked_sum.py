@@ -179,7 +179,12 @@ def _release(ctx) -> None:
     """Drop the references to the stack and the buffer once the backward has
     used them, as autograd frees saved tensors: a graph that stays alive after
     its backward (its output still referenced, as in a gradient-accumulation
-    loop until the next micro-batch's forward returns) must not keep them."""
+    loop until the next micro-batch's forward returns) must not keep them.
+    Like autograd's own saved tensors, they stay when the backward runs with
+    ``retain_graph=True``."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if keep_graph is not None and keep_graph():
+        return
     ctx.unchecked_stack = None
     ctx.grad_stack = None
 
