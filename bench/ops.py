@@ -122,7 +122,6 @@ column a function in ``METRICS`` (it receives the row's `Cell`).
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import datetime as _dt
 import math
@@ -144,6 +143,7 @@ if str(BENCH_DIR) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR))
 
 import naive  # noqa: E402  (bench/naive.py)
+import results_csv  # noqa: E402  (bench/results_csv.py)
 
 import fastedge  # noqa: E402
 import fastedge.ops  # noqa: E402
@@ -1242,38 +1242,11 @@ def make_row(cell: Cell, env: dict, model: Model, trailing: tuple, dtype: str) -
 
 
 def append_csv(path: Path, rows: list) -> None:
-    """Append rows. If the file's header differs (a file written before columns
-    were added, e.g. ``op``, ``bytes_moved``, ``bw_gb_s``), rewrite it with the
-    union of both headers, `COLUMNS` first in their order and then the file's
-    other columns: every old row keeps its values, and its cells in the new
-    columns are empty (an empty ``op`` is a row from before the sampled op,
-    i.e. the masked op)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and path.stat().st_size:
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            if header == COLUMNS:
-                old = None
-            else:
-                old = list(reader)
-        if old is None:
-            with open(path, "a", newline="") as f:
-                csv.DictWriter(f, COLUMNS).writerows(rows)
-            return
-        columns = COLUMNS + [c for c in header if c not in COLUMNS]
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, columns)
-            w.writeheader()
-            w.writerows(old)
-            w.writerows(rows)
-        tmp.replace(path)
-        return
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
+    """Append rows (`bench/results_csv.py`: a file from before columns were
+    added, e.g. ``op``, ``bytes_moved``, ``bw_gb_s``, is rewritten with the
+    union of both headers; an empty ``op`` is a row from before the sampled
+    op, i.e. the masked op)."""
+    results_csv.append_csv(path, rows, COLUMNS)
 
 
 def _gb_s_short(text: str) -> str:

@@ -38,7 +38,6 @@ else ``bench/results``.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import gc
 import os
@@ -54,6 +53,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 import pruning_step as ps  # noqa: E402
+import results_csv  # noqa: E402
 
 import fastedge  # noqa: E402
 
@@ -243,18 +243,7 @@ COLUMNS = ["date", "device", "torch", "triton", "transformers", "fastedge", "git
 
 
 def append_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old_rows, old_cols = [], []
-    if path.exists():
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            old_cols, old_rows = list(reader.fieldnames or []), list(reader)
-    cols = COLUMNS + [c for c in old_cols if c not in COLUMNS]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in old_rows + rows:
-            w.writerow({c: _fmt(r.get(c, "")) for c in cols})
+    results_csv.append_csv(path, rows, COLUMNS, _fmt)
 
 
 def _fmt(v) -> str:

@@ -1,0 +1,48 @@
+"""Appending benchmark rows to a CSV under bench/results/, shared by the benchmarks.
+
+A file written before a benchmark gained columns is rewritten (through a
+temporary file, then renamed) with the union of both headers: the
+benchmark's `columns` first, in their order, then the file's other columns.
+Every old row keeps its values and gets empty cells in the new columns; a
+file whose header already matches is appended to.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Callable, Optional
+
+
+def _plain(value) -> str:
+    return "" if value is None else str(value)
+
+
+def append_csv(path: Path, rows: list[dict], columns: list[str],
+               fmt: Optional[Callable[[object], str]] = None) -> None:
+    """Append `rows` (dicts; keys outside `columns` are dropped) to `path`,
+    each value written through `fmt` (default: str, None as empty)."""
+    fmt = fmt or _plain
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = [{c: fmt(r.get(c)) for c in columns} for r in rows]
+    if not path.exists() or not path.stat().st_size:
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, columns)
+            w.writeheader()
+            w.writerows(new)
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        old = None if header == columns else list(reader)
+    if old is None:
+        with open(path, "a", newline="") as f:
+            csv.DictWriter(f, columns).writerows(new)
+        return
+    merged = columns + [c for c in header if c not in columns]
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, merged, restval="")
+        w.writeheader()
+        w.writerows(old)
+        w.writerows(new)
+    tmp.replace(path)
