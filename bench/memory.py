@@ -384,7 +384,8 @@ def markdown(meta: dict, args, points: list[Point], fits: dict, limits: list[Lim
                 best = max(row.values(), key=lambda x: (x.max_batch * x.seq, x.seq))
                 L.append(f"| {d} | {_card(c)} | " + " | ".join(
                     f"{row[s].max_batch}" + (" (traced)" if row[s].traced else "") for s in seqs)
-                    + f" | {best.max_batch} x {best.seq} = {best.max_batch * best.seq} |")
+                    + (f" | {best.max_batch} x {best.seq} = {best.max_batch * best.seq} |" if best.max_batch
+                       else " | none |"))
         for x in grid:
             if x.traced is not None:
                 L.append(f"\nTraced: {x.design}, {_card(x.card_gb)} {U} card, seq {x.seq}: batch {x.max_batch} "
