@@ -63,8 +63,10 @@ part small:
   (`_StackWrite` and the masked-sum ops drop their references): a finished
   micro-batch's graph stays alive as long as its output is referenced (in a
   gradient-accumulation loop, until the next micro-batch's forward returns)
-  and must not hold them while the next micro-batch allocates its own. So a
-  graph's backward runs once (a second one raises).
+  and must not hold them while the next micro-batch allocates its own. A
+  forward's graph supports one backward: a second one, even with
+  ``retain_graph=True``, raises (it would add the readers' gradients into
+  the buffer twice).
 * ``grad_buffer_dtype``: the buffer is kept in the stack's dtype by default
   (bf16 for a bf16 model). Each reader group's backward adds its
   fp32-accumulated share into it, up to 2L + 1 times per row, rounding each
@@ -127,8 +129,12 @@ class _StackWrite(torch.autograd.Function):
     def backward(ctx, dtoken):
         if ctx.grad_buffer is None:
             raise RuntimeError("Trying to backward through an EdgeModel forward a second time: its "
-                               "gradient buffer is released after the first backward")
+                               "gradient buffer is released after the first backward (a second "
+                               "backward, even with retain_graph=True, would add the readers' "
+                               "gradients into it twice); run the forward again")
         rows = ctx.grad_buffer[ctx.start:ctx.start + ctx.n]
+        # released even under retain_graph=True: a second backward would add
+        # every reader's gradient into the same buffer again
         ctx.grad_buffer = None  # a finished graph kept alive (its output held) must not keep the buffer
         return dtoken, rows.to(ctx.dtype), None, None, None
 

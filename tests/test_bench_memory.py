@@ -320,3 +320,20 @@ def test_grad_precision_mode():
     (fp32_model,) = [v for k, v in errors.items() if "float32 model" in k]
     assert fp32_model < 1e-4
     assert all(1e-4 < v < 0.1 for k, v in errors.items() if "float32 model" not in k)
+
+
+def test_a_second_backward_raises_even_with_retain_graph():
+    """A second backward would add every reader's gradient into the buffer
+    again (wrong gradients), so the model refuses it loudly."""
+    import fastedge
+    import pruning_step as ps
+    model = _tiny_llama(torch.float32)
+    ids, corrupted = ps.random_batch(101, 2, 8, "cpu")
+    full = torch.zeros(2, 101).log_softmax(-1)
+    em = fastedge.patch(model, node_masks=False)
+    em.train()
+    loss = ps._loss(em(ids, corrupted), full)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+    em.unpatch()
