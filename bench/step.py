@@ -264,8 +264,8 @@ def markdown(rows: list[dict], args) -> str:
         "- step: corrupted pass, masked forward, KL + Lagrangian loss, backward into the masks, AdamW "
         "update (bench/pruning_step.py); floor: corrupted forward + clean forward and backward of the "
         "unpatched model; naive: bench/naive_model.py from the same masks",
-        "- memory: peak over one step (" + r0.get("mem_method", "") + "); 'above weights' subtracts the "
-        "model's weights; ratios are naive / fastedge",
+        "- memory: peak over one step (" + r0.get("mem_method", "") + "); MB = 2^20 bytes; 'above "
+        "weights' subtracts the model's weights; ratios are naive / fastedge",
         "",
         "| kind | backend | p20 ms | p50 ms | p80 ms | tokens/s | x floor | naive time / this | peak MB "
         "| peak above weights MB | naive mem / this |",
