@@ -54,7 +54,6 @@ is ``--out``, else ``$OUT``, else ``bench/results``.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import functools
 import math
@@ -72,6 +71,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 import pruning_step as ps  # noqa: E402
+import results_csv  # noqa: E402
 from memtrack import LiveTensorTracker  # noqa: E402
 
 GB = 1e9
@@ -299,24 +299,7 @@ def limit_row(lim: Limit, meta: dict) -> dict:
 
 
 def append_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old_rows, old_cols = [], []
-    if path.exists():
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            old_cols, old_rows = list(reader.fieldnames or []), list(reader)
-    cols = COLUMNS + [c for c in old_cols if c not in COLUMNS]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in old_rows + rows:
-            w.writerow({c: _fmt(r.get(c, "")) for c in cols})
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.5g}"
-    return "" if v is None else str(v)
+    results_csv.append_csv(path, rows, COLUMNS, results_csv.significant(5))
 
 
 UNIT = [GB, "GB"]   # the markdown's unit: MB for --quick

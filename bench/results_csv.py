@@ -13,6 +13,15 @@ from pathlib import Path
 from typing import Callable, Optional
 
 
+def significant(digits: int) -> Callable[[object], str]:
+    """A cell formatter: floats to `digits` significant digits, None empty."""
+    def fmt(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.{digits}g}"
+        return _plain(value)
+    return fmt
+
+
 def _plain(value) -> str:
     return "" if value is None else str(value)
 

@@ -243,13 +243,7 @@ COLUMNS = ["date", "device", "torch", "triton", "transformers", "fastedge", "git
 
 
 def append_csv(path: Path, rows: list[dict]) -> None:
-    results_csv.append_csv(path, rows, COLUMNS, _fmt)
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return "" if v is None else str(v)
+    results_csv.append_csv(path, rows, COLUMNS, results_csv.significant(4))
 
 
 def markdown(rows: list[dict], args) -> str:
