@@ -58,7 +58,6 @@ import datetime as _dt
 import functools
 import math
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -256,19 +255,6 @@ def grid_limits(fit: Fit, design: str, card_gb: float, usable: float, seqs) -> l
 # -- output ------------------------------------------------------------------------------------
 
 
-def _git_rev() -> str:
-    """`git describe --always --dirty` of the tree this file is in (or $GIT_REV,
-    for a copy of a revision outside git)."""
-    if os.environ.get("GIT_REV"):
-        return os.environ["GIT_REV"]
-    try:
-        rev = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=10"], cwd=BENCH_DIR,
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        return rev or "unknown"
-    except Exception:
-        return "unknown"
-
-
 COLUMNS = ["date", "torch", "transformers", "git_rev", "model", "layers", "dtype", "what", "design",
            "batch", "micro_batch", "seq", "tokens", "weights_gb", "before_gb", "step_gb", "peak_total_gb",
            "fit_gb", "card_gb", "usable_gb", "max_batch", "fits", "trace_s", "options", "device",
@@ -460,7 +446,7 @@ def run(args, log=print):
     bench = FakeBench(args.model, DTYPES[args.dtype], args.layers, patch_kwargs)
     log(f"fake {args.model} built in {time.perf_counter() - t0:.1f} s: weights {bench.weights / GB:.2f} GB")
     meta = dict(date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"), torch=torch.__version__,
-                transformers=_version("transformers"), git_rev=_git_rev(), model=args.model,
+                transformers=_version("transformers"), git_rev=results_csv.git_revision(), model=args.model,
                 layers=bench.config.num_hidden_layers, dtype=args.dtype,
                 options=" ".join(f"{k}={v}" for k, v in patch_kwargs.items()))
     points, fits, limits, setting = [], {}, [], []
@@ -542,7 +528,7 @@ def check_device(args, log=print) -> dict:
     with torch.device(dev):
         model = AutoModelForCausalLM.from_config(fake.config, dtype=DTYPES[args.dtype]).eval().requires_grad_(False)
     meta = dict(date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"), torch=torch.__version__,
-                transformers=_version("transformers"), git_rev=_git_rev(), model=args.model,
+                transformers=_version("transformers"), git_rev=results_csv.git_revision(), model=args.model,
                 layers=fake.config.num_hidden_layers, dtype=args.dtype, device=name,
                 options=" ".join(f"{k}={v}" for k, v in patch_kwargs.items()))
     vocab = fake.config.vocab_size
@@ -666,7 +652,7 @@ def grad_precision(args, log=print) -> dict:
            "naive (authors' design), bf16": rel(grads(torch.bfloat16, naive=True), ref_naive),
            "fastedge, float32 model (the reference's own rounding)": rel(grads(torch.float32), ref)}
     meta = dict(date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"), torch=torch.__version__,
-                transformers=_version("transformers"), git_rev=_git_rev(), model="llama-h128", layers=L,
+                transformers=_version("transformers"), git_rev=results_csv.git_revision(), model="llama-h128", layers=L,
                 dtype="bfloat16")
     rows = [dict(meta, what="grad-precision", design=k, note=f"relative L2 error {v:.4g}") for k, v in res.items()]
     md = "\n".join([f"# Mask-gradient error against float64: bf16 Llama, {L} layers, hidden 128, 8 heads", "",

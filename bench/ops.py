@@ -126,9 +126,7 @@ import dataclasses
 import datetime as _dt
 import math
 import os
-import platform
 import re
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -1134,18 +1132,7 @@ def run_case(case: Case, model: Model, data: WriterData, providers: list, modes:
 # =============================================================================
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            found = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
-        if found:
-            model = found.group(1).strip()
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads)"
+device_name = results_csv.device_name
 
 
 def device_slug(device: torch.device) -> str:
@@ -1157,18 +1144,7 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def git_revision() -> str:
-    if os.environ.get("FASTEDGE_GIT_REV"):
-        return os.environ["FASTEDGE_GIT_REV"]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_DIR, text=True,
-                             capture_output=True, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--", ".",
-                                 ":(exclude)bench/results"], cwd=REPO_DIR, text=True,
-                                capture_output=True, check=True).stdout.strip()
-        return rev + ("-dirty" if status else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+git_revision = results_csv.git_revision
 
 
 def triton_version() -> str:

@@ -1,4 +1,5 @@
-"""Appending benchmark rows to a CSV under bench/results/, shared by the benchmarks.
+"""Benchmark rows under bench/results/, shared by the benchmarks: where a row
+came from (`git_revision`, `device_name`) and appending rows to a CSV.
 
 A file written before a benchmark gained columns is rewritten (through a
 temporary file, then renamed) with the union of both headers: the
@@ -9,8 +10,48 @@ file whose header already matches is appended to.
 from __future__ import annotations
 
 import csv
+import os
+import platform
+import re
+import subprocess
 from pathlib import Path
 from typing import Callable, Optional
+
+REPO_DIR = Path(__file__).resolve().parents[1]
+
+
+def git_revision() -> str:
+    """Short commit of the tree these benchmarks are in, ``-dirty`` when tracked
+    files outside bench/results differ; $FASTEDGE_GIT_REV (or $GIT_REV) wins,
+    for a copy of a revision outside git."""
+    for var in ("FASTEDGE_GIT_REV", "GIT_REV"):
+        if os.environ.get(var):
+            return os.environ[var]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_DIR, text=True,
+                             capture_output=True, check=True, timeout=10).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                 ":(exclude)bench/results"], cwd=REPO_DIR, text=True,
+                                capture_output=True, check=True, timeout=10).stdout.strip()
+        return rev + ("-dirty" if status else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device) -> str:
+    """The GPU's name, or the CPU model with its logical CPUs and torch threads."""
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            found = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+        if found:
+            model = found.group(1).strip()
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads)"
 
 
 def significant(digits: int) -> Callable[[object], str]:
