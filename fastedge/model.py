@@ -484,10 +484,8 @@ class _Run:
         in a call of its own. Reading the prefix once instead of twice (and
         accumulating both readers' gradients in one backward) halves the
         passes over the stack per layer."""
-        W = attn.n_writers
-        mlp_la_prefix = lambda t: t[:, :W]  # noqa: E731
-        return self._read(attn.index, attn.first_reader, attn.n_readers + 1, W, base,
-                          extra=(mlp.index, mlp_la_prefix))
+        return self._read(attn.index, attn.first_reader, attn.n_readers + 1, attn.n_writers, base,
+                          extra_group=mlp.index)
 
     def read_rest(self, attn: ReaderGroup, mlp: ReaderGroup, partial: Tensor) -> Tensor:
         """The MLP reader's input: `partial` (its sum over the writers before
@@ -498,7 +496,7 @@ class _Run:
             return partial
         rows = self.stack[W_a:W_m]
         grad_rows = self.grad_buffer[W_a:W_m] if self.needs_grad else None
-        base = partial.expand(rows.shape[1:]).contiguous() if partial.shape != rows.shape[1:] else partial
+        base = _full(partial, rows.shape[1:])
         if self.plain:
             mask = torch.ones(1, W_m - W_a, device=rows.device, dtype=em.mask_dtype)
             return ops.masked_writer_sum(rows, mask, base)[0]
@@ -518,30 +516,28 @@ class _Run:
         z = z[:, W_a:]
         self.region_edge_sum = self.region_edge_sum + z.sum()
         if em.node_log_alpha is not None:
-            u = (ops.node_noise(self.seed, W_m, rows.device).to(em.mask_dtype)[W_a:]
-                 if em.training else None)
-            z = z * ops.hard_concrete(em.node_log_alpha[W_a:W_m], training=em.training, u=u)
+            z = z * self._node_masks(W_m)[W_a:]
         return ops.masked_writer_sum(rows, z, base, grad_stack=grad_rows)[0]
 
     def read(self, group: ReaderGroup, base: Optional[Tensor]) -> Tensor:
         return self._read(group.index, group.first_reader, group.n_readers, group.n_writers, base)
 
     def _read(self, gi: int, first_reader: int, n_readers: int, n_writers: int, base: Optional[Tensor],
-              extra=None) -> Tensor:
+              extra_group: Optional[int] = None) -> Tensor:
         """Readers ``first_reader ..`` of group `gi` over the first `n_writers`
-        writers; `extra` = (group index, column selector) appends the rows of
-        the next group (the MLP reader) to the same call."""
+        writers; `extra_group` appends that group's rows (the next group: the
+        MLP reader), over the same writers, to the same call."""
         em = self.em
         if base is not None:
-            base = base.expand(self.stack.shape[1:]).contiguous() if base.shape != self.stack.shape[1:] else base
+            base = _full(base, self.stack.shape[1:])
         if self.plain:  # every mask 1: the unmasked model's writer outputs (for mean ablation)
             mask = torch.ones(n_readers, n_writers, device=self.stack.device, dtype=em.mask_dtype)
             return ops.masked_writer_sum(self.stack, mask, base)
 
-        def rows_of(per_group):  # this group's rows, plus the extra group's selected columns
-            if extra is None:
+        def rows_of(per_group):  # this group's rows, plus the extra group's over the same writers
+            if extra_group is None:
                 return per_group[gi]
-            return torch.cat([per_group[gi], extra[1](per_group[extra[0]])])
+            return torch.cat([per_group[gi], per_group[extra_group][:, :n_writers]])
 
         grad_stack = self.grad_buffer if self.needs_grad else None
         if em._fixed_masks is not None:
@@ -564,9 +560,15 @@ class _Run:
         em = self.em
         if em.node_log_alpha is None or em._fixed_masks is not None:
             return None
-        u = (ops.node_noise(self.seed, em.graph.n_writers, em.node_log_alpha.device).to(em.mask_dtype)
+        return self._node_masks(em.graph.n_writers).sum()
+
+    def _node_masks(self, stop: int) -> Tensor:
+        """Node masks of writers ``[0, stop)``: sampled from this run's seed in
+        training (the noise every fused call draws), deterministic in eval."""
+        em = self.em
+        u = (ops.node_noise(self.seed, stop, em.node_log_alpha.device).to(em.mask_dtype)
              if em.training else None)
-        return ops.hard_concrete(em.node_log_alpha, training=em.training, u=u).sum()
+        return ops.hard_concrete(em.node_log_alpha[:stop], training=em.training, u=u)
 
 
 def attention_heads(a: Adapter, layer: int, xq: Tensor, xk: Tensor, xv: Tensor, cos_sin,
@@ -587,6 +589,11 @@ def attention_heads(a: Adapter, layer: int, xq: Tensor, xk: Tensor, xv: Tensor, 
     if o_b is not None:
         heads = heads + o_b / a.n_heads  # the output bias split evenly across heads
     return heads
+
+
+def _full(t: Tensor, shape) -> Tensor:
+    """`t` broadcast to `shape` and materialised (the ops take whole rows)."""
+    return t if t.shape == shape else t.expand(shape).contiguous()
 
 
 def _project(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
