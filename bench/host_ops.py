@@ -38,7 +38,8 @@ is the whole step at depth L2.
 Host time per layer (``--time``, real tensors only): the same difference of
 forward-plus-backward wall times, median of ``--repeats`` steps, on shapes
 so small that the arithmetic is negligible: what the host spends per layer.
-It is a CPU timing on whatever machine runs it (shared machines are noisy).
+It is a CPU timing on whatever machine runs it (shared machines are noisy),
+with one torch thread unless ``--threads``.
 
 Models: ``small-llama`` (a 4-layer Llama, hidden 128, grouped k/v heads, on
 real CPU tensors) and ``gpt2-small`` (GPT-2 small's shape, 12 layers, on fake
@@ -291,6 +292,9 @@ def parse_args(argv=None):
     p.add_argument("--no-node-masks", action="store_true")
     p.add_argument("--time", action="store_true", help="host ms per layer (real tensors only)")
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the shapes are tiny, and OpenMP spinning on a "
+                        "shared CPU adds noise to the timing)")
     p.add_argument("--top", type=int, default=0, help="print the N most frequent ops per layer")
     p.add_argument("--out", default=None)
     p.add_argument("--no-record", action="store_true", help="print only; append nothing")
@@ -306,6 +310,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     rows = run(args)
     if not args.no_record:
         out = Path(args.out or os.environ.get("OUT") or BENCH_DIR / "results")
