@@ -447,11 +447,13 @@ class EdgeModel(nn.Module):
 
 
 class _Run:
-    """The state of one forward: the stack, its gradient buffer, the order token."""
+    """The state of one forward: the stack, its gradient buffer, the order
+    token, and the node masks of every writer."""
 
     def __init__(self, em: EdgeModel, seed: int, needs_grad: bool, plain: bool):
         self.em, self.seed, self.needs_grad, self.plain = em, seed, needs_grad, plain
         self.edge_sum = torch.zeros((), device=em.edge_log_alpha[0].device, dtype=em.mask_dtype)
+        self.node_masks = self._sample_node_masks()
 
     def write(self, start: int, delta: Tensor) -> None:
         if self.needs_grad and delta.requires_grad:
@@ -515,8 +517,8 @@ class _Run:
                                 training=em.training)
         z = z[:, W_a:]
         self.region_edge_sum = self.region_edge_sum + z.sum()
-        if em.node_log_alpha is not None:
-            z = z * self._node_masks(W_m)[W_a:]
+        if self.node_masks is not None:
+            z = z * self.node_masks[W_a:W_m]
         return ops.masked_writer_sum(rows, z, base, grad_stack=grad_rows)[0]
 
     def read(self, group: ReaderGroup, base: Optional[Tensor]) -> Tensor:
@@ -557,18 +559,23 @@ class _Run:
         return out
 
     def node_sum(self) -> Optional[Tensor]:
-        em = self.em
-        if em.node_log_alpha is None or em._fixed_masks is not None:
-            return None
-        return self._node_masks(em.graph.n_writers).sum()
+        return None if self.node_masks is None else self.node_masks.sum()
 
-    def _node_masks(self, stop: int) -> Tensor:
-        """Node masks of writers ``[0, stop)``: sampled from this run's seed in
-        training (the noise every fused call draws), deterministic in eval."""
+    def _sample_node_masks(self) -> Optional[Tensor]:
+        """Node masks of every writer ([n_writers]), once per forward: sampled
+        from this run's seed in training (the noise every fused call draws for
+        the same writers: node noise depends on the seed and the writer only),
+        deterministic in eval. Made here, before any reader region, and only
+        sliced inside them: with ``recompute_readers`` a checkpointed region's
+        recomputation then slices the same tensor instead of drawing the noise
+        again. None when the run uses no sampled node masks (none, a fixed
+        circuit, or the plain run of mean ablation)."""
         em = self.em
-        u = (ops.node_noise(self.seed, stop, em.node_log_alpha.device).to(em.mask_dtype)
+        if em.node_log_alpha is None or em._fixed_masks is not None or self.plain:
+            return None
+        u = (ops.node_noise(self.seed, em.graph.n_writers, em.node_log_alpha.device).to(em.mask_dtype)
              if em.training else None)
-        return ops.hard_concrete(em.node_log_alpha[:stop], training=em.training, u=u)
+        return ops.hard_concrete(em.node_log_alpha, training=em.training, u=u)
 
 
 def attention_heads(a: Adapter, layer: int, xq: Tensor, xk: Tensor, xv: Tensor, cos_sin,
