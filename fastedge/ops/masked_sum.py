@@ -119,14 +119,18 @@ def _(stack, dout, mask_like, backend):
 
 def _base_grad(ctx, dout: Tensor, base_index: Optional[Tensor]) -> Tensor:
     """Sum of dout over the readers of each base row, in fp32, as one fixed
-    contraction (no atomics, so it is deterministic on every device)."""
+    contraction (no atomics, so it is deterministic on every device). The
+    shared base (no index) reduces 16-bit dout with an fp32 accumulator
+    directly: on CUDA the reduction reads the 16-bit values, with no fp32
+    copy of the whole [R, *T] gradient. The indexed base (not used by
+    fastedge's models) still contracts an fp32 copy with a one-hot matrix."""
     acc_dtype = torch.float64 if dout.dtype == torch.float64 else torch.float32
-    flat = dout.reshape(dout.shape[0], -1).to(acc_dtype)
+    flat = dout.reshape(dout.shape[0], -1)
     if base_index is None:
-        rows = flat.sum(0)
+        rows = torch.sum(flat, dim=0, dtype=acc_dtype)
     else:
         one_hot = torch.nn.functional.one_hot(base_index.to(torch.int64), ctx.base_shape[0])
-        rows = one_hot.t().to(acc_dtype) @ flat
+        rows = one_hot.t().to(acc_dtype) @ flat.to(acc_dtype)
     return rows.to(ctx.base_dtype).reshape(ctx.base_shape)
 
 
