@@ -26,10 +26,12 @@ A writer's rows must have received the gradients of *every* reader that read
 them before the writer's backward reads the buffer. That ordering is made
 explicit with a token: a 0-dim tensor threaded through the writes in order
 (each `_StackWrite` consumes the previous token and returns the next) and
-mixed into each reader's ``log_alpha`` as ``log_alpha + 0 * token``. The
-engine runs a node's backward only after every consumer of its outputs has
-run, so write k's backward waits for all readers that consumed token k or a
-later token, which are exactly the readers that could read its rows.
+mixed into each reader's ``log_alpha`` as ``torch.add(log_alpha, token,
+alpha=0)`` (``log_alpha + 0 * token`` in one op; the token is always 0, so
+the values are unchanged). The engine runs a node's backward only after
+every consumer of its outputs has run, so write k's backward waits for all
+readers that consumed token k or a later token, which are exactly the
+readers that could read its rows.
 
 Memory (measured by bench/memory.py on fake tensors)
 ----------------------------------------------------
@@ -270,6 +272,18 @@ class EdgeModel(nn.Module):
         self._fixed_masks = fixed
 
     @property
+    def _fixed_masks(self) -> Optional[list[Tensor]]:
+        """The fixed circuit's masks per group (None: masks are sampled)."""
+        return self._circuit[0]
+
+    @_fixed_masks.setter
+    def _fixed_masks(self, masks: Optional[list[Tensor]]) -> None:
+        # with the edge-mask sum of every forward under them (constants): made
+        # once here instead of from each read's masks in every forward
+        total = None if masks is None else torch.stack([m.sum() for m in masks]).sum()
+        self._circuit = (masks, total)
+
+    @property
     def circuit_fixed(self) -> bool:
         return self._fixed_masks is not None
 
@@ -452,7 +466,8 @@ class _Run:
 
     def __init__(self, em: EdgeModel, seed: int, needs_grad: bool, plain: bool):
         self.em, self.seed, self.needs_grad, self.plain = em, seed, needs_grad, plain
-        self.edge_sum = torch.zeros((), device=em.edge_log_alpha[0].device, dtype=em.mask_dtype)
+        # the reader regions' edge-mask sums, added once at the end (`edge_sum`)
+        self.edge_sums: list[Tensor] = [] if em._fixed_masks is None else [em._circuit[1]]
         self.node_masks = self._sample_node_masks()
 
     def write(self, start: int, delta: Tensor) -> None:
@@ -464,19 +479,36 @@ class _Run:
 
     def region(self, fn, *args):
         """Run a reader region, checkpointed when the model recomputes readers.
-        The region's edge-mask sum leaves it as an output, so that its
-        gradient flows through the checkpoint."""
+        The region's edge-mask sum (None if it sampled no masks) leaves it as
+        an output, so that its gradient flows through the checkpoint."""
         def body(token, *args):
             self.token_for_read = token
-            self.region_edge_sum = torch.zeros_like(self.edge_sum)
+            self.region_edge_sum = None
             out = fn(self, *args)
             return out, self.region_edge_sum
         if self.em.recompute_readers and self.needs_grad:
             out, edge_sum = torch.utils.checkpoint.checkpoint(body, self.token, *args, use_reentrant=False)
         else:
             out, edge_sum = body(self.token, *args)
-        self.edge_sum = self.edge_sum + edge_sum
+        if edge_sum is not None:
+            self.edge_sums.append(edge_sum)
         return out
+
+    @property
+    def edge_sum(self) -> Tensor:
+        """The sum of every edge mask this run used (0-dim, mask dtype)."""
+        if not self.edge_sums:
+            em = self.em
+            return torch.zeros((), device=em.edge_log_alpha[0].device, dtype=em.mask_dtype)
+        return torch.stack(self.edge_sums).sum()
+
+    def _count_edges(self, edge_sum: Tensor) -> None:
+        self.region_edge_sum = _add(self.region_edge_sum, edge_sum)
+
+    def _after_writes(self, log_alpha: Tensor) -> Tensor:
+        """`log_alpha` tied to the order token (module docstring), when the run
+        has a backward: ``log_alpha + 0 * token`` in one op."""
+        return torch.add(log_alpha, self.token_for_read, alpha=0) if self.needs_grad else log_alpha
 
     def read_layer(self, attn: ReaderGroup, mlp: ReaderGroup, base: Optional[Tensor]) -> Tensor:
         """One layer's attention readers and, as one more row, the MLP reader's
@@ -502,21 +534,16 @@ class _Run:
         if self.plain:
             mask = torch.ones(1, W_m - W_a, device=rows.device, dtype=em.mask_dtype)
             return ops.masked_writer_sum(rows, mask, base)[0]
-        if em._fixed_masks is not None:
-            mask = em._fixed_masks[mlp.index][:, W_a:]
-            self.region_edge_sum = self.region_edge_sum + mask.sum()
-            if self.needs_grad:
-                mask = mask + 0 * self.token_for_read
+        if em._fixed_masks is not None:  # (their edge sum is counted once per forward)
+            mask = self._after_writes(em._fixed_masks[mlp.index][:, W_a:])
             return ops.masked_writer_sum(rows, mask, base, grad_stack=grad_rows)[0]
-        edge = em.edge_log_alpha[mlp.index]
-        if self.needs_grad:
-            edge = edge + 0 * self.token_for_read
+        edge = self._after_writes(em.edge_log_alpha[mlp.index])
         # the whole row's masks (W_m values: cheap), so that the noise counters
         # are those of the MLP reader's own call; the prefix part is unused here
         z, _ = ops.sample_masks(edge, None, seed=self.seed, reader_offset=mlp.first_reader,
                                 training=em.training)
         z = z[:, W_a:]
-        self.region_edge_sum = self.region_edge_sum + z.sum()
+        self._count_edges(z.sum())
         if self.node_masks is not None:
             z = z * self.node_masks[W_a:W_m]
         return ops.masked_writer_sum(rows, z, base, grad_stack=grad_rows)[0]
@@ -542,20 +569,15 @@ class _Run:
             return torch.cat([per_group[gi], per_group[extra_group][:, :n_writers]])
 
         grad_stack = self.grad_buffer if self.needs_grad else None
-        if em._fixed_masks is not None:
-            mask = rows_of(em._fixed_masks)
-            self.region_edge_sum = self.region_edge_sum + mask.sum()
-            if self.needs_grad:
-                mask = mask + 0 * self.token_for_read
+        if em._fixed_masks is not None:  # (their edge sum is counted once per forward)
+            mask = self._after_writes(rows_of(em._fixed_masks))
             return ops.masked_writer_sum(self.stack, mask, base, grad_stack=grad_stack)
-        edge = rows_of(em.edge_log_alpha)
-        if self.needs_grad:
-            edge = edge + 0 * self.token_for_read
+        edge = self._after_writes(rows_of(em.edge_log_alpha))
         node = None if em.node_log_alpha is None else em.node_log_alpha[:n_writers]
         out, edge_sum = ops.sampled_masked_writer_sum(
             self.stack, edge, node, base, seed=self.seed, reader_offset=first_reader,
             training=em.training, grad_stack=grad_stack)
-        self.region_edge_sum = self.region_edge_sum + edge_sum
+        self._count_edges(edge_sum)
         return out
 
     def node_sum(self) -> Optional[Tensor]:
