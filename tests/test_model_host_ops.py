@@ -84,3 +84,32 @@ def test_mean_ablation_makes_node_masks_once_and_none_for_the_means(monkeypatch)
     out.logits.sum().backward()
     assert len(calls) == 1
     assert em.node_log_alpha.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("rot, head_dim", [(8, 8), (4, 10), (2, 6), (6, 6)], ids=lambda v: str(v))
+def test_prepared_rotary_matches_hugging_face(rot, head_dim):
+    """`Rotary` (prepared once per forward, three ops per head tensor) against
+    Hugging Face's partial-rotary form, in float64; the dims that do not
+    rotate pass through exactly."""
+    from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
+    from fastedge.model import Rotary
+    g = torch.Generator().manual_seed(rot * 31 + head_dim)
+    B, H, S = 2, 3, 5
+    q = torch.randn(B, H, S, head_dim, generator=g, dtype=torch.float64)
+    k = torch.randn(B, H, S, head_dim, generator=g, dtype=torch.float64)
+    angle = torch.rand(B, S, rot // 2, generator=g, dtype=torch.float64) * 6
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+    rotary = Rotary.prepare(cos, sin, head_dim)
+    for got, want, t in ((rotary(q), want_q, q), (rotary(k), want_k, k)):
+        assert torch.allclose(got, want, rtol=1e-14, atol=1e-14)
+        assert torch.equal(got[..., rot:], t[..., rot:])
+
+
+def test_rotary_refuses_an_odd_or_too_wide_rotation():
+    from fastedge.model import Rotary
+    cos = torch.ones(1, 2, 3)
+    with pytest.raises(ValueError, match="even"):
+        Rotary.prepare(cos, cos, 8)
+    with pytest.raises(ValueError, match="at most the head width"):
+        Rotary.prepare(torch.ones(1, 2, 10), torch.ones(1, 2, 10), 8)
