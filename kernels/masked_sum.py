@@ -53,21 +53,102 @@ import triton.language as tl
 
 
 @triton.jit
-def _dot_mask_lhs(a, b, acc, DOT_IN_FP32: tl.constexpr):
-    """acc + a @ b for an fp32 mask tile `a` and a storage-dtype tile `b`,
-    fp32-accurate in the mask (see the module docstring)."""
-    if b.dtype == tl.float32:
-        acc = tl.dot(a, b, acc, input_precision="tf32x3")
+def _round_low_bits(v, LOW_BITS: tl.constexpr):
+    """fp32 `v` rounded to nearest (ties to even) with its LOW_BITS lowest
+    mantissa bits cleared: 16 gives a bfloat16 value, 13 a tf32 value, exactly
+    representable in the narrower format (so a later narrowing, or a tensor
+    core reading only the top bits, is exact). Done on the bits, so compiled
+    and interpreted kernels round alike (the interpreter truncates its
+    fp32-to-bf16 conversions)."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = bits + ((1 << (LOW_BITS - 1)) - 1) + ((bits >> LOW_BITS) & 1)
+    bits = bits & (0xFFFFFFFF ^ ((1 << LOW_BITS) - 1))
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _narrow(v, dtype: tl.constexpr):
+    """fp32 `v` rounded to nearest in `dtype`'s precision: a bf16/fp16 tensor,
+    or for fp32 a tf32 value kept in fp32."""
+    if dtype == tl.float32:
+        return _round_low_bits(v, 13)
+    elif dtype == tl.bfloat16:
+        return _round_low_bits(v, 16).to(dtype)
     else:
-        a_hi = a.to(b.dtype)
-        a_lo = (a - a_hi.to(tl.float32)).to(b.dtype)
-        if DOT_IN_FP32:
-            b32 = b.to(tl.float32)
-            acc = tl.dot(a_hi.to(tl.float32), b32, acc, input_precision="ieee")
-            acc = tl.dot(a_lo.to(tl.float32), b32, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a_hi, b, acc)
-            acc = tl.dot(a_lo, b, acc)
+        return v.to(dtype)
+
+
+@triton.jit
+def _split_mask_kernel(m_ptr, hi_ptr, lo_ptr, flag_ptr, R, W,
+                       KEEP_LO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Split one [BLOCK_R, BLOCK_W] tile of the fp32 mask into the operands of
+    the tensor-core products: hi = m rounded to the product dtype (hi_ptr's:
+    bf16/fp16, or fp32 holding a tf32 value), lo = (m - hi) rounded again
+    (KEEP_LO), and flag = whether any lo of the tile is nonzero. A mask of 0s
+    and 1s (a fixed circuit, clamped hard-concrete samples) has lo = 0, and the
+    kernels then skip the lo product of that tile exactly."""
+    pid = tl.program_id(0)
+    n_w_tiles = tl.cdiv(W, BLOCK_W)
+    offs_r = (pid // n_w_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_w = (pid % n_w_tiles) * BLOCK_W + tl.arange(0, BLOCK_W)
+    valid = (offs_r < R)[:, None] & (offs_w < W)[None, :]
+    offs = offs_r[:, None].to(tl.int64) * W + offs_w[None, :]
+    m = tl.load(m_ptr + offs, mask=valid, other=0.0)
+    hi = _narrow(m, hi_ptr.dtype.element_ty)
+    tl.store(hi_ptr + offs, hi, mask=valid)
+    if KEEP_LO:
+        lo = _narrow(m - hi.to(tl.float32), hi_ptr.dtype.element_ty)
+        tl.store(lo_ptr + offs, lo, mask=valid)
+        nonzero = tl.sum(tl.sum((lo != 0).to(tl.int32), axis=1), axis=0)
+        tl.store(flag_ptr + pid, nonzero)
+
+
+@triton.jit
+def _dot_split(m_hi, lo_ptrs, lo_valid, flag, b, acc, SPLIT: tl.constexpr,
+               DOT_IN_FP32: tl.constexpr):
+    """acc + m @ b for a mask tile given as its product-dtype halves (see
+    `_split_mask_kernel`) and a storage-dtype tile `b`:
+
+    * 16 bits: hi @ b, plus lo @ b when SPLIT and the tile's flag is set;
+      products of 16-bit values are exact in fp32, so the mask is carried to
+      two roundings (about 2^-17 relative in bf16, 2^-22 in fp16), or to one
+      (2^-9, 2^-12) without SPLIT.
+    * fp32: b = b_hi + b_lo, each a tf32 value; hi @ b_hi + hi @ b_lo, plus
+      lo @ b_hi when SPLIT and flagged (the dropped lo @ b_lo and the two
+      roundings leave about 2^-21 relative per term); without SPLIT, one tf32
+      product hi @ b_hi (2^-11 relative in each operand).
+
+    The lo tile is loaded only when it is used."""
+    if b.dtype == tl.float32:
+        b_hi = _round_low_bits(b, 13)
+        b_lo = _round_low_bits(b - b_hi, 13)
+        acc = _dot_exact(m_hi, b_hi, acc, DOT_IN_FP32)
+        if SPLIT:
+            acc = _dot_exact(m_hi, b_lo, acc, DOT_IN_FP32)
+            if flag != 0:
+                m_lo = tl.load(lo_ptrs, mask=lo_valid, other=0.0)
+                acc = _dot_exact(m_lo, b_hi, acc, DOT_IN_FP32)
+    else:
+        acc = _dot_exact(m_hi, b, acc, DOT_IN_FP32)
+        if SPLIT:
+            if flag != 0:
+                m_lo = tl.load(lo_ptrs, mask=lo_valid, other=0.0)
+                acc = _dot_exact(m_lo, b, acc, DOT_IN_FP32)
+    return acc
+
+
+@triton.jit
+def _dot_exact(a, b, acc, DOT_IN_FP32: tl.constexpr):
+    """acc + a @ b where every product of an element of a and of b is exact in
+    fp32 (16-bit values, or tf32 values held in fp32): the tensor cores in the
+    operands' own dtype (tf32 for fp32), or, interpreted, fp32 products, which
+    are then the same."""
+    if DOT_IN_FP32:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif a.dtype == tl.float32:
+        acc = tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a, b, acc)
     return acc
 
 
@@ -97,9 +178,10 @@ def _block1(v, dtype: tl.constexpr):
 
 
 @triton.jit
-def _masked_sum_fwd_kernel(x_ptr, m_ptr, base_ptr, index_ptr, out_ptr, R, W, N, stride_x,
+def _masked_sum_fwd_kernel(x_ptr, m_ptr, hi_ptr, lo_ptr, flag_ptr, base_ptr, index_ptr, out_ptr,
+                           R, W, N, stride_x,
                            HAS_BASE: tl.constexpr, HAS_INDEX: tl.constexpr,
-                           USE_DOT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                           USE_DOT: tl.constexpr, SPLIT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
                            BLOCK_N: tl.constexpr):
     # Reader tiles vary fastest, so with more than one they read the same
@@ -115,16 +197,22 @@ def _masked_sum_fwd_kernel(x_ptr, m_ptr, base_ptr, index_ptr, out_ptr, R, W, N, 
     acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
 
     if USE_DOT:
+        # The mask comes split once per call (`_split_mask_kernel`, tiles of
+        # BLOCK_R x BLOCK_W): hi in the product dtype, lo loaded only for the
+        # tiles whose flag says it is not all zero.
+        n_w_tiles = tl.cdiv(W, BLOCK_W)
         for w0 in range(0, W, BLOCK_W):
             offs_w = w0 + tl.arange(0, BLOCK_W)
             w_valid = offs_w < W
             # Rows w >= W of a prefix view exist in memory but are not ours
             # (they may hold NaN): mask them, never multiply them by 0.
-            m = tl.load(m_ptr + offs_r[:, None] * W + offs_w[None, :],
-                        mask=r_valid[:, None] & w_valid[None, :], other=0.0)
+            m_offs = offs_r[:, None] * W + offs_w[None, :]
+            m_valid = r_valid[:, None] & w_valid[None, :]
+            m_hi = tl.load(hi_ptr + m_offs, mask=m_valid, other=0.0)
+            flag = tl.load(flag_ptr + pid_r * n_w_tiles + w0 // BLOCK_W) if SPLIT else 0
             x = tl.load(x_ptr + offs_w[:, None].to(tl.int64) * stride_x + offs_n[None, :],
                         mask=w_valid[:, None] & n_valid[None, :], other=0.0)
-            acc = _dot_mask_lhs(m, x, acc, DOT_IN_FP32)
+            acc = _dot_split(m_hi, lo_ptr + m_offs, m_valid, flag, x, acc, SPLIT, DOT_IN_FP32)
     else:
         # Vector path (R < 16, where a dot would be mostly padding): BLOCK_W
         # rows per step, unrolled so that their loads are all in flight
@@ -155,10 +243,10 @@ def _masked_sum_fwd_kernel(x_ptr, m_ptr, base_ptr, index_ptr, out_ptr, R, W, N, 
 
 
 @triton.jit
-def _masked_sum_bwd_stack_kernel(m_ptr, dout_ptr, dx_ptr, R, W, N, stride_dx,
-                                 USE_DOT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-                                 BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
-                                 BLOCK_N: tl.constexpr):
+def _masked_sum_bwd_stack_kernel(m_ptr, hi_ptr, lo_ptr, flag_ptr, dout_ptr, dx_ptr, R, W, N,
+                                 stride_dx, USE_DOT: tl.constexpr, SPLIT: tl.constexpr,
+                                 DOT_IN_FP32: tl.constexpr, BLOCK_R: tl.constexpr,
+                                 BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr):
     # Writer tiles vary fastest: programs running together share dout columns in L2.
     pid = tl.program_id(0)
     n_w_tiles = tl.cdiv(W, BLOCK_W)
@@ -171,14 +259,18 @@ def _masked_sum_bwd_stack_kernel(m_ptr, dout_ptr, dx_ptr, R, W, N, stride_dx,
     acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
 
     if USE_DOT:
+        # the mask's halves as in the forward, split in tiles of BLOCK_R x BLOCK_W
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             r_valid = offs_r < R
-            m = tl.load(m_ptr + offs_r[:, None] * W + offs_w[None, :],
-                        mask=r_valid[:, None] & w_valid[None, :], other=0.0)
+            # loaded transposed, [BLOCK_W, BLOCK_R]: the writers are the rows of the product
+            m_offs = offs_r[None, :] * W + offs_w[:, None]
+            m_valid = r_valid[None, :] & w_valid[:, None]
+            m_hi = tl.load(hi_ptr + m_offs, mask=m_valid, other=0.0)
+            flag = tl.load(flag_ptr + (r0 // BLOCK_R) * n_w_tiles + pid_w) if SPLIT else 0
             d = tl.load(dout_ptr + offs_r[:, None].to(tl.int64) * N + offs_n[None, :],
                         mask=r_valid[:, None] & n_valid[None, :], other=0.0)
-            acc = _dot_mask_lhs(tl.trans(m), d, acc, DOT_IN_FP32)
+            acc = _dot_split(m_hi, lo_ptr + m_offs, m_valid, flag, d, acc, SPLIT, DOT_IN_FP32)
     else:
         for r0 in range(0, R):
             r = _block1(r0, tl.int64)
@@ -386,16 +478,38 @@ def _row_stride(t: torch.Tensor) -> int:
     return t.stride(0) if t.shape[0] > 1 else t.shape[1]
 
 
+def _split_mask(m: torch.Tensor, dtype: torch.dtype, cfg: dict, split: bool):
+    """(hi, lo, flags) of the fp32 mask `m` for a dot kernel with tiles
+    cfg["BLOCK_R"] x cfg["BLOCK_W"] over [R, W] (`_split_mask_kernel`), made
+    once per call: hi and lo in `dtype` (fp32 holding tf32 values for an fp32
+    stack), one int32 flag per tile. Without `split`, lo and flags are
+    placeholders the kernel never reads. The vector path reads the fp32 mask
+    itself: then all three are placeholders."""
+    if not cfg["USE_DOT"]:
+        return m, m, m
+    R, W = m.shape
+    tiles = triton.cdiv(R, cfg["BLOCK_R"]) * triton.cdiv(W, cfg["BLOCK_W"])
+    hi = torch.empty((R, W), dtype=dtype, device=m.device)
+    lo = torch.empty((R, W), dtype=dtype, device=m.device) if split else hi
+    flags = torch.empty((tiles,), dtype=torch.int32, device=m.device) if split else hi
+    _split_mask_kernel[(tiles,)](m, hi, lo, flags, R, W, KEEP_LO=split,
+                                 BLOCK_R=cfg["BLOCK_R"], BLOCK_W=cfg["BLOCK_W"], num_warps=4)
+    return hi, lo, flags
+
+
 def masked_sum_fwd(x: torch.Tensor, m: torch.Tensor, base: Optional[torch.Tensor] = None,
                    base_index: Optional[torch.Tensor] = None,
-                   out: Optional[torch.Tensor] = None, config: Optional[dict] = None) -> torch.Tensor:
+                   out: Optional[torch.Tensor] = None, config: Optional[dict] = None,
+                   split: bool = True) -> torch.Tensor:
     """out[r] = base[g(r)] + sum_w m[r, w] * x[w] (fp32 accumulation).
 
     x [W, N] (unit inner stride, any row stride), m [R, W] fp32 contiguous,
     base None or [G, N] contiguous in x's dtype, base_index None or [R] int64
     (None with base means G == 1), out [R, N] contiguous in x's dtype
-    (allocated when None). `config` overrides `forward_config` (bench/tune.py
-    sweeps it). Returns out."""
+    (allocated when None). `split` (default) carries the mask to two
+    roundings in the tensor-core products; without it, one product (see
+    `_dot_split`). `config` overrides `forward_config` (bench/tune.py sweeps
+    it). Returns out."""
     W, N = _check_x(x)
     if m.dim() != 2 or m.shape[1] != W:
         raise ValueError(f"mask must be [R, {W}], got {tuple(m.shape)}")
@@ -419,24 +533,25 @@ def masked_sum_fwd(x: torch.Tensor, m: torch.Tensor, base: Optional[torch.Tensor
         return out
     cfg = config or forward_config(R, W, N, x.dtype, arch=_arch(x.device))
     grid = (triton.cdiv(R, cfg["BLOCK_R"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    hi, lo, flags = _split_mask(m, x.dtype, cfg, split)
     _masked_sum_fwd_kernel[grid](
-        x, m, out if base is None else base,
+        x, m, hi, lo, flags, out if base is None else base,
         out if base_index is None else base_index, out,
         R, W, N, _row_stride(x),
         HAS_BASE=base is not None, HAS_INDEX=base_index is not None,
-        USE_DOT=cfg["USE_DOT"], DOT_IN_FP32=_interpreted(_masked_sum_fwd_kernel),
+        USE_DOT=cfg["USE_DOT"], SPLIT=split, DOT_IN_FP32=_interpreted(_masked_sum_fwd_kernel),
         BLOCK_R=cfg["BLOCK_R"], BLOCK_W=cfg["BLOCK_W"], BLOCK_N=cfg["BLOCK_N"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 
 def masked_sum_bwd_stack(m: torch.Tensor, dout: torch.Tensor, dx: torch.Tensor,
-                         config: Optional[dict] = None) -> None:
+                         config: Optional[dict] = None, split: bool = True) -> None:
     """dx[w] += sum_r m[r, w] * dout[r], in place, accumulated in fp32.
 
     m [R, W] fp32 contiguous, dout [R, N] contiguous (storage dtype), dx [W, N]
-    (unit inner stride, any row stride) fp32 or dout's dtype. `config`
-    overrides `backward_stack_config`."""
+    (unit inner stride, any row stride) fp32 or dout's dtype. `split` as in
+    `masked_sum_fwd`. `config` overrides `backward_stack_config`."""
     if dout.dtype not in _STORAGE_DTYPES or dout.dim() != 2:
         raise TypeError(f"dout must be 2-D float32/bfloat16/float16, got {dout.dtype} "
                         f"{tuple(dout.shape)}")
@@ -456,9 +571,11 @@ def masked_sum_bwd_stack(m: torch.Tensor, dout: torch.Tensor, dx: torch.Tensor,
         return
     cfg = config or backward_stack_config(R, W, N, dout.dtype, dx.dtype)
     grid = (triton.cdiv(W, cfg["BLOCK_W"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    hi, lo, flags = _split_mask(m, dout.dtype, cfg, split)
     _masked_sum_bwd_stack_kernel[grid](
-        m, dout, dx, R, W, N, _row_stride(dx),
-        USE_DOT=cfg["USE_DOT"], DOT_IN_FP32=_interpreted(_masked_sum_bwd_stack_kernel),
+        m, hi, lo, flags, dout, dx, R, W, N, _row_stride(dx),
+        USE_DOT=cfg["USE_DOT"], SPLIT=split,
+        DOT_IN_FP32=_interpreted(_masked_sum_bwd_stack_kernel),
         BLOCK_R=cfg["BLOCK_R"], BLOCK_W=cfg["BLOCK_W"], BLOCK_N=cfg["BLOCK_N"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 

@@ -56,11 +56,15 @@ class Backend:
         raise NotImplementedError
 
     # -- masked writer sum -------------------------------------------------
-    def masked_sum_forward(self, x, m, base, base_index, out) -> None:
-        """out[r] = base[g(r)] + sum_w m[r, w] * x[w], accumulated in fp32."""
+    def masked_sum_forward(self, x, m, base, base_index, out, fast: bool = False) -> None:
+        """out[r] = base[g(r)] + sum_w m[r, w] * x[w], accumulated in fp32.
+
+        ``fast``: the caller accepts the mask rounded once to the product
+        dtype (see `fastedge.ops.masked_writer_sum`'s ``precision``); a
+        backend without a faster path ignores it and stays at full precision."""
         raise NotImplementedError
 
-    def masked_sum_backward_stack(self, m, dout, dx) -> None:
+    def masked_sum_backward_stack(self, m, dout, dx, fast: bool = False) -> None:
         """dx[w] += sum_r m[r, w] * dout[r] (in place, accumulated in fp32)."""
         raise NotImplementedError
 

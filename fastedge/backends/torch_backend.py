@@ -29,7 +29,7 @@ class TorchBackend(ReferenceBackend):
 
     name = "torch"
 
-    def masked_sum_forward(self, x, m, base, base_index, out):
+    def masked_sum_forward(self, x, m, base, base_index, out, fast=False):
         acc_dtype = ref.accumulation_dtype(x.dtype)
         m = m.to(acc_dtype)
         if x.dtype == acc_dtype:
@@ -51,7 +51,7 @@ class TorchBackend(ReferenceBackend):
                 acc += rows[0] if base_index is None else rows.index_select(0, base_index)
             out[:, cols].copy_(acc)
 
-    def masked_sum_backward_stack(self, m, dout, dx):
+    def masked_sum_backward_stack(self, m, dout, dx, fast=False):
         acc_dtype = ref.accumulation_dtype(dout.dtype)
         mt = m.to(acc_dtype).t()
         for cols in _chunks(dout.shape[1], dout.dtype):

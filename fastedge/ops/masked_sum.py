@@ -6,14 +6,17 @@ public functions in `fastedge.ops`.
 
 Registered ops (namespace `fastedge`):
 
-* `masked_writer_sum(stack, mask, base, base_index, grad_stack, backend) -> out`
-* `masked_writer_sum_backward_stack(mask, dout, backend) -> dstack`
+* `masked_writer_sum(stack, mask, base, base_index, grad_stack, backend, fast) -> out`
+* `masked_writer_sum_backward_stack(mask, dout, backend, fast) -> dstack`
 * `masked_writer_sum_backward_mask(stack, dout, backend) -> dmask`
-* `masked_writer_sum_accumulate_grad_(grad_stack, mask, dout, backend)` (in place)
+* `masked_writer_sum_accumulate_grad_(grad_stack, mask, dout, backend, fast)` (in place)
 * `sample_masks(edge_log_alpha, node_log_alpha, seed, reader_offset, training, backend) -> (mask, edge_sum)`
 * `sample_masks_backward(...) -> (d_edge_log_alpha, d_node_log_alpha)`
 * `sampled_masked_writer_sum(stack, edge_log_alpha, node_log_alpha, base, base_index,
-   grad_stack, seed, reader_offset, training, backend) -> (out, edge_sum)`
+   grad_stack, seed, reader_offset, training, backend, fast) -> (out, edge_sum)`
+
+`fast` is the public ``precision="fast"``: the backend may round the mask once
+to the product dtype (`fastedge.backends.base.Backend.masked_sum_forward`).
 
 `stack` is always the prefix the readers read ([W, *T]); the public functions
 take that view. When `grad_stack` (a caller-owned buffer) is given, the
@@ -42,7 +45,7 @@ from fastedge.ops._dispatch import (flat_rows, masked_sum_backend, sample_masks_
 
 
 def _forward(stack: Tensor, mask: Tensor, base: Optional[Tensor], base_index: Optional[Tensor],
-             backend: str) -> Tensor:
+             backend: str, fast: bool) -> Tensor:
     n_readers = mask.shape[0]
     x = flat_rows(stack)
     impl = masked_sum_backend(x, n_readers, backend)
@@ -53,19 +56,19 @@ def _forward(stack: Tensor, mask: Tensor, base: Optional[Tensor], base_index: Op
         base2d = base.reshape(-1 if base_index is not None else 1, x.shape[1]).contiguous()
         if base_index is not None:
             index = base_index.to(torch.int64).contiguous()
-    impl.masked_sum_forward(x, mask.contiguous(), base2d, index, out)
+    impl.masked_sum_forward(x, mask.contiguous(), base2d, index, out, fast=fast)
     return out.view((n_readers,) + tuple(stack.shape[1:]))
 
 
 @torch.library.custom_op("fastedge::masked_writer_sum", mutates_args=())
 def masked_writer_sum_op(stack: Tensor, mask: Tensor, base: Optional[Tensor],
                          base_index: Optional[Tensor], grad_stack: Optional[Tensor],
-                         backend: str) -> Tensor:
-    return _forward(stack, mask, base, base_index, backend)
+                         backend: str, fast: bool = False) -> Tensor:
+    return _forward(stack, mask, base, base_index, backend, fast)
 
 
 @masked_writer_sum_op.register_fake
-def _(stack, mask, base, base_index, grad_stack, backend):
+def _(stack, mask, base, base_index, grad_stack, backend, fast=False):
     return stack.new_empty((mask.shape[0],) + tuple(stack.shape[1:]))
 
 
@@ -73,33 +76,35 @@ def _(stack, mask, base, base_index, grad_stack, backend):
 
 
 @torch.library.custom_op("fastedge::masked_writer_sum_backward_stack", mutates_args=())
-def backward_stack_op(mask: Tensor, dout: Tensor, n_writers_like: Tensor, backend: str) -> Tensor:
+def backward_stack_op(mask: Tensor, dout: Tensor, n_writers_like: Tensor, backend: str,
+                      fast: bool = False) -> Tensor:
     """dstack [W, *T] (dtype of dout) = mask^T @ dout. `n_writers_like` is the
     stack prefix itself; only its shape is used."""
     dx = torch.zeros(n_writers_like.shape, dtype=dout.dtype, device=dout.device)
     d2 = flat_rows(dout.contiguous())
     impl = masked_sum_backend(d2, mask.shape[0], backend, grad_dtype=dx.dtype)
-    impl.masked_sum_backward_stack(mask.contiguous(), d2, dx.view(dx.shape[0], -1))
+    impl.masked_sum_backward_stack(mask.contiguous(), d2, dx.view(dx.shape[0], -1), fast=fast)
     return dx
 
 
 @backward_stack_op.register_fake
-def _(mask, dout, n_writers_like, backend):
+def _(mask, dout, n_writers_like, backend, fast=False):
     return dout.new_empty(n_writers_like.shape)
 
 
 @torch.library.custom_op("fastedge::masked_writer_sum_accumulate_grad_",
                          mutates_args=("grad_stack",))
-def accumulate_grad_op(grad_stack: Tensor, mask: Tensor, dout: Tensor, backend: str) -> None:
+def accumulate_grad_op(grad_stack: Tensor, mask: Tensor, dout: Tensor, backend: str,
+                       fast: bool = False) -> None:
     """grad_stack[:W] += mask^T @ dout, in place (W = mask.shape[1])."""
     d2 = flat_rows(dout.contiguous())
     prefix = grad_stack[: mask.shape[1]].reshape(mask.shape[1], -1)
     impl = masked_sum_backend(d2, mask.shape[0], backend, grad_dtype=grad_stack.dtype)
-    impl.masked_sum_backward_stack(mask.contiguous(), d2, prefix)
+    impl.masked_sum_backward_stack(mask.contiguous(), d2, prefix, fast=fast)
 
 
 @accumulate_grad_op.register_fake
-def _(grad_stack, mask, dout, backend):
+def _(grad_stack, mask, dout, backend, fast=False):
     return None
 
 
@@ -132,14 +137,14 @@ def _base_grad(ctx, dout: Tensor, base_index: Optional[Tensor]) -> Tensor:
 
 def _stack_grad(ctx, mask: Tensor, dout: Tensor, stack: Tensor):
     if ctx.has_grad_buffer:
-        accumulate_grad_op(ctx.grad_stack, mask, dout, ctx.backend)
+        accumulate_grad_op(ctx.grad_stack, mask, dout, ctx.backend, ctx.fast)
         return None
-    return backward_stack_op(mask, dout, stack, ctx.backend)
+    return backward_stack_op(mask, dout, stack, ctx.backend, ctx.fast)
 
 
 def _setup_context(ctx, inputs, output):
-    stack, mask, base, base_index, grad_stack, backend = inputs
-    ctx.backend = backend
+    stack, mask, base, base_index, grad_stack, backend, fast = inputs
+    ctx.backend, ctx.fast = backend, fast
     _record_base_and_buffer(ctx, base, grad_stack)
     _save(ctx, stack, mask, base_index)
 
@@ -200,7 +205,7 @@ def _backward(ctx, dout):
     if ctx.has_base and ctx.needs_input_grad[2]:
         dbase = _base_grad(ctx, dout, base_index)
     _release(ctx)
-    return dstack, dmask, dbase, None, None, None
+    return dstack, dmask, dbase, None, None, None, None
 
 
 masked_writer_sum_op.register_autograd(_backward, setup_context=_setup_context)
@@ -273,24 +278,24 @@ def sampled_masked_writer_sum_op(stack: Tensor, edge_log_alpha: Tensor,
                                  node_log_alpha: Optional[Tensor], base: Optional[Tensor],
                                  base_index: Optional[Tensor], grad_stack: Optional[Tensor],
                                  seed: int, reader_offset: int, training: bool,
-                                 backend: str) -> tuple[Tensor, Tensor]:
+                                 backend: str, fast: bool = False) -> tuple[Tensor, Tensor]:
     mask, edge_sum = sample_masks_op(edge_log_alpha, node_log_alpha, seed, reader_offset,
                                      training, backend)
-    return _forward(stack, mask, base, base_index, backend), edge_sum
+    return _forward(stack, mask, base, base_index, backend, fast), edge_sum
 
 
 @sampled_masked_writer_sum_op.register_fake
 def _(stack, edge_log_alpha, node_log_alpha, base, base_index, grad_stack, seed, reader_offset,
-      training, backend):
+      training, backend, fast=False):
     return (stack.new_empty((edge_log_alpha.shape[0],) + tuple(stack.shape[1:])),
             edge_log_alpha.new_empty(()))
 
 
 def _fused_setup(ctx, inputs, output):
     (stack, edge_log_alpha, node_log_alpha, base, base_index, grad_stack, seed, reader_offset,
-     training, backend) = inputs
+     training, backend, fast) = inputs
     ctx.args = (seed, reader_offset, training, backend)
-    ctx.backend = backend
+    ctx.backend, ctx.fast = backend, fast
     ctx.has_node = node_log_alpha is not None
     _record_base_and_buffer(ctx, base, grad_stack)
     # The masks are not saved: the backward re-derives them from the seed.
@@ -322,7 +327,7 @@ def _fused_backward(ctx, dout, dedge_sum):
     if ctx.has_base and ctx.needs_input_grad[3]:
         dbase = _base_grad(ctx, dout, base_index)
     _release(ctx)
-    return dstack, d_edge, d_node, dbase, None, None, None, None, None, None
+    return dstack, d_edge, d_node, dbase, None, None, None, None, None, None, None
 
 
 sampled_masked_writer_sum_op.register_autograd(_fused_backward, setup_context=_fused_setup)
