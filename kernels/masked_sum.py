@@ -79,21 +79,28 @@ def _narrow(v, dtype: tl.constexpr):
 
 
 @triton.jit
-def _split_mask_kernel(m_ptr, hi_ptr, lo_ptr, flag_ptr, R, W,
-                       KEEP_LO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+def _split_mask_kernel(m_ptr, hi_ptr, lo_ptr, flag_ptr, cols_ptr, count_ptr, R, W,
+                       KEEP_LO: tl.constexpr, HAS_COLS: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_W: tl.constexpr):
     """Split one [BLOCK_R, BLOCK_W] tile of the fp32 mask into the operands of
     the tensor-core products: hi = m rounded to the product dtype (hi_ptr's:
     bf16/fp16, or fp32 holding a tf32 value), lo = (m - hi) rounded again
     (KEEP_LO), and flag = whether any lo of the tile is nonzero. A mask of 0s
     and 1s (a fixed circuit, clamped hard-concrete samples) has lo = 0, and the
-    kernels then skip the lo product of that tile exactly."""
+    kernels then skip the lo product of that tile exactly.
+
+    With HAS_COLS the halves are compacted: column j of hi and lo is column
+    cols[j] of m, for j < count (the live columns, `live_columns`)."""
     pid = tl.program_id(0)
     n_w_tiles = tl.cdiv(W, BLOCK_W)
     offs_r = (pid // n_w_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_w = (pid % n_w_tiles) * BLOCK_W + tl.arange(0, BLOCK_W)
-    valid = (offs_r < R)[:, None] & (offs_w < W)[None, :]
+    n_cols = tl.load(count_ptr) if HAS_COLS else W
+    w_valid = offs_w < n_cols
+    src_w = tl.load(cols_ptr + offs_w, mask=w_valid, other=0) if HAS_COLS else offs_w
+    valid = (offs_r < R)[:, None] & w_valid[None, :]
     offs = offs_r[:, None].to(tl.int64) * W + offs_w[None, :]
-    m = tl.load(m_ptr + offs, mask=valid, other=0.0)
+    m = tl.load(m_ptr + offs_r[:, None].to(tl.int64) * W + src_w[None, :], mask=valid, other=0.0)
     hi = _narrow(m, hi_ptr.dtype.element_ty)
     tl.store(hi_ptr + offs, hi, mask=valid)
     if KEEP_LO:
@@ -178,9 +185,9 @@ def _block1(v, dtype: tl.constexpr):
 
 
 @triton.jit
-def _masked_sum_fwd_kernel(x_ptr, m_ptr, hi_ptr, lo_ptr, flag_ptr, base_ptr, index_ptr, out_ptr,
-                           R, W, N, stride_x,
-                           HAS_BASE: tl.constexpr, HAS_INDEX: tl.constexpr,
+def _masked_sum_fwd_kernel(x_ptr, m_ptr, hi_ptr, lo_ptr, flag_ptr, cols_ptr, count_ptr, base_ptr,
+                           index_ptr, out_ptr, R, W, N, stride_x,
+                           HAS_BASE: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_COLS: tl.constexpr,
                            USE_DOT: tl.constexpr, SPLIT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
                            BLOCK_N: tl.constexpr):
@@ -195,32 +202,42 @@ def _masked_sum_fwd_kernel(x_ptr, m_ptr, hi_ptr, lo_ptr, flag_ptr, base_ptr, ind
     r_valid = offs_r < R
     n_valid = offs_n < N
     acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    # With HAS_COLS only the live writers are read: cols[0:count] lists the
+    # writers whose mask is nonzero for some reader (`live_columns`); the rest
+    # would add exact zeros.
+    n_cols = tl.load(count_ptr) if HAS_COLS else W
 
     if USE_DOT:
         # The mask comes split once per call (`_split_mask_kernel`, tiles of
-        # BLOCK_R x BLOCK_W): hi in the product dtype, lo loaded only for the
-        # tiles whose flag says it is not all zero.
+        # BLOCK_R x BLOCK_W, compacted to the live columns with HAS_COLS): hi
+        # in the product dtype, lo loaded only for the tiles whose flag says
+        # it is not all zero.
         n_w_tiles = tl.cdiv(W, BLOCK_W)
-        for w0 in range(0, W, BLOCK_W):
+        for w0 in range(0, n_cols, BLOCK_W):
             offs_w = w0 + tl.arange(0, BLOCK_W)
-            w_valid = offs_w < W
+            w_valid = offs_w < n_cols
             # Rows w >= W of a prefix view exist in memory but are not ours
             # (they may hold NaN): mask them, never multiply them by 0.
+            rows = tl.load(cols_ptr + offs_w, mask=w_valid, other=0) if HAS_COLS else offs_w
             m_offs = offs_r[:, None] * W + offs_w[None, :]
             m_valid = r_valid[:, None] & w_valid[None, :]
             m_hi = tl.load(hi_ptr + m_offs, mask=m_valid, other=0.0)
             flag = tl.load(flag_ptr + pid_r * n_w_tiles + w0 // BLOCK_W) if SPLIT else 0
-            x = tl.load(x_ptr + offs_w[:, None].to(tl.int64) * stride_x + offs_n[None, :],
+            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + offs_n[None, :],
                         mask=w_valid[:, None] & n_valid[None, :], other=0.0)
             acc = _dot_split(m_hi, lo_ptr + m_offs, m_valid, flag, x, acc, SPLIT, DOT_IN_FP32)
     else:
         # Vector path (R < 16, where a dot would be mostly padding): BLOCK_W
         # rows per step, unrolled so that their loads are all in flight
         # together; one fp32 FMA per reader and element.
-        for w0 in range(0, W, BLOCK_W):
+        for w0 in range(0, n_cols, BLOCK_W):
             for k in tl.static_range(BLOCK_W):
-                w = _block1(w0 + k, tl.int64)
-                w_ok = w < W
+                j = _block1(w0 + k, tl.int64)
+                w_ok = j < n_cols
+                if HAS_COLS:
+                    w = tl.load(cols_ptr + j, mask=w_ok, other=0).to(tl.int64)
+                else:
+                    w = j
                 m_col = tl.load(m_ptr + offs_r * W + w, mask=r_valid & w_ok, other=0.0)
                 x_row = tl.load(x_ptr + w * stride_x + offs_n, mask=n_valid & w_ok,
                                 other=0.0).to(tl.float32)
@@ -243,18 +260,26 @@ def _masked_sum_fwd_kernel(x_ptr, m_ptr, hi_ptr, lo_ptr, flag_ptr, base_ptr, ind
 
 
 @triton.jit
-def _masked_sum_bwd_stack_kernel(m_ptr, hi_ptr, lo_ptr, flag_ptr, dout_ptr, dx_ptr, R, W, N,
-                                 stride_dx, USE_DOT: tl.constexpr, SPLIT: tl.constexpr,
+def _masked_sum_bwd_stack_kernel(m_ptr, hi_ptr, lo_ptr, flag_ptr, cols_ptr, count_ptr, dout_ptr,
+                                 dx_ptr, R, W, N, stride_dx, HAS_COLS: tl.constexpr,
+                                 USE_DOT: tl.constexpr, SPLIT: tl.constexpr,
                                  DOT_IN_FP32: tl.constexpr, BLOCK_R: tl.constexpr,
                                  BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr):
     # Writer tiles vary fastest: programs running together share dout columns in L2.
+    # With HAS_COLS the writer tiles are tiles of the live columns cols[0:count]
+    # (the mask's halves compacted alike); programs past them have nothing to
+    # add (their writers' masks are all 0) and return at once.
     pid = tl.program_id(0)
     n_w_tiles = tl.cdiv(W, BLOCK_W)
     pid_w = pid % n_w_tiles
     pid_n = pid // n_w_tiles
+    n_cols = tl.load(count_ptr) if HAS_COLS else W
+    if pid_w * BLOCK_W >= n_cols:
+        return
     offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    w_valid = offs_w < W
+    w_valid = offs_w < n_cols
+    rows = tl.load(cols_ptr + offs_w, mask=w_valid, other=0) if HAS_COLS else offs_w
     n_valid = offs_n < N
     acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
 
@@ -274,12 +299,12 @@ def _masked_sum_bwd_stack_kernel(m_ptr, hi_ptr, lo_ptr, flag_ptr, dout_ptr, dx_p
     else:
         for r0 in range(0, R):
             r = _block1(r0, tl.int64)
-            m_row = tl.load(m_ptr + r * W + offs_w, mask=w_valid, other=0.0)
+            m_row = tl.load(m_ptr + r * W + rows, mask=w_valid, other=0.0)
             d_row = tl.load(dout_ptr + r * N + offs_n, mask=n_valid, other=0.0).to(tl.float32)
             acc += m_row[:, None] * d_row[None, :]
 
     valid = w_valid[:, None] & n_valid[None, :]
-    dx_ptrs = dx_ptr + offs_w[:, None].to(tl.int64) * stride_dx + offs_n[None, :]
+    dx_ptrs = dx_ptr + rows[:, None].to(tl.int64) * stride_dx + offs_n[None, :]
     dx = tl.load(dx_ptrs, mask=valid, other=0.0).to(tl.float32)
     tl.store(dx_ptrs, (dx + acc).to(dx_ptr.dtype.element_ty), mask=valid)
 
@@ -478,13 +503,29 @@ def _row_stride(t: torch.Tensor) -> int:
     return t.stride(0) if t.shape[0] > 1 else t.shape[1]
 
 
-def _split_mask(m: torch.Tensor, dtype: torch.dtype, cfg: dict, split: bool):
+def live_columns(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cols, count) for a mask m [R, W]: cols [W] int32 lists first, in
+    order, the `count` ([1] int32) writers whose mask is nonzero for some
+    reader, then the others. Made on the device without a host sync; the
+    kernels read only cols[:count]. A dead writer would only add exact zeros,
+    so skipping it changes the result only by the grouping of the live
+    products into chunks (fp32 accumulation order; none when every writer is
+    live, where cols is 0..W-1), and its values, even inf or NaN, never reach
+    the result."""
+    live = (m != 0).any(dim=0)
+    count = live.sum(dtype=torch.int32).reshape(1)
+    cols = torch.argsort(torch.logical_not(live).to(torch.int8), stable=True).to(torch.int32)
+    return cols, count
+
+
+def _split_mask(m: torch.Tensor, dtype: torch.dtype, cfg: dict, split: bool, live):
     """(hi, lo, flags) of the fp32 mask `m` for a dot kernel with tiles
     cfg["BLOCK_R"] x cfg["BLOCK_W"] over [R, W] (`_split_mask_kernel`), made
     once per call: hi and lo in `dtype` (fp32 holding tf32 values for an fp32
-    stack), one int32 flag per tile. Without `split`, lo and flags are
-    placeholders the kernel never reads. The vector path reads the fp32 mask
-    itself: then all three are placeholders."""
+    stack), compacted to the live columns (`live` = (cols, count)), one int32
+    flag per tile. Without `split`, lo and flags are placeholders the kernel
+    never reads. The vector path reads the fp32 mask itself: then all three
+    are placeholders."""
     if not cfg["USE_DOT"]:
         return m, m, m
     R, W = m.shape
@@ -492,7 +533,9 @@ def _split_mask(m: torch.Tensor, dtype: torch.dtype, cfg: dict, split: bool):
     hi = torch.empty((R, W), dtype=dtype, device=m.device)
     lo = torch.empty((R, W), dtype=dtype, device=m.device) if split else hi
     flags = torch.empty((tiles,), dtype=torch.int32, device=m.device) if split else hi
-    _split_mask_kernel[(tiles,)](m, hi, lo, flags, R, W, KEEP_LO=split,
+    cols, count = live or (flags, flags)
+    _split_mask_kernel[(tiles,)](m, hi, lo, flags, cols, count, R, W, KEEP_LO=split,
+                                 HAS_COLS=live is not None,
                                  BLOCK_R=cfg["BLOCK_R"], BLOCK_W=cfg["BLOCK_W"], num_warps=4)
     return hi, lo, flags
 
@@ -500,7 +543,7 @@ def _split_mask(m: torch.Tensor, dtype: torch.dtype, cfg: dict, split: bool):
 def masked_sum_fwd(x: torch.Tensor, m: torch.Tensor, base: Optional[torch.Tensor] = None,
                    base_index: Optional[torch.Tensor] = None,
                    out: Optional[torch.Tensor] = None, config: Optional[dict] = None,
-                   split: bool = True) -> torch.Tensor:
+                   split: bool = True, skip_dead: bool = True) -> torch.Tensor:
     """out[r] = base[g(r)] + sum_w m[r, w] * x[w] (fp32 accumulation).
 
     x [W, N] (unit inner stride, any row stride), m [R, W] fp32 contiguous,
@@ -508,8 +551,10 @@ def masked_sum_fwd(x: torch.Tensor, m: torch.Tensor, base: Optional[torch.Tensor
     (None with base means G == 1), out [R, N] contiguous in x's dtype
     (allocated when None). `split` (default) carries the mask to two
     roundings in the tensor-core products; without it, one product (see
-    `_dot_split`). `config` overrides `forward_config` (bench/tune.py sweeps
-    it). Returns out."""
+    `_dot_split`). `skip_dead` (default) reads only the writers whose mask is
+    nonzero for some reader (`live_columns`); False reads every row (same
+    result for a finite stack; bench/tune.py compares the two). `config`
+    overrides `forward_config` (bench/tune.py sweeps it). Returns out."""
     W, N = _check_x(x)
     if m.dim() != 2 or m.shape[1] != W:
         raise ValueError(f"mask must be [R, {W}], got {tuple(m.shape)}")
@@ -533,12 +578,13 @@ def masked_sum_fwd(x: torch.Tensor, m: torch.Tensor, base: Optional[torch.Tensor
         return out
     cfg = config or forward_config(R, W, N, x.dtype, arch=_arch(x.device))
     grid = (triton.cdiv(R, cfg["BLOCK_R"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    hi, lo, flags = _split_mask(m, x.dtype, cfg, split)
+    live = live_columns(m) if skip_dead else None
+    hi, lo, flags = _split_mask(m, x.dtype, cfg, split, live)
     _masked_sum_fwd_kernel[grid](
-        x, m, hi, lo, flags, out if base is None else base,
+        x, m, hi, lo, flags, *(live or (m, m)), out if base is None else base,
         out if base_index is None else base_index, out,
         R, W, N, _row_stride(x),
-        HAS_BASE=base is not None, HAS_INDEX=base_index is not None,
+        HAS_BASE=base is not None, HAS_INDEX=base_index is not None, HAS_COLS=skip_dead,
         USE_DOT=cfg["USE_DOT"], SPLIT=split, DOT_IN_FP32=_interpreted(_masked_sum_fwd_kernel),
         BLOCK_R=cfg["BLOCK_R"], BLOCK_W=cfg["BLOCK_W"], BLOCK_N=cfg["BLOCK_N"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -546,12 +592,14 @@ def masked_sum_fwd(x: torch.Tensor, m: torch.Tensor, base: Optional[torch.Tensor
 
 
 def masked_sum_bwd_stack(m: torch.Tensor, dout: torch.Tensor, dx: torch.Tensor,
-                         config: Optional[dict] = None, split: bool = True) -> None:
+                         config: Optional[dict] = None, split: bool = True,
+                         skip_dead: bool = True) -> None:
     """dx[w] += sum_r m[r, w] * dout[r], in place, accumulated in fp32.
 
     m [R, W] fp32 contiguous, dout [R, N] contiguous (storage dtype), dx [W, N]
-    (unit inner stride, any row stride) fp32 or dout's dtype. `split` as in
-    `masked_sum_fwd`. `config` overrides `backward_stack_config`."""
+    (unit inner stride, any row stride) fp32 or dout's dtype. `split` and
+    `skip_dead` as in `masked_sum_fwd` (rows of dead writers are left
+    untouched). `config` overrides `backward_stack_config`."""
     if dout.dtype not in _STORAGE_DTYPES or dout.dim() != 2:
         raise TypeError(f"dout must be 2-D float32/bfloat16/float16, got {dout.dtype} "
                         f"{tuple(dout.shape)}")
@@ -571,10 +619,11 @@ def masked_sum_bwd_stack(m: torch.Tensor, dout: torch.Tensor, dx: torch.Tensor,
         return
     cfg = config or backward_stack_config(R, W, N, dout.dtype, dx.dtype)
     grid = (triton.cdiv(W, cfg["BLOCK_W"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    hi, lo, flags = _split_mask(m, dout.dtype, cfg, split)
+    live = live_columns(m) if skip_dead else None
+    hi, lo, flags = _split_mask(m, dout.dtype, cfg, split, live)
     _masked_sum_bwd_stack_kernel[grid](
-        m, hi, lo, flags, dout, dx, R, W, N, _row_stride(dx),
-        USE_DOT=cfg["USE_DOT"], SPLIT=split,
+        m, hi, lo, flags, *(live or (m, m)), dout, dx, R, W, N, _row_stride(dx),
+        HAS_COLS=skip_dead, USE_DOT=cfg["USE_DOT"], SPLIT=split,
         DOT_IN_FP32=_interpreted(_masked_sum_bwd_stack_kernel),
         BLOCK_R=cfg["BLOCK_R"], BLOCK_W=cfg["BLOCK_W"], BLOCK_N=cfg["BLOCK_N"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

@@ -204,11 +204,13 @@ def masked_sum_jobs(cc: int):
         indexed = R > 1
         # the mask's halves (`_split_mask`) are in the storage dtype; the
         # single-product form (SPLIT=False) is compiled at the dot shapes too
-        halves = dict(hi_ptr=dt, lo_ptr=dt, flag_ptr=torch.int32)
+        halves = dict(hi_ptr=dt, lo_ptr=dt, flag_ptr=torch.int32, cols_ptr=torch.int32,
+                      count_ptr=torch.int32)
         ptrs = dict(x_ptr=dt, m_ptr=torch.float32, **halves, base_ptr=dt,
                     index_ptr=torch.int64 if indexed else dt, out_ptr=dt)
         for split in ((True, False) if cfg["USE_DOT"] else (True,)):
-            consts = dict(HAS_BASE=True, HAS_INDEX=indexed, DOT_IN_FP32=False, SPLIT=split,
+            consts = dict(HAS_BASE=True, HAS_INDEX=indexed, HAS_COLS=True, DOT_IN_FP32=False,
+                          SPLIT=split,
                           **{k: cfg[k] for k in ("USE_DOT", "BLOCK_R", "BLOCK_W", "BLOCK_N")})
             if dt == torch.float16:
                 consts["HAS_BASE"], consts["HAS_INDEX"] = False, False
@@ -219,14 +221,15 @@ def masked_sum_jobs(cc: int):
         if cfg["USE_DOT"]:
             jobs.append((f"split_mask-{name}", "vector",
                          _key("masked_sum", "_split_mask_kernel", dict(m_ptr=torch.float32, **halves),
-                              dict(R=R, W=W), dict(KEEP_LO=True, BLOCK_R=cfg["BLOCK_R"],
+                              dict(R=R, W=W), dict(KEEP_LO=True, HAS_COLS=True,
+                                                   BLOCK_R=cfg["BLOCK_R"],
                                                    BLOCK_W=cfg["BLOCK_W"]),
                               dict(num_warps=4))))
         # backward, stack: an fp32 gradient buffer, and one in the storage dtype
         for gdt in sorted({torch.float32, dt}, key=str):
             cfg = kms.backward_stack_config(R, W, N, dt, gdt)
             ptrs = dict(m_ptr=torch.float32, **halves, dout_ptr=dt, dx_ptr=gdt)
-            consts = dict(DOT_IN_FP32=False, SPLIT=True,
+            consts = dict(DOT_IN_FP32=False, SPLIT=True, HAS_COLS=True,
                           **{k: cfg[k] for k in ("USE_DOT", "BLOCK_R", "BLOCK_W", "BLOCK_N")})
             jobs.append((f"bwd_stack-{name}-grad_{_TORCH_TO_TRITON[gdt]}",
                          "dot" if cfg["USE_DOT"] else "vector",
