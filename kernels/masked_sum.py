@@ -313,7 +313,8 @@ def _masked_sum_bwd_stack_kernel(m_ptr, hi_ptr, lo_ptr, flag_ptr, cols_ptr, coun
 
 
 @triton.jit
-def _masked_sum_bwd_mask_kernel(x_ptr, dout_ptr, part_ptr, R, W, N, stride_x, slice_len,
+def _masked_sum_bwd_mask_kernel(x_ptr, dout_ptr, part_ptr, cols_ptr, count_ptr, R, W, N,
+                                stride_x, slice_len, HAS_COLS: tl.constexpr,
                                 DOT_IN_FP32: tl.constexpr, BLOCK_R: tl.constexpr,
                                 BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr):
     """part[s, r, w] = sum over n in slice s of dout[r, n] * x[w, n].
@@ -321,17 +322,25 @@ def _masked_sum_bwd_mask_kernel(x_ptr, dout_ptr, part_ptr, R, W, N, stride_x, sl
     Computed transposed, acc[w, r] = x[w, :] @ dout[r, :]^T, so that the
     writers (the long side) are the M dimension of the dot: a single reader
     still fills an sm_90 warpgroup MMA (M = 64 per warpgroup, N >= 8), and both
-    operands are K-major in memory (what tf32 MMAs need)."""
+    operands are K-major in memory (what tf32 MMAs need).
+
+    With HAS_COLS the writer tiles are tiles of the live columns cols[0:count]
+    (`live_columns`); programs past them return, and the columns of dead
+    writers are left as the launcher filled them (zeros)."""
     pid = tl.program_id(0)
     n_w_tiles = tl.cdiv(W, BLOCK_W)
     n_r_tiles = tl.cdiv(R, BLOCK_R)
     pid_w = pid % n_w_tiles
     pid_r = (pid // n_w_tiles) % n_r_tiles
     pid_s = pid // (n_w_tiles * n_r_tiles)
+    n_cols = tl.load(count_ptr) if HAS_COLS else W
+    if pid_w * BLOCK_W >= n_cols:
+        return
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    offs_j = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
     r_valid = offs_r < R
-    w_valid = offs_w < W
+    w_valid = offs_j < n_cols
+    offs_w = tl.load(cols_ptr + offs_j, mask=w_valid, other=0) if HAS_COLS else offs_j
     start = pid_s * slice_len
     end = tl.minimum(start + slice_len, N)
     acc = tl.zeros([BLOCK_W, BLOCK_R], dtype=tl.float32)
@@ -629,10 +638,15 @@ def masked_sum_bwd_stack(m: torch.Tensor, dout: torch.Tensor, dx: torch.Tensor,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def masked_sum_bwd_mask(x: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+def masked_sum_bwd_mask(x: torch.Tensor, dout: torch.Tensor,
+                        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """dm [R, W] fp32 = dout @ x^T, reduced over N in fp32 in a fixed order
     (bit-identical run to run). x [W, N] (unit inner stride, any row stride),
-    dout [R, N] contiguous in x's dtype."""
+    dout [R, N] contiguous in x's dtype.
+
+    With `mask` ([R, W]), the writers whose mask is 0 for every reader are
+    not read and get dm = 0: for callers whose gradient through such a mask
+    is 0 whatever dm is (the hard-concrete sampler at a clamped 0)."""
     W, N = _check_x(x)
     if dout.dim() != 2 or dout.shape[1] != N:
         raise ValueError(f"dout must be [R, {N}], got {tuple(dout.shape)}")
@@ -646,11 +660,18 @@ def masked_sum_bwd_mask(x: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
         return dm.zero_()
     cfg = backward_mask_config(R, W, N, x.dtype)
     S = cfg["SLICES"]
-    part = dm if S == 1 else torch.empty((S, R, W), dtype=torch.float32, device=x.device)
+    live = None
+    if mask is not None:
+        if tuple(mask.shape) != (R, W):
+            raise ValueError(f"mask must be [{R}, {W}], got {tuple(mask.shape)}")
+        live = live_columns(mask)
+        dm.zero_()  # dead writers' columns (the kernels skip them)
+    new_part = torch.empty if live is None else torch.zeros
+    part = dm if S == 1 else new_part((S, R, W), dtype=torch.float32, device=x.device)
     tiles = triton.cdiv(R, cfg["BLOCK_R"]) * triton.cdiv(W, cfg["BLOCK_W"])
     _masked_sum_bwd_mask_kernel[(tiles * S,)](
-        x, dout, part, R, W, N, _row_stride(x), cfg["SLICE_LEN"],
-        DOT_IN_FP32=_interpreted(_masked_sum_bwd_mask_kernel),
+        x, dout, part, *(live or (dm, dm)), R, W, N, _row_stride(x), cfg["SLICE_LEN"],
+        HAS_COLS=live is not None, DOT_IN_FP32=_interpreted(_masked_sum_bwd_mask_kernel),
         BLOCK_R=cfg["BLOCK_R"], BLOCK_W=cfg["BLOCK_W"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if S > 1:

@@ -142,3 +142,45 @@ def test_fast_precision_rounds_the_mask_once(dtype):
 def test_precision_option_is_checked():
     with pytest.raises(ValueError, match="precision"):
         fastedge.masked_writer_sum(torch.randn(3, 4), torch.rand(2, 3), precision="half")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sampled_op_skips_pruned_writers_in_every_pass(backend, training):
+    """The fused op with writers pruned (edge log_alphas very negative for
+    every reader, or the node's): the forward, the stack gradient and the
+    mask gradient skip them. Their stack rows poisoned with NaN, the outputs
+    and every gradient are finite and match the reference backend on the
+    clean stack, where those rows are read and multiplied by exact zeros."""
+    g = torch.Generator().manual_seed(21)
+    R, W, N = 18, 40, 96
+    dtype = torch.float32
+    edge = torch.randn(R, W, generator=g) * 2
+    node = torch.randn(W, generator=g) * 2
+    pruned_by_edges = torch.zeros(W, dtype=torch.bool)
+    pruned_by_edges[[3, 7, 8, 30]] = True
+    pruned_by_node = torch.zeros(W, dtype=torch.bool)
+    pruned_by_node[[11, 12, 39]] = True
+    edge[:, pruned_by_edges] = -200.0  # z = 0 for every reader, in training and eval
+    node[pruned_by_node] = -200.0
+    dead = pruned_by_edges | pruned_by_node
+    stack = torch.randn(W, 3, N // 3, generator=g).to(dtype)
+    dout = torch.randn(R, 3, N // 3, generator=g).to(dtype)
+
+    def run(stack_rows, be):
+        ela = edge.clone().requires_grad_(True)
+        nla = node.clone().requires_grad_(True)
+        buf = torch.zeros(W, 3, N // 3)
+        out, _ = fastedge.sampled_masked_writer_sum(
+            stack_rows.to(DEVICE), ela.to(DEVICE), nla.to(DEVICE), seed=5, training=training,
+            grad_stack=buf.to(DEVICE), backend=be)
+        d_edge, d_node = torch.autograd.grad(out, [ela, nla], dout.to(DEVICE))
+        return out.cpu(), d_edge, d_node
+
+    poisoned = stack.clone()
+    poisoned[dead] = float("nan")
+    got = run(poisoned, backend)
+    want = run(stack, "reference" if DEVICE == "cpu" else backend)
+    for name, a, b in zip(("out", "d_edge", "d_node"), got, want):
+        assert torch.isfinite(a).all(), f"{name}: a pruned writer was read"
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{name} differs")
