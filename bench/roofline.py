@@ -840,8 +840,15 @@ def run(args, log=print) -> dict:
                 batch=batch, micro_batch=micro, seq=seq, recompute_readers=recompute)
     cal_points = []
     if args.calibration:
-        steps = [CalPoint(f"step {args.model} {k}", modeled[k][0] * 1e3, measured[k])
+        steps = [CalPoint(f"step {args.model} {k}" + (" (recompute_readers)" if k == "fastedge" and recompute
+                                                       else ""), modeled[k][0] * 1e3, measured[k])
                  for k in ("floor", "fastedge") if measured[k]]
+        other = meas.get((args.model, "fastedge", not recompute, batch, micro, seq)) if h200 else None
+        if other:   # the other design was measured too (GPT-2 small): one more point
+            tr = trace_step(bench, "fastedge", micro, seq, batch, not recompute, card["arch"])
+            steps.append(CalPoint(f"step {args.model} fastedge" + ("" if recompute else " (recompute_readers)")
+                                  + (" without recompute_readers" if recompute else ""),
+                                  model_step(step_records(tr), card, cal)[0] * 1e3, other))
         cal_points = calibration_points(cal, steps) if h200 else []
     result = dict(meta=meta, floor_ms=floor_ms, fastedge_ms=fastedge_ms, ratio=fastedge_ms / floor_ms,
                   measured_floor_ms=measured["floor"], measured_fastedge_ms=measured["fastedge"],
