@@ -112,8 +112,10 @@ def test_tiny_config_runs_end_to_end_and_json_has_the_keys(tiny_result):
         total = sum(r["modeled_ms"] for r in res["tables"][kind])
         assert total == pytest.approx(res[f"{kind}_ms"], rel=1e-9)
         for r in res["tables"][kind]:
-            for col in ("launches", "host_ops", "gb", "gflop", "bound_ms", "modeled_ms", "measured_ms"):
+            for col in ("launches", "host_ops", "gb", "gflop", "gflop_tc16", "gflop_tf32", "gflop_fp32", "bound_ms",
+                        "modeled_ms", "measured_ms"):
                 assert col in r
+            assert r["gflop_tc16"] + r["gflop_tf32"] + r["gflop_fp32"] == pytest.approx(r["gflop"])
     assert (out / "roofline.csv").exists() and list(out.glob("roofline-tiny-llama-a100-*.md"))
 
 
