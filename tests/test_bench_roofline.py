@@ -92,8 +92,12 @@ def test_custom_op_costs_name_an_unknown_op():
 def tiny_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("roofline")
     path = out / "r.json"
-    rl.main(["--model", "tiny-llama", "--card", "a100", "--no-calibration", "--json", str(path),
-             "--out", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        rl.main(["--model", "tiny-llama", "--card", "a100", "--no-calibration", "--json", str(path),
+                 "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)   # main() sets one thread (nothing is computed on fake tensors)
     return json.loads(path.read_text()), out
 
 
