@@ -449,14 +449,15 @@ class Trace:
 
 
 def trace_step(bench: "memory.FakeBench", kind: str, micro_batch: int, seq: int, batch: int, recompute: bool,
-               arch: int) -> Trace:
+               arch: int, overrides: Optional[dict] = None) -> Trace:
     """One micro-batch of a `kind` step ("fastedge" or "floor") and, for
-    fastedge, the optimizer update, recorded op by op on fake tensors."""
+    fastedge, the optimizer update, recorded op by op on fake tensors.
+    `overrides`: the cost contracts' knobs (`kernels.costs.custom_op_costs`)."""
     if batch % micro_batch:
         raise SystemExit(f"batch {batch} is not a multiple of the micro-batch {micro_batch}")
     t0 = time.perf_counter()
     vocab = bench.config.vocab_size
-    rec = OpRecorder(arch=arch)
+    rec = OpRecorder(arch=arch, overrides=overrides)
     with bench.mode:
         ids, corrupted = ps.random_batch(vocab, micro_batch, seq, "cpu")
         full = torch.zeros(micro_batch, vocab).log_softmax(-1)

@@ -176,15 +176,33 @@ RESULTS = BENCH_DIR / "results"
 # (2026-11-25, before fc4fc3b; the '*' rows of tune-nvidia-h200-*.log): the
 # ops cells are modeled with these, the steps (2026-11-26) with today's.
 OPS_RUN_CONFIGS = {
-    torch.bfloat16: {"masked_sum_forward": dict(config=dict(USE_DOT=True, BLOCK_R=128, BLOCK_W=32, BLOCK_N=128,
-                                                            num_warps=8, num_stages=3)),
-                     "masked_sum_backward_stack": dict(config=dict(USE_DOT=True, BLOCK_R=16, BLOCK_W=128,
-                                                                   BLOCK_N=128, num_warps=8, num_stages=3))},
-    torch.float32: {"masked_sum_forward": dict(config=dict(USE_DOT=True, BLOCK_R=64, BLOCK_W=16, BLOCK_N=128,
-                                                           num_warps=4, num_stages=3)),
-                    "masked_sum_backward_stack": dict(config=dict(USE_DOT=True, BLOCK_R=16, BLOCK_W=128,
-                                                                  BLOCK_N=128, num_warps=8, num_stages=3))},
+    torch.bfloat16: {"masked_sum_forward": dict(legacy=True, config=dict(USE_DOT=True, BLOCK_R=128, BLOCK_W=32,
+                                                                         BLOCK_N=128, num_warps=8, num_stages=3)),
+                     "masked_sum_backward_stack": dict(legacy=True, config=dict(
+                         USE_DOT=True, BLOCK_R=16, BLOCK_W=128, BLOCK_N=128, num_warps=8, num_stages=3)),
+                     "masked_sum_backward_mask": dict(legacy=True)},
+    torch.float32: {"masked_sum_forward": dict(legacy=True, config=dict(USE_DOT=True, BLOCK_R=64, BLOCK_W=16,
+                                                                        BLOCK_N=128, num_warps=4, num_stages=3)),
+                    "masked_sum_backward_stack": dict(legacy=True, config=dict(
+                        USE_DOT=True, BLOCK_R=16, BLOCK_W=128, BLOCK_N=128, num_warps=8, num_stages=3)),
+                    "masked_sum_backward_mask": dict(legacy=True)},
 }
+# Every committed H200 measurement (ops cells, tune rows, steps) ran the
+# kernels before the split mask and live columns (a4a47e4): the calibration
+# models them with the contracts' `legacy` knob, whatever the scenario.
+LEGACY_KERNELS = {k: dict(legacy=True) for k in ("masked_sum_forward", "masked_sum_backward_stack",
+                                                 "masked_sum_backward_mask")}
+
+
+def scenario_overrides(live_writers: float = 1.0, lo_tiles: float = 1.0) -> dict:
+    """The contracts' knobs for a state of the masks that fake tensors cannot
+    show: the fraction of each call's writers that are live (a nonzero mask
+    for some reader; the rest are skipped), and the fraction of mask tiles
+    with a lo half (a fractional mask; 0/1 tiles skip their lo product)."""
+    live = dict(live_fraction=live_writers)
+    return {"masked_sum_forward": dict(live, lo_fraction=lo_tiles),
+            "masked_sum_backward_stack": dict(live, lo_fraction=lo_tiles),
+            "masked_sum_backward_mask": dict(live)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -342,9 +360,10 @@ def calibration_points(cal: dict, step_points: Optional[list] = None) -> list:
     for row in measured_tune_rows():
         R, W, N, dtype = row["R"], row["W"], row["N"], row["dtype"]
         if row["op"] == "fwd":
-            c = [costs.masked_sum_forward(R, W, N, dtype, 90, config=row["config"])]
+            c = [costs.masked_sum_forward(R, W, N, dtype, 90, config=row["config"], legacy=True)]
         else:
-            c = [costs.masked_sum_backward_stack(R, W, N, dtype, torch.float32, 90, config=row["config"])]
+            c = [costs.masked_sum_backward_stack(R, W, N, dtype, torch.float32, 90, config=row["config"],
+                                                 legacy=True)]
         launches = [Launch(dram=x.dram_bytes, l2=x.l2_read, flops=x.flops, fastedge=True) for x in c]
         ms = sum(launch_time(x, card, cal) for x in launches) * 1e3
         pts.append(CalPoint(f"tune {row['op']} {row['shape']} {row['knobs']}", ms, row["ms"]))
@@ -363,11 +382,12 @@ def run(args, log=print) -> dict:
     card = dict(CARDS[args.card])
     cal = dict(CALIBRATION)
     t0 = time.perf_counter()
-    bench = memory.FakeBench(args.model, spec["dtype"], args.layers, {})
+    bench = memory.FakeBench(args.model, spec["dtype"], args.layers, {"precision": args.precision})
     log(f"fake {args.model} built in {time.perf_counter() - t0:.1f} s")
+    scenario = scenario_overrides(args.live_writers, args.lo_tiles)
     traces = {}
     for kind in ("fastedge", "floor"):
-        traces[kind] = trace_step(bench, kind, micro, seq, batch, recompute, card["arch"])
+        traces[kind] = trace_step(bench, kind, micro, seq, batch, recompute, card["arch"], scenario)
         log(f"  traced {kind}: {len(traces[kind].records)} ops per micro-batch in {traces[kind].seconds:.1f} s")
     modeled = {k: model_step(step_records(tr), card, cal) for k, tr in traces.items()}
     meas = measured_steps()
@@ -393,15 +413,24 @@ def run(args, log=print) -> dict:
     meta = dict(date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"), torch=torch.__version__,
                 git_rev=results_csv.git_revision(), model=args.model, layers=bench.config.num_hidden_layers,
                 dtype=str(spec["dtype"]).replace("torch.", ""), card=args.card, card_name=card["name"],
-                batch=batch, micro_batch=micro, seq=seq, recompute_readers=recompute)
+                batch=batch, micro_batch=micro, seq=seq, recompute_readers=recompute, precision=args.precision,
+                live_writers=args.live_writers, lo_tiles=args.lo_tiles)
     cal_points = []
     if args.calibration:
+        # the measured steps ran the kernels of their day (LEGACY_KERNELS) and
+        # full precision: model those, not the scenario of the table
+        legacy = {"floor": modeled["floor"]}
+        legacy_bench = memory.FakeBench(args.model, spec["dtype"], args.layers, {})
+        if measured["fastedge"]:
+            tr = trace_step(legacy_bench, "fastedge", micro, seq, batch, recompute, card["arch"], LEGACY_KERNELS)
+            legacy["fastedge"] = model_step(step_records(tr), card, cal)
         steps = [CalPoint(f"step {args.model} {k}" + (" (recompute_readers)" if k == "fastedge" and recompute
-                                                       else ""), modeled[k][0] * 1e3, measured[k])
+                                                       else ""), legacy[k][0] * 1e3, measured[k])
                  for k in ("floor", "fastedge") if measured[k]]
         other = meas.get((args.model, "fastedge", not recompute, batch, micro, seq)) if h200 else None
         if other:   # the other design was measured too (GPT-2 small): one more point
-            tr = trace_step(bench, "fastedge", micro, seq, batch, not recompute, card["arch"])
+            tr = trace_step(legacy_bench, "fastedge", micro, seq, batch, not recompute, card["arch"],
+                            LEGACY_KERNELS)
             steps.append(CalPoint(f"step {args.model} fastedge" + ("" if recompute else " (recompute_readers)")
                                   + (" without recompute_readers" if recompute else ""),
                                   model_step(step_records(tr), card, cal)[0] * 1e3, other))
@@ -425,7 +454,8 @@ def markdown(res: dict) -> str:
     L = [f"# Roofline of one pruning step: {m['model']} on {m['card_name']} (modeled)", "",
          f"- {m['date']}; git {m['git_rev']}; torch {m['torch']}; {m['layers']} layers, {m['dtype']}; batch "
          f"{m['batch']} in micro-batches of {m['micro_batch']}, seq {m['seq']}; recompute_readers="
-         f"{m['recompute_readers']}",
+         f"{m['recompute_readers']}; precision {m['precision']}; live writers per masked sum "
+         f"{m['live_writers']:.0%}, mask tiles with a lo half {m['lo_tiles']:.0%}",
          "- traced on fake tensors (bench/roofline.py): one micro-batch, counted x micro-batches; the update once",
          "- launches: kernels; host ops: ops the host dispatches (views included); GB: DRAM bytes moved "
          "(10^9); L2 GB: fastedge's re-reads from L2; bound ms: max(bytes/HBM, L2/L2 rate, FLOPs/peak) at "
@@ -486,7 +516,7 @@ def _pct(log_err: float) -> str:
 
 
 COLUMNS = ["date", "torch", "git_rev", "model", "layers", "dtype", "card", "batch", "micro_batch", "seq",
-           "recompute_readers", "kind", "phase", "launches", "host_ops", "gb", "l2_gb", "gflop", "gflop_tc16",
+           "recompute_readers", "precision", "live_writers", "lo_tiles", "kind", "phase", "launches", "host_ops", "gb", "l2_gb", "gflop", "gflop_tc16",
            "gflop_tf32", "gflop_fp32", "bound_ms",
            "modeled_ms", "measured_ms"]
 
@@ -513,6 +543,13 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=None, help="fewer layers (a quick check; no measurements)")
     p.add_argument("--card", default="h200", choices=sorted(CARDS))
     p.add_argument("--no-recompute", action="store_true", help="trace fastedge without recompute_readers")
+    p.add_argument("--precision", default="full", choices=["full", "fast"],
+                   help="fastedge.patch(precision=...): the masked sums' products (see fastedge.ops)")
+    p.add_argument("--live-writers", type=float, default=1.0,
+                   help="fraction of each masked sum's writers with a nonzero mask (the rest are skipped); "
+                        "1 - this is the share of dead writers (node-pruned, or every edge at 0)")
+    p.add_argument("--lo-tiles", type=float, default=1.0,
+                   help="fraction of mask tiles with a lo half (fractional masks; 0/1 tiles skip it)")
     p.add_argument("--no-calibration", dest="calibration", action="store_false",
                    help="skip the table of the model against the H200 measurements")
     p.add_argument("--json", default=None, help="write the tables, floor_ms and fastedge_ms here")

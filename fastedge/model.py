@@ -193,7 +193,8 @@ class EdgeModel(nn.Module):
     def __init__(self, model: nn.Module, *, ablation: str = "interchange", node_masks: bool = True,
                  seed: int = 0, recompute_readers: bool = False,
                  generator: Optional[torch.Generator] = None,
-                 grad_buffer_dtype: Optional[torch.dtype] = None, lean_norm: bool = True):
+                 grad_buffer_dtype: Optional[torch.dtype] = None, lean_norm: bool = True,
+                 precision: str = "full"):
         super().__init__()
         if ablation not in ABLATIONS:
             raise ValueError(f"ablation must be one of {', '.join(ABLATIONS)}, got {ablation!r}")
@@ -213,6 +214,10 @@ class EdgeModel(nn.Module):
                              f"got {grad_buffer_dtype}")
         self.grad_buffer_dtype = grad_buffer_dtype
         self.lean_norm = bool(lean_norm)
+        if precision not in ops.PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(map(repr, ops.PRECISIONS))}, "
+                             f"got {precision!r}")
+        self.precision = precision
         self._frozen_flags = {name: p.requires_grad for name, p in model.named_parameters()}
         self._was_training = model.training
         model.requires_grad_(False)
@@ -505,7 +510,7 @@ class _Run:
             self.region_edge_sum = self.region_edge_sum + mask.sum()
             if self.needs_grad:
                 mask = mask + 0 * self.token_for_read
-            return ops.masked_writer_sum(rows, mask, base, grad_stack=grad_rows)[0]
+            return ops.masked_writer_sum(rows, mask, base, grad_stack=grad_rows, precision=em.precision)[0]
         edge = em.edge_log_alpha[mlp.index]
         if self.needs_grad:
             edge = edge + 0 * self.token_for_read
@@ -517,7 +522,7 @@ class _Run:
         self.region_edge_sum = self.region_edge_sum + z.sum()
         if em.node_log_alpha is not None:
             z = z * self._node_masks(W_m)[W_a:]
-        return ops.masked_writer_sum(rows, z, base, grad_stack=grad_rows)[0]
+        return ops.masked_writer_sum(rows, z, base, grad_stack=grad_rows, precision=em.precision)[0]
 
     def read(self, group: ReaderGroup, base: Optional[Tensor]) -> Tensor:
         return self._read(group.index, group.first_reader, group.n_readers, group.n_writers, base)
@@ -545,14 +550,15 @@ class _Run:
             self.region_edge_sum = self.region_edge_sum + mask.sum()
             if self.needs_grad:
                 mask = mask + 0 * self.token_for_read
-            return ops.masked_writer_sum(self.stack, mask, base, grad_stack=grad_stack)
+            return ops.masked_writer_sum(self.stack, mask, base, grad_stack=grad_stack,
+                                         precision=em.precision)
         edge = rows_of(em.edge_log_alpha)
         if self.needs_grad:
             edge = edge + 0 * self.token_for_read
         node = None if em.node_log_alpha is None else em.node_log_alpha[:n_writers]
         out, edge_sum = ops.sampled_masked_writer_sum(
             self.stack, edge, node, base, seed=self.seed, reader_offset=first_reader,
-            training=em.training, grad_stack=grad_stack)
+            training=em.training, grad_stack=grad_stack, precision=em.precision)
         self.region_edge_sum = self.region_edge_sum + edge_sum
         return out
 
@@ -653,7 +659,7 @@ def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
 
 def patch(model: nn.Module, *, ablation: str = "interchange", node_masks: bool = True, seed: int = 0,
           recompute_readers: bool = False, grad_buffer_dtype: Optional[torch.dtype] = None,
-          lean_norm: bool = True) -> EdgeModel:
+          lean_norm: bool = True, precision: str = "full") -> EdgeModel:
     """Turn a Hugging Face causal LM into an edge-prunable `EdgeModel`
     (GPT-2, Llama family incl. grouped k/v heads, Mistral, Qwen2, GPT-NeoX).
     The model's weights are reused, never copied, and frozen;
@@ -665,7 +671,9 @@ def patch(model: nn.Module, *, ablation: str = "interchange", node_masks: bool =
     GB); ``lean_norm`` runs the readers' norms chunked, keeping only their
     input; ``grad_buffer_dtype=torch.float32`` accumulates the stack gradient
     in float32 instead of the stack's dtype (more precise; twice the
-    buffer's bytes for a bf16 model)."""
+    buffer's bytes for a bf16 model). ``precision="fast"`` lets the GPU
+    kernels round the masks once to the model's dtype in the masked sums
+    (one tensor-core product instead of up to two; `fastedge.masked_writer_sum`)."""
     return EdgeModel(model, ablation=ablation, node_masks=node_masks, seed=seed,
                      recompute_readers=recompute_readers, grad_buffer_dtype=grad_buffer_dtype,
-                     lean_norm=lean_norm)
+                     lean_norm=lean_norm, precision=precision)

@@ -24,8 +24,10 @@ Counting rules
   over a [BLOCK_R, BLOCK_W] tile costs 2 * BLOCK_R * BLOCK_W * BLOCK_N even
   when fewer readers are valid. Kinds:
   ``tc16`` bf16/fp16 tensor-core products (the 16-bit forward and stack
-  backward issue two per tile, hi and lo halves of the fp32 mask);
-  ``tf32`` TF32 tensor-core products (fp32 stacks: ``tf32x3`` issues three);
+  backward issue one per tile for the hi half of the mask, and one more for
+  its lo half where the tile's flag is set: `_products`);
+  ``tf32`` TF32 tensor-core products (fp32 stacks: two or three, from the
+  hand split into tf32 halves; the mask backward's ``tf32x3`` three);
   ``fp32`` SIMT arithmetic (the vector paths' FMAs, the hi/lo or tf32x3
   operand splits, the samplers' Philox and sigmoid; a few ops per element,
   stated beside each).
@@ -84,12 +86,16 @@ def _cdiv(a: int, b: int) -> int:
     return -(-int(a) // int(b))
 
 
-def _products(dtype: torch.dtype, products_16bit: int) -> tuple[str, int]:
-    """(FLOP kind, tensor-core products per tile step) of a dot with an fp32 mask
-    operand: tf32x3 for fp32 stacks, hi + lo (or `products_16bit`) for 16 bits."""
+def _products(dtype: torch.dtype, split: bool, lo_fraction: float, legacy: bool) -> tuple[str, float]:
+    """(FLOP kind, tensor-core products per tile step, on average) of a dot
+    with the mask as one operand (`masked_sum._dot_split`): 16 bits, hi and,
+    where a tile's flag is set (`lo_fraction` of the tiles), lo; fp32, hi
+    times both tf32 halves of the stack and lo times the high one. `split`
+    False: one product. `legacy`: the kernels before the split mask
+    (before a4a47e4): hi and lo always in 16 bits, tf32x3 in fp32."""
     if dtype == torch.float32:
-        return "tf32", 3
-    return "tc16", products_16bit
+        return "tf32", (3.0 if legacy else (2.0 + lo_fraction if split else 1.0))
+    return "tc16", (2.0 if legacy else (1.0 + lo_fraction if split else 1.0))
 
 
 def _check(R: int, W: int, N: int) -> None:
@@ -98,21 +104,57 @@ def _check(R: int, W: int, N: int) -> None:
             raise ValueError(f"{name} must be >= 0, got {v}")
 
 
+def _live(W: int, live_fraction: float) -> int:
+    """Writers a call reads: all of them, or the live share (`live_columns`)."""
+    if not 0.0 <= live_fraction <= 1.0:
+        raise ValueError(f"live_fraction must be in [0, 1], got {live_fraction}")
+    return min(W, max(1, math.ceil(W * live_fraction))) if W else 0
+
+
+# Plain-PyTorch launches of `masked_sum.live_columns` (ne, any, sum, not,
+# to int8, argsort, to int32), each over the [R, W] mask or a [W] vector.
+LIVE_COLUMNS_LAUNCHES = 7
+
+
+def mask_prep(R: int, W: int, dtype: torch.dtype, cfg: dict, *, split: bool = True,
+              live: bool = True) -> list[Cost]:
+    """What a dot launch of the masked sum makes of its mask first, once per
+    call: the live columns (`live_columns`, when skipping dead writers) and
+    the split halves (`_split_mask_kernel`: the fp32 mask in, hi and lo in the
+    product dtype and a flag per tile out). The vector path reads the fp32
+    mask itself (only the live columns are made)."""
+    out = []
+    if live and R and W:
+        out.append(Cost("live_columns", dram_read=2 * R * W * 4, dram_write=3 * W * 4 + 4,
+                        flops={"fp32": 2 * R * W}, launches=LIVE_COLUMNS_LAUNCHES))
+    if cfg.get("USE_DOT") and R and W:
+        e = _size(dtype)
+        tiles = _cdiv(R, cfg["BLOCK_R"]) * _cdiv(W, cfg["BLOCK_W"])
+        out.append(Cost("split_mask", dram_read=R * W * 4 + (W * 4 if live else 0),
+                        dram_write=R * W * e * (2 if split else 1) + (tiles * 4 if split else 0),
+                        flops={"fp32": SPLIT_OPS_PER_ELEMENT * R * W}, config=dict(cfg)))
+    return out
+
+
 # -- the masked writer sum ---------------------------------------------------------
 
 
 def masked_sum_forward(R: int, W: int, N: int, dtype: torch.dtype, arch: int = 90, *,
                        base_rows: int = 0, has_index: bool = False, config: Optional[dict] = None,
-                       products_16bit: int = 2) -> Cost:
-    """`masked_sum_fwd`: out [R, N] = base[g(r)] + m [R, W] @ x [W, N].
+                       split: bool = True, lo_fraction: float = 1.0, live_fraction: float = 1.0,
+                       legacy: bool = False) -> Cost:
+    """`masked_sum_fwd`'s main launch: out [R, N] = base[g(r)] + m [R, W] @ x [W, N]
+    (its mask preparation is `mask_prep`).
 
-    Grid: reader tiles x column tiles. Each program walks all W writers of
-    its reader tile: the stack is read from DRAM once (other reader tiles of
-    the same columns hit L2), and the whole fp32 mask of its readers
-    (R_tile x W x 4 bytes) is loaded again by every column-tile program: L2.
-    `base_rows`: G (0 without base); each reader loads its base row (DRAM
-    once per row, L2 for readers sharing one). `products_16bit`: tensor-core
-    products per tile in 16 bits (2: hi and lo halves of the mask)."""
+    Grid: reader tiles x column tiles. Each program walks the live writers
+    (`live_fraction` of W; all with `legacy`) of its reader tile: the stack
+    rows are read from DRAM once (other reader tiles of the same columns hit
+    L2), and the mask tiles of its readers are loaded again by every
+    column-tile program (L2): hi in the product dtype, and lo for the
+    `lo_fraction` of tiles whose flag is set (`split`); with `legacy`, the
+    whole fp32 mask, split in every program. `base_rows`: G (0 without
+    base); each reader loads its base row (DRAM once per row, L2 for readers
+    sharing one)."""
     _check(R, W, N)
     e = _size(dtype)
     cfg = dict(config or kms.forward_config(R, W, N, dtype, arch=arch))
@@ -120,20 +162,25 @@ def masked_sum_forward(R: int, W: int, N: int, dtype: torch.dtype, arch: int = 9
     if R == 0 or N == 0:
         c.launches = 0
         return c
+    Wl = W if legacy else _live(W, live_fraction)
     BR, BW, BN = cfg["BLOCK_R"], cfg["BLOCK_W"], cfg["BLOCK_N"]
     r_tiles, n_tiles = _cdiv(R, BR), _cdiv(N, BN)
     programs = r_tiles * n_tiles
-    w_steps = _cdiv(W, BW)
-    c.dram_read = W * N * e + R * W * 4 + base_rows * N * e + (R * 8 if has_index else 0)
+    w_steps = _cdiv(Wl, BW)
+    if legacy or not cfg["USE_DOT"]:
+        mask_bytes = R * Wl * 4
+    else:
+        mask_bytes = R * Wl * e * (1 + (lo_fraction if split else 0))
+    c.dram_read = Wl * N * e + mask_bytes + base_rows * N * e + (R * 8 if has_index else 0)
     c.dram_write = R * N * e
-    c.l2_read = ((r_tiles - 1) * W * N * e                 # stack again for each further reader tile
-                 + (n_tiles - 1) * R * W * 4                 # the mask, reloaded per column tile
+    c.l2_read = ((r_tiles - 1) * Wl * N * e                 # stack again for each further reader tile
+                 + (n_tiles - 1) * mask_bytes                # the mask, reloaded per column tile
                  + (max(R - base_rows, 0) * N * e if base_rows else 0))
     if cfg["USE_DOT"]:
-        kind, products = _products(dtype, products_16bit)
+        kind, products = _products(dtype, split, lo_fraction, legacy)
         c.add_flops(kind, products * 2 * BR * BW * BN * w_steps * programs)
-        split = BR * BW + (BW * BN if dtype == torch.float32 else 0)
-        c.add_flops("fp32", SPLIT_OPS_PER_ELEMENT * split * w_steps * programs)
+        per_step = (BR * BW if legacy else 0) + (BW * BN if dtype == torch.float32 else 0)
+        c.add_flops("fp32", SPLIT_OPS_PER_ELEMENT * per_step * w_steps * programs)
     else:  # vector path: one fp32 FMA per reader lane and element
         c.add_flops("fp32", 2 * BR * (w_steps * BW) * BN * programs)
     if base_rows:
@@ -143,13 +190,17 @@ def masked_sum_forward(R: int, W: int, N: int, dtype: torch.dtype, arch: int = 9
 
 def masked_sum_backward_stack(R: int, W: int, N: int, dtype: torch.dtype,
                               grad_dtype: torch.dtype, arch: int = 90, *,
-                              config: Optional[dict] = None, products_16bit: int = 2) -> Cost:
-    """`masked_sum_bwd_stack`: dx [W, N] += m^T @ dout [R, N], in place.
+                              config: Optional[dict] = None, split: bool = True,
+                              lo_fraction: float = 1.0, live_fraction: float = 1.0,
+                              legacy: bool = False) -> Cost:
+    """`masked_sum_bwd_stack`'s main launch: dx [W, N] += m^T @ dout [R, N], in
+    place (its mask preparation is `mask_prep`).
 
-    Grid: writer tiles x column tiles, writer tiles fastest: dout is read
-    from DRAM once and re-read from L2 by the other writer tiles; each
-    program loads its writers' mask columns for every reader (mask reloaded
-    per column tile: L2). dx is read and written once."""
+    Grid: writer tiles x column tiles, writer tiles fastest; only the tiles
+    of live writers work (the others return at once). dout is read from DRAM
+    once and re-read from L2 by the other live writer tiles; each program
+    loads its writers' mask halves for every reader (reloaded per column
+    tile: L2). The live rows of dx are read and written once."""
     _check(R, W, N)
     e, g = _size(dtype), _size(grad_dtype)
     cfg = dict(config or kms.backward_stack_config(R, W, N, dtype, grad_dtype))
@@ -157,30 +208,38 @@ def masked_sum_backward_stack(R: int, W: int, N: int, dtype: torch.dtype,
     if R == 0 or W == 0 or N == 0:
         c.launches = 0
         return c
+    Wl = W if legacy else _live(W, live_fraction)
     BR, BW, BN = cfg["BLOCK_R"], cfg["BLOCK_W"], cfg["BLOCK_N"]
-    w_tiles, n_tiles = _cdiv(W, BW), _cdiv(N, BN)
+    w_tiles, n_tiles = _cdiv(Wl, BW), _cdiv(N, BN)
     programs = w_tiles * n_tiles
     r_steps = _cdiv(R, BR)
-    c.dram_read = R * N * e + R * W * 4 + W * N * g
-    c.dram_write = W * N * g
-    c.l2_read = (w_tiles - 1) * R * N * e + (n_tiles - 1) * R * W * 4
+    if legacy or not cfg["USE_DOT"]:
+        mask_bytes = R * Wl * 4
+    else:
+        mask_bytes = R * Wl * e * (1 + (lo_fraction if split else 0))
+    c.dram_read = R * N * e + mask_bytes + Wl * N * g
+    c.dram_write = Wl * N * g
+    c.l2_read = (w_tiles - 1) * R * N * e + (n_tiles - 1) * mask_bytes
     if cfg["USE_DOT"]:
-        kind, products = _products(dtype, products_16bit)
+        kind, products = _products(dtype, split, lo_fraction, legacy)
         c.add_flops(kind, products * 2 * BW * BR * BN * r_steps * programs)
-        split = BR * BW + (BR * BN if dtype == torch.float32 else 0)
-        c.add_flops("fp32", SPLIT_OPS_PER_ELEMENT * split * r_steps * programs)
+        per_step = (BR * BW if legacy else 0) + (BR * BN if dtype == torch.float32 else 0)
+        c.add_flops("fp32", SPLIT_OPS_PER_ELEMENT * per_step * r_steps * programs)
     else:
         c.add_flops("fp32", 2 * R * BW * BN * programs)
-    c.add_flops("fp32", W * N)   # the read-modify-write add
+    c.add_flops("fp32", Wl * N)   # the read-modify-write add
     return c
 
 
 def masked_sum_backward_mask(R: int, W: int, N: int, dtype: torch.dtype, arch: int = 90, *,
-                             config: Optional[dict] = None) -> list[Cost]:
+                             config: Optional[dict] = None, live_fraction: Optional[float] = None,
+                             legacy: bool = False) -> list[Cost]:
     """`masked_sum_bwd_mask`: dm [R, W] = dout [R, N] @ x [W, N]^T, as S slices
     of N into an fp32 scratch [S, R, W] and, when S > 1, a second launch that
     adds the slices in order. One product per tile step (both operands in
-    the storage dtype; tf32x3 for fp32)."""
+    the storage dtype; tf32x3 for fp32). `live_fraction` (the fused op's
+    backward, which passes its mask): only live writers are read, after a
+    zero fill of the scratch and `live_columns`."""
     _check(R, W, N)
     e = _size(dtype)
     cfg = dict(config or kms.backward_mask_config(R, W, N, dtype))
@@ -190,17 +249,22 @@ def masked_sum_backward_mask(R: int, W: int, N: int, dtype: torch.dtype, arch: i
         # N == 0 zero-fills dm
         main.dram_write = R * W * 4 if (R and W) else 0
         return [main]
+    skipping = live_fraction is not None and not legacy
+    Wl = _live(W, live_fraction) if skipping else W
     BR, BW, BK, S, L = cfg["BLOCK_R"], cfg["BLOCK_W"], cfg["BLOCK_K"], cfg["SLICES"], cfg["SLICE_LEN"]
-    r_tiles, w_tiles = _cdiv(R, BR), _cdiv(W, BW)
+    r_tiles, w_tiles = _cdiv(R, BR), _cdiv(Wl, BW)
     k_steps = sum(_cdiv(min(L, N - s * L), BK) for s in range(S))   # over all slices
-    main.dram_read = W * N * e + R * N * e
-    main.dram_write = S * R * W * 4
-    main.l2_read = (r_tiles - 1) * W * N * e + (w_tiles - 1) * R * N * e
-    kind, products = _products(dtype, 1)
+    main.dram_read = Wl * N * e + R * N * e
+    main.dram_write = S * R * Wl * 4
+    main.l2_read = (r_tiles - 1) * Wl * N * e + (w_tiles - 1) * R * N * e
+    # 16 bits: one exact product; fp32: tf32x3 (`masked_sum._dot_storage`)
+    kind, products = ("tf32", 3) if dtype == torch.float32 else ("tc16", 1)
     main.add_flops(kind, products * 2 * BW * BR * BK * k_steps * r_tiles * w_tiles)
     if dtype == torch.float32:
         main.add_flops("fp32", SPLIT_OPS_PER_ELEMENT * (BW + BR) * BK * k_steps * r_tiles * w_tiles)
     out = [main]
+    if skipping:
+        out = mask_prep(R, W, dtype, dict(USE_DOT=False), live=True) + [_memset(S * R * W * 4)] + out
     if S > 1:
         s = Cost("sum_slices", config=dict(BLOCK=kms.SUM_SLICES_BLOCK, SLICES=S))
         s.dram_read = S * R * W * 4
@@ -276,6 +340,24 @@ def _memset(nbytes: int) -> Cost:
     return Cost("zeros", dram_write=nbytes)
 
 
+def _forward_launches(R, W, N, dtype, arch, G, has_index, fast, ov) -> list[Cost]:
+    kw = dict(ov.get("masked_sum_forward", {}))
+    kw.setdefault("split", not fast)
+    main = masked_sum_forward(R, W, N, dtype, arch, base_rows=G, has_index=has_index, **kw)
+    if kw.get("legacy"):
+        return [main]
+    return mask_prep(R, W, dtype, main.config, split=kw["split"]) + [main]
+
+
+def _stack_launches(R, W, N, dtype, grad_dtype, arch, fast, ov) -> list[Cost]:
+    kw = dict(ov.get("masked_sum_backward_stack", {}))
+    kw.setdefault("split", not fast)
+    main = masked_sum_backward_stack(R, W, N, dtype, grad_dtype, arch, **kw)
+    if kw.get("legacy"):
+        return [main]
+    return mask_prep(R, W, dtype, main.config, split=kw["split"]) + [main]
+
+
 def custom_op_costs(name: str, args: tuple, kwargs: Optional[dict] = None, arch: int = 90,
                     overrides: Optional[dict] = None) -> list[Cost]:
     """The launches the `triton` backend makes for one call of the registered op
@@ -295,8 +377,8 @@ def custom_op_costs(name: str, args: tuple, kwargs: Optional[dict] = None, arch:
         stack, mask, base, base_index = arg(0, "stack"), arg(1, "mask"), arg(2, "base"), arg(3, "base_index")
         W, N = _rows_cols(stack)
         G = 0 if base is None else (int(base.numel()) // max(N, 1))
-        return [masked_sum_forward(int(mask.shape[0]), W, N, stack.dtype, arch, base_rows=G,
-                                   has_index=base_index is not None, **ov.get("masked_sum_forward", {}))]
+        return _forward_launches(int(mask.shape[0]), W, N, stack.dtype, arch, G, base_index is not None,
+                                 bool(arg(6, "fast")), ov)
     if op == "sampled_masked_writer_sum":
         stack, ela, nla, base, base_index = (arg(0, "stack"), arg(1, "edge_log_alpha"),
                                              arg(2, "node_log_alpha"), arg(3, "base"), arg(4, "base_index"))
@@ -305,26 +387,29 @@ def custom_op_costs(name: str, args: tuple, kwargs: Optional[dict] = None, arch:
         R = int(ela.shape[0])
         G = 0 if base is None else (int(base.numel()) // max(N, 1))
         return (sample_masks(R, W, has_node=nla is not None, training=training)
-                + [masked_sum_forward(R, W, N, stack.dtype, arch, base_rows=G,
-                                      has_index=base_index is not None, **ov.get("masked_sum_forward", {}))])
+                + _forward_launches(R, W, N, stack.dtype, arch, G, base_index is not None,
+                                    bool(arg(10, "fast")), ov))
     if op == "masked_writer_sum_backward_stack":
         mask, dout, like = arg(0, "mask"), arg(1, "dout"), arg(2, "n_writers_like")
         R, W = int(mask.shape[0]), int(mask.shape[1])
         N = int(dout.numel()) // max(R, 1)
         e = _size(dout.dtype)
-        return [_memset(W * N * e), masked_sum_backward_stack(R, W, N, dout.dtype, dout.dtype, arch,
-                                                              **ov.get("masked_sum_backward_stack", {}))]
+        return [_memset(W * N * e)] + _stack_launches(R, W, N, dout.dtype, dout.dtype, arch,
+                                                      bool(arg(4, "fast")), ov)
     if op == "masked_writer_sum_accumulate_grad_":
         grad, mask, dout = arg(0, "grad_stack"), arg(1, "mask"), arg(2, "dout")
         R, W = int(mask.shape[0]), int(mask.shape[1])
         N = int(dout.numel()) // max(R, 1)
-        return [masked_sum_backward_stack(R, W, N, dout.dtype, grad.dtype, arch,
-                                          **ov.get("masked_sum_backward_stack", {}))]
+        return _stack_launches(R, W, N, dout.dtype, grad.dtype, arch, bool(arg(4, "fast")), ov)
     if op == "masked_writer_sum_backward_mask":
-        stack, dout = arg(0, "stack"), arg(1, "dout")
+        stack, dout, live_mask = arg(0, "stack"), arg(1, "dout"), arg(4, "live_mask")
         W, N = _rows_cols(stack)
-        return masked_sum_backward_mask(int(dout.shape[0]), W, N, stack.dtype, arch,
-                                        **ov.get("masked_sum_backward_mask", {}))
+        kw = dict(ov.get("masked_sum_backward_mask", {}))
+        if live_mask is None:
+            kw.pop("live_fraction", None)
+        elif not kw.get("legacy"):
+            kw.setdefault("live_fraction", 1.0)
+        return masked_sum_backward_mask(int(dout.shape[0]), W, N, stack.dtype, arch, **kw)
     if op == "sample_masks":
         ela, nla, training = arg(0, "edge_log_alpha"), arg(1, "node_log_alpha"), bool(arg(4, "training"))
         return sample_masks(int(ela.shape[0]), int(ela.shape[1]), has_node=nla is not None,

@@ -18,7 +18,10 @@ from fastedge.kernels import masked_sum as kms  # noqa: E402
 
 def _direct_forward_count(R, W, N, e, cfg, base_rows):
     """Walk `_masked_sum_fwd_kernel`'s grid and loops as written and count every
-    element its masked loads touch: (distinct bytes, all bytes loaded, bytes stored)."""
+    element its masked loads touch: (distinct bytes, all bytes loaded, bytes stored).
+    The dot path loads the mask's hi and lo halves in the stack's dtype (every
+    tile flagged: a fractional mask), the vector path the fp32 mask."""
+    m_bytes = 2 * e if cfg["USE_DOT"] else 4
     BR, BW, BN = cfg["BLOCK_R"], cfg["BLOCK_W"], cfg["BLOCK_N"]
     n_r = -(-R // BR)
     seen, loaded, stored = set(), 0, 0
@@ -31,7 +34,7 @@ def _direct_forward_count(R, W, N, e, cfg, base_rows):
             for r in rows:
                 for w in ws:
                     seen.add(("m", r, w))
-                    loaded += 4
+                    loaded += m_bytes
             for w in ws:
                 for n in cols:
                     seen.add(("x", w, n))
@@ -43,7 +46,7 @@ def _direct_forward_count(R, W, N, e, cfg, base_rows):
                     seen.add(("b", g, n))
                     loaded += e
         stored += len(rows) * len(cols) * e
-    distinct = sum(4 if k[0] == "m" else e for k in seen)
+    distinct = sum(m_bytes if k[0] == "m" else e for k in seen)
     return distinct, loaded, stored
 
 
@@ -73,11 +76,21 @@ def test_contract_follows_the_kernels_config_and_product_counts():
     assert wide.config["BLOCK_N"] == 2 * narrow.config["BLOCK_N"]
     # the mask reloads per column tile halve with twice the columns
     assert narrow.l2_read == pytest.approx(2 * wide.l2_read, rel=1e-3)
-    # hi and lo: two 16-bit products; tf32x3 for fp32: three
-    assert wide.flops["tc16"] == 2 * costs.masked_sum_forward(R, W, N, torch.bfloat16, 90,
-                                                               products_16bit=1).flops["tc16"]
+    # hi and lo: two 16-bit products where every tile has a lo half, one
+    # where none has (0/1 masks) or in precision "fast"; fp32: three, two, one
+    one = costs.masked_sum_forward(R, W, N, torch.bfloat16, 90, split=False).flops["tc16"]
+    assert wide.flops["tc16"] == 2 * one
+    assert costs.masked_sum_forward(R, W, N, torch.bfloat16, 90, lo_fraction=0.0).flops["tc16"] == one
+    assert costs.masked_sum_forward(R, W, N, torch.bfloat16, 90, legacy=True).flops["tc16"] == 2 * one
     fp32 = costs.masked_sum_forward(37, 157, 32 * 64 * 768, torch.float32, 90)
     assert "tc16" not in fp32.flops and fp32.flops["tf32"] > 0
+    fp32_one = costs.masked_sum_forward(37, 157, 32 * 64 * 768, torch.float32, 90, split=False).flops["tf32"]
+    assert fp32.flops["tf32"] == 3 * fp32_one
+    assert costs.masked_sum_forward(37, 157, 32 * 64 * 768, torch.float32, 90,
+                                    lo_fraction=0.0).flops["tf32"] == 2 * fp32_one
+    # dead writers are not read: the stack bytes scale with the live share
+    half = costs.masked_sum_forward(R, W, N, torch.bfloat16, 90, live_fraction=0.5)
+    assert half.dram_read < 0.51 * wide.dram_read
     mask_bwd = costs.masked_sum_backward_mask(R, W, N, torch.bfloat16, 90)
     S = kms.backward_mask_config(R, W, N, torch.bfloat16)["SLICES"]
     assert S > 1 and len(mask_bwd) == 2 and mask_bwd[0].dram_write == S * R * W * 4

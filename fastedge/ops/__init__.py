@@ -27,7 +27,7 @@ from fastedge.ops.philox import edge_uniform, node_uniform
 __all__ = [
     "masked_writer_sum", "sampled_masked_writer_sum", "sample_masks", "hard_concrete",
     "hard_concrete_l0", "hard_concrete_deterministic", "draw_noise", "edge_noise", "node_noise",
-    "edge_uniform", "node_uniform", "init_log_alpha", "constants",
+    "edge_uniform", "node_uniform", "init_log_alpha", "constants", "PRECISIONS",
 ]
 
 
