@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastedge
-from tiny_models import ARCHITECTURES, tiny_model, token_batch
+from tiny_models import ARCHITECTURES, WIDE, tiny_model, token_batch
 
 pytestmark = pytest.mark.gpu
 
@@ -27,7 +27,7 @@ def _run(em, ids, corrupted, attention_mask, seed, w):
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ARCHITECTURES + [WIDE])  # WIDE: the kernels' dot path
 def test_edge_model_on_gpu_matches_cpu_float64(arch, training, backend, monkeypatch):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
