@@ -209,6 +209,8 @@ def masked_sum_backward_stack(R: int, W: int, N: int, dtype: torch.dtype,
         c.launches = 0
         return c
     Wl = W if legacy else _live(W, live_fraction)
+    if legacy:
+        cfg["BY_COLUMNS"] = False
     BR, BW, BN = cfg["BLOCK_R"], cfg["BLOCK_W"], cfg["BLOCK_N"]
     w_tiles, n_tiles = _cdiv(Wl, BW), _cdiv(N, BN)
     programs = w_tiles * n_tiles
@@ -219,12 +221,20 @@ def masked_sum_backward_stack(R: int, W: int, N: int, dtype: torch.dtype,
         mask_bytes = R * Wl * e * (1 + (lo_fraction if split else 0))
     c.dram_read = R * N * e + mask_bytes + Wl * N * g
     c.dram_write = Wl * N * g
-    c.l2_read = (w_tiles - 1) * R * N * e + (n_tiles - 1) * mask_bytes
+    # by columns (`_masked_sum_bwd_stack_by_columns_kernel`): each program
+    # holds its columns of dout, so only the mask is re-read (per column tile)
+    dout_rereads = 0 if cfg.get("BY_COLUMNS") else (w_tiles - 1) * R * N * e
+    c.l2_read = dout_rereads + (n_tiles - 1) * mask_bytes
+    if cfg.get("BY_COLUMNS"):
+        c.kernel = "masked_sum_bwd_stack_by_columns"
     if cfg["USE_DOT"]:
         kind, products = _products(dtype, split, lo_fraction, legacy)
         c.add_flops(kind, products * 2 * BW * BR * BN * r_steps * programs)
         per_step = (BR * BW if legacy else 0) + (BR * BN if dtype == torch.float32 else 0)
-        c.add_flops("fp32", SPLIT_OPS_PER_ELEMENT * per_step * r_steps * programs)
+        if cfg.get("BY_COLUMNS"):   # dout split once per program, not per writer tile
+            c.add_flops("fp32", SPLIT_OPS_PER_ELEMENT * BR * BN * n_tiles * (dtype == torch.float32))
+        else:
+            c.add_flops("fp32", SPLIT_OPS_PER_ELEMENT * per_step * r_steps * programs)
     else:
         c.add_flops("fp32", 2 * R * BW * BN * programs)
     c.add_flops("fp32", Wl * N)   # the read-modify-write add

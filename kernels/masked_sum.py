@@ -111,36 +111,40 @@ def _split_mask_kernel(m_ptr, hi_ptr, lo_ptr, flag_ptr, cols_ptr, count_ptr, R, 
 
 
 @triton.jit
-def _dot_split(m_hi, lo_ptrs, lo_valid, flag, b, acc, SPLIT: tl.constexpr,
-               DOT_IN_FP32: tl.constexpr):
+def _split_operand(b):
+    """(b_hi, b_lo) of a storage-dtype tile for `_dot_halves`: fp32 as two
+    tf32 values held in fp32 (b = b_hi + b_lo to about 2^-22), a 16-bit tile
+    as itself (b_lo unused)."""
+    if b.dtype == tl.float32:
+        b_hi = _round_low_bits(b, 13)
+        return b_hi, _round_low_bits(b - b_hi, 13)
+    return b, b
+
+
+@triton.jit
+def _dot_halves(m_hi, lo_ptrs, lo_valid, flag, b_hi, b_lo, acc, SPLIT: tl.constexpr,
+                DOT_IN_FP32: tl.constexpr):
     """acc + m @ b for a mask tile given as its product-dtype halves (see
-    `_split_mask_kernel`) and a storage-dtype tile `b`:
+    `_split_mask_kernel`) and a storage-dtype tile b given as `_split_operand`
+    makes it:
 
     * 16 bits: hi @ b, plus lo @ b when SPLIT and the tile's flag is set;
       products of 16-bit values are exact in fp32, so the mask is carried to
       two roundings (about 2^-17 relative in bf16, 2^-22 in fp16), or to one
       (2^-9, 2^-12) without SPLIT.
-    * fp32: b = b_hi + b_lo, each a tf32 value; hi @ b_hi + hi @ b_lo, plus
-      lo @ b_hi when SPLIT and flagged (the dropped lo @ b_lo and the two
-      roundings leave about 2^-21 relative per term); without SPLIT, one tf32
-      product hi @ b_hi (2^-11 relative in each operand).
+    * fp32: hi @ b_hi + hi @ b_lo, plus lo @ b_hi when SPLIT and flagged (the
+      dropped lo @ b_lo and the two roundings leave about 2^-21 relative per
+      term); without SPLIT, one tf32 product hi @ b_hi (2^-11 relative in
+      each operand).
 
     The lo tile is loaded only when it is used."""
-    if b.dtype == tl.float32:
-        b_hi = _round_low_bits(b, 13)
-        b_lo = _round_low_bits(b - b_hi, 13)
-        acc = _dot_exact(m_hi, b_hi, acc, DOT_IN_FP32)
-        if SPLIT:
+    acc = _dot_exact(m_hi, b_hi, acc, DOT_IN_FP32)
+    if SPLIT:
+        if b_hi.dtype == tl.float32:
             acc = _dot_exact(m_hi, b_lo, acc, DOT_IN_FP32)
-            if flag != 0:
-                m_lo = tl.load(lo_ptrs, mask=lo_valid, other=0.0)
-                acc = _dot_exact(m_lo, b_hi, acc, DOT_IN_FP32)
-    else:
-        acc = _dot_exact(m_hi, b, acc, DOT_IN_FP32)
-        if SPLIT:
-            if flag != 0:
-                m_lo = tl.load(lo_ptrs, mask=lo_valid, other=0.0)
-                acc = _dot_exact(m_lo, b, acc, DOT_IN_FP32)
+        if flag != 0:
+            m_lo = tl.load(lo_ptrs, mask=lo_valid, other=0.0)
+            acc = _dot_exact(m_lo, b_hi, acc, DOT_IN_FP32)
     return acc
 
 
@@ -225,7 +229,9 @@ def _masked_sum_fwd_kernel(x_ptr, m_ptr, hi_ptr, lo_ptr, flag_ptr, cols_ptr, cou
             flag = tl.load(flag_ptr + pid_r * n_w_tiles + w0 // BLOCK_W) if SPLIT else 0
             x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + offs_n[None, :],
                         mask=w_valid[:, None] & n_valid[None, :], other=0.0)
-            acc = _dot_split(m_hi, lo_ptr + m_offs, m_valid, flag, x, acc, SPLIT, DOT_IN_FP32)
+            x_hi, x_lo = _split_operand(x)
+            acc = _dot_halves(m_hi, lo_ptr + m_offs, m_valid, flag, x_hi, x_lo, acc, SPLIT,
+                              DOT_IN_FP32)
     else:
         # Vector path (R < 16, where a dot would be mostly padding): BLOCK_W
         # rows per step, unrolled so that their loads are all in flight
@@ -295,7 +301,9 @@ def _masked_sum_bwd_stack_kernel(m_ptr, hi_ptr, lo_ptr, flag_ptr, cols_ptr, coun
             flag = tl.load(flag_ptr + (r0 // BLOCK_R) * n_w_tiles + pid_w) if SPLIT else 0
             d = tl.load(dout_ptr + offs_r[:, None].to(tl.int64) * N + offs_n[None, :],
                         mask=r_valid[:, None] & n_valid[None, :], other=0.0)
-            acc = _dot_split(m_hi, lo_ptr + m_offs, m_valid, flag, d, acc, SPLIT, DOT_IN_FP32)
+            d_hi, d_lo = _split_operand(d)
+            acc = _dot_halves(m_hi, lo_ptr + m_offs, m_valid, flag, d_hi, d_lo, acc, SPLIT,
+                              DOT_IN_FP32)
     else:
         for r0 in range(0, R):
             r = _block1(r0, tl.int64)
@@ -307,6 +315,45 @@ def _masked_sum_bwd_stack_kernel(m_ptr, hi_ptr, lo_ptr, flag_ptr, cols_ptr, coun
     dx_ptrs = dx_ptr + rows[:, None].to(tl.int64) * stride_dx + offs_n[None, :]
     dx = tl.load(dx_ptrs, mask=valid, other=0.0).to(tl.float32)
     tl.store(dx_ptrs, (dx + acc).to(dx_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _masked_sum_bwd_stack_by_columns_kernel(hi_ptr, lo_ptr, flag_ptr, cols_ptr, count_ptr, dout_ptr,
+                                            dx_ptr, R, W, N, stride_dx, HAS_COLS: tl.constexpr,
+                                            SPLIT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                                            BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+                                            BLOCK_N: tl.constexpr):
+    """dx[w] += sum_r m[r, w] * dout[r] with one program per column tile: it
+    loads every reader's dout of its columns once (BLOCK_R >= R), split once,
+    and walks the (live) writer tiles, one product over all readers each. So
+    dout is read once in all, where the writer-tile grid of
+    `_masked_sum_bwd_stack_kernel` reloads it for every writer tile (25 times
+    at CodeLlama-13B's last layer). The mask's halves come as in the forward
+    (`_split_mask_kernel`, one reader tile: flag w0 // BLOCK_W)."""
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    n_valid = offs_n < N
+    r_valid = offs_r < R
+    d = tl.load(dout_ptr + offs_r[:, None].to(tl.int64) * N + offs_n[None, :],
+                mask=r_valid[:, None] & n_valid[None, :], other=0.0)
+    d_hi, d_lo = _split_operand(d)
+    n_cols = tl.load(count_ptr) if HAS_COLS else W
+    for w0 in range(0, n_cols, BLOCK_W):
+        offs_w = w0 + tl.arange(0, BLOCK_W)
+        w_valid = offs_w < n_cols
+        rows = tl.load(cols_ptr + offs_w, mask=w_valid, other=0) if HAS_COLS else offs_w
+        # loaded transposed, [BLOCK_W, BLOCK_R]: the writers are the rows of the product
+        m_offs = offs_r[None, :] * W + offs_w[:, None]
+        m_valid = r_valid[None, :] & w_valid[:, None]
+        m_hi = tl.load(hi_ptr + m_offs, mask=m_valid, other=0.0)
+        flag = tl.load(flag_ptr + w0 // BLOCK_W) if SPLIT else 0
+        acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
+        acc = _dot_halves(m_hi, lo_ptr + m_offs, m_valid, flag, d_hi, d_lo, acc, SPLIT, DOT_IN_FP32)
+        valid = w_valid[:, None] & n_valid[None, :]
+        dx_ptrs = dx_ptr + rows[:, None].to(tl.int64) * stride_dx + offs_n[None, :]
+        dx = tl.load(dx_ptrs, mask=valid, other=0.0).to(tl.float32)
+        tl.store(dx_ptrs, (dx + acc).to(dx_ptr.dtype.element_ty), mask=valid)
 
 
 # -- backward: mask --------------------------------------------------------------------
@@ -422,18 +469,29 @@ def forward_config(R: int, W: int, N: int, dtype: torch.dtype, arch: int = 0) ->
 
 def backward_stack_config(R: int, W: int, N: int, dtype: torch.dtype,
                           grad_dtype: torch.dtype) -> dict:
-    """Kernel constexprs and launch options of the stack backward."""
+    """Kernel constexprs and launch options of the stack backward.
+    BY_COLUMNS picks `_masked_sum_bwd_stack_by_columns_kernel` (every reader
+    in one tile, dout read once), for 16 to MAX_BLOCK_R readers; the
+    writer-tile grid of `_masked_sum_bwd_stack_kernel` otherwise."""
     if R < DOT_MIN_READERS:
-        return dict(USE_DOT=False, BLOCK_R=1, BLOCK_W=16, BLOCK_N=256, num_warps=4,
-                    num_stages=1)
+        return dict(USE_DOT=False, BY_COLUMNS=False, BLOCK_R=1, BLOCK_W=16, BLOCK_N=256,
+                    num_warps=4, num_stages=1)
+    if R <= MAX_BLOCK_R:
+        # dout [BLOCK_R, 128] stays on chip for the whole program; 64-writer
+        # tiles keep the fp32 accumulator at 64 registers a thread over 4
+        # warps (ptxas: no spills on sm_80 and sm_90,
+        # tests/test_triton_kernels_compile.py). Not yet timed on a GPU:
+        # bench/tune.py --variants compares it with the writer-tile grid.
+        return dict(USE_DOT=True, BY_COLUMNS=True, BLOCK_R=_pow2(R), BLOCK_W=64, BLOCK_N=128,
+                    num_warps=8, num_stages=3)
     # 128 x 128 dx tile over 8 warps; readers (the reduction) in steps of 16,
     # which keeps the hi/lo split of the mask small enough not to spill. In 16
     # bits a 64 x 128 tile over 4 warps measured 1.13-1.15x faster on an H200
     # (bench/tune.py at CodeLlama-13B shapes); fp32 was mixed, so it keeps 128.
     if dtype != torch.float32:
-        return dict(USE_DOT=True, BLOCK_R=16, BLOCK_W=64, BLOCK_N=128, num_warps=4,
-                    num_stages=3)
-    return dict(USE_DOT=True, BLOCK_R=16, BLOCK_W=128, BLOCK_N=128, num_warps=8,
+        return dict(USE_DOT=True, BY_COLUMNS=False, BLOCK_R=16, BLOCK_W=64, BLOCK_N=128,
+                    num_warps=4, num_stages=3)
+    return dict(USE_DOT=True, BY_COLUMNS=False, BLOCK_R=16, BLOCK_W=128, BLOCK_N=128, num_warps=8,
                 num_stages=3)
 
 
@@ -443,7 +501,10 @@ def backward_mask_config(R: int, W: int, N: int, dtype: torch.dtype) -> dict:
     the device)."""
     block_r = min(MAX_BLOCK_R, max(DOT_MIN_READERS, _pow2(R)))
     block_w = 128
-    block_k = 32 if dtype == torch.float32 else 64
+    # 32 columns a step in every dtype: at 64 the 16-bit kernel with live
+    # columns (HAS_COLS) spills on sm_80 at 121 readers (ptxas); not by
+    # architecture, so that the slicing (and the result) never depends on it
+    block_k = 32
     num_warps = 8 if block_r * block_w >= 8192 else 4
     tiles = triton.cdiv(max(R, 1), block_r) * triton.cdiv(max(W, 1), block_w)
     slices = triton.cdiv(TARGET_PROGRAMS, tiles)
@@ -560,7 +621,7 @@ def masked_sum_fwd(x: torch.Tensor, m: torch.Tensor, base: Optional[torch.Tensor
     (None with base means G == 1), out [R, N] contiguous in x's dtype
     (allocated when None). `split` (default) carries the mask to two
     roundings in the tensor-core products; without it, one product (see
-    `_dot_split`). `skip_dead` (default) reads only the writers whose mask is
+    `_dot_halves`). `skip_dead` (default) reads only the writers whose mask is
     nonzero for some reader (`live_columns`); False reads every row (same
     result for a finite stack; bench/tune.py compares the two). `config`
     overrides `forward_config` (bench/tune.py sweeps it). Returns out."""
@@ -627,9 +688,19 @@ def masked_sum_bwd_stack(m: torch.Tensor, dout: torch.Tensor, dx: torch.Tensor,
     if R == 0 or W == 0 or N == 0:
         return
     cfg = config or backward_stack_config(R, W, N, dout.dtype, dx.dtype)
-    grid = (triton.cdiv(W, cfg["BLOCK_W"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     live = live_columns(m) if skip_dead else None
     hi, lo, flags = _split_mask(m, dout.dtype, cfg, split, live)
+    if cfg.get("BY_COLUMNS"):
+        if cfg["BLOCK_R"] < R:
+            raise ValueError(f"BY_COLUMNS needs BLOCK_R >= R, got {cfg['BLOCK_R']} < {R}")
+        _masked_sum_bwd_stack_by_columns_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+            hi, lo, flags, *(live or (m, m)), dout, dx, R, W, N, _row_stride(dx),
+            HAS_COLS=skip_dead, SPLIT=split,
+            DOT_IN_FP32=_interpreted(_masked_sum_bwd_stack_by_columns_kernel),
+            BLOCK_R=cfg["BLOCK_R"], BLOCK_W=cfg["BLOCK_W"], BLOCK_N=cfg["BLOCK_N"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return
+    grid = (triton.cdiv(W, cfg["BLOCK_W"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _masked_sum_bwd_stack_kernel[grid](
         m, hi, lo, flags, *(live or (m, m)), dout, dx, R, W, N, _row_stride(dx),
         HAS_COLS=skip_dead, USE_DOT=cfg["USE_DOT"], SPLIT=split,

@@ -182,3 +182,20 @@ def test_the_stream_model_is_bounded_by_host_and_device():
     dev_small = 100 * rl.launch_time(small[0].launches[0], card, cal)
     assert t_all == pytest.approx(max(cal["host_aten_s"] * 101, t_big + dev_small))
     assert sum(r.modeled_ms for r in rows.values()) == pytest.approx(t_all * 1e3)
+
+
+def test_stack_backward_by_columns_reads_dout_once():
+    """The column-tile stack backward holds dout on chip: no dout re-reads
+    from L2 (the writer-tile grid's and the legacy kernel's have one per
+    further writer tile), only the mask's per column tile."""
+    R, W, N = 121, 1640, 8 * 72 * 5120
+    by_cols = costs.masked_sum_backward_stack(R, W, N, torch.bfloat16, torch.bfloat16, 90)
+    assert by_cols.config["BY_COLUMNS"] and by_cols.kernel == "masked_sum_bwd_stack_by_columns"
+    n_tiles = -(-N // by_cols.config["BLOCK_N"])
+    assert by_cols.l2_read == (n_tiles - 1) * R * W * 2 * 2   # hi and lo, every tile flagged
+    grid = dict(kms.backward_stack_config(R, W, N, torch.bfloat16, torch.bfloat16), BY_COLUMNS=False,
+                BLOCK_R=16)
+    by_writers = costs.masked_sum_backward_stack(R, W, N, torch.bfloat16, torch.bfloat16, 90, config=grid)
+    w_tiles = -(-W // grid["BLOCK_W"])
+    assert by_writers.l2_read - by_cols.l2_read == (w_tiles - 1) * R * N * 2
+    assert by_writers.dram_bytes == by_cols.dram_bytes

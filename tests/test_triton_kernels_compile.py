@@ -228,17 +228,24 @@ def masked_sum_jobs(cc: int):
         # backward, stack: an fp32 gradient buffer, and one in the storage dtype
         for gdt in sorted({torch.float32, dt}, key=str):
             cfg = kms.backward_stack_config(R, W, N, dt, gdt)
-            ptrs = dict(m_ptr=torch.float32, **halves, dout_ptr=dt, dx_ptr=gdt)
             consts = dict(DOT_IN_FP32=False, SPLIT=True, HAS_COLS=True,
-                          **{k: cfg[k] for k in ("USE_DOT", "BLOCK_R", "BLOCK_W", "BLOCK_N")})
+                          **{k: cfg[k] for k in ("BLOCK_R", "BLOCK_W", "BLOCK_N")})
+            if cfg["BY_COLUMNS"]:
+                kernel, ptrs = "_masked_sum_bwd_stack_by_columns_kernel", dict(**halves, dout_ptr=dt,
+                                                                                 dx_ptr=gdt)
+            else:
+                kernel = "_masked_sum_bwd_stack_kernel"
+                ptrs = dict(m_ptr=torch.float32, **halves, dout_ptr=dt, dx_ptr=gdt)
+                consts["USE_DOT"] = cfg["USE_DOT"]
             jobs.append((f"bwd_stack-{name}-grad_{_TORCH_TO_TRITON[gdt]}",
                          "dot" if cfg["USE_DOT"] else "vector",
-                         _key("masked_sum", "_masked_sum_bwd_stack_kernel", ptrs,
-                              dict(R=R, W=W, N=N, stride_dx=N), consts, cfg)))
+                         _key("masked_sum", kernel, ptrs, dict(R=R, W=W, N=N, stride_dx=N), consts, cfg)))
         # backward, mask
         cfg = kms.backward_mask_config(R, W, N, dt)
-        ptrs = dict(x_ptr=dt, dout_ptr=dt, part_ptr=torch.float32)
-        consts = dict(DOT_IN_FP32=False, **{k: cfg[k] for k in ("BLOCK_R", "BLOCK_W", "BLOCK_K")})
+        ptrs = dict(x_ptr=dt, dout_ptr=dt, part_ptr=torch.float32, cols_ptr=torch.int32,
+                    count_ptr=torch.int32)
+        consts = dict(DOT_IN_FP32=False, HAS_COLS=True,
+                      **{k: cfg[k] for k in ("BLOCK_R", "BLOCK_W", "BLOCK_K")})
         jobs.append((f"bwd_mask-{name}", "dot",
                      _key("masked_sum", "_masked_sum_bwd_mask_kernel", ptrs,
                           dict(R=R, W=W, N=N, stride_x=N, slice_len=cfg["SLICE_LEN"]), consts,
