@@ -170,23 +170,31 @@ def run_variants(shapes, ops) -> None:
         dout = torch.randn(R, N, device=device, dtype=dtype, generator=g)
         dx = torch.zeros(W, N, device=device, dtype=dtype)  # a buffer in the storage dtype (the default)
         esz = x.element_size()
+        bwd_cfg = kms.backward_stack_config(R, W, N, dtype, dx.dtype)
+        # the stack backward's two grids: by column tiles (the heuristic's for
+        # 16-128 readers) and by writer tiles (16 readers a step)
+        grids = {"by-cols": bwd_cfg}
+        if bwd_cfg.get("BY_COLUMNS"):
+            grids["by-writers"] = dict(bwd_cfg, BY_COLUMNS=False, BLOCK_R=16)
         for kind, m in variant_masks(R, W, device, g).items():
             live = int((m != 0).any(0).sum())
             for split in (True, False):
                 for skip in (True, False):
-                    runs = {"fwd": lambda: kms.masked_sum_fwd(x, m, None, None, out, split=split,
-                                                              skip_dead=skip),
-                            "bwd": lambda: kms.masked_sum_bwd_stack(m, dout, dx, split=split,
+                    runs = {("fwd", ""): lambda: kms.masked_sum_fwd(x, m, None, None, out, split=split,
                                                                     skip_dead=skip)}
-                    for op in ops:
+                    for grid_name, cfg in grids.items():
+                        runs[("bwd", grid_name)] = (lambda cfg=cfg: kms.masked_sum_bwd_stack(
+                            m, dout, dx, config=cfg, split=split, skip_dead=skip))
+                    for (op, grid_name), fn in runs.items():
+                        if op not in ops:
+                            continue
                         rows = live if skip else W
                         nbytes = (rows * N * esz + R * N * esz if op == "fwd"
                                   else R * N * esz + 2 * rows * N * esz)
-                        ms = triton.testing.do_bench(runs[op], warmup=10, rep=100,
-                                                     return_mode="median")
+                        ms = triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
                         print(f"{op} {name:>13} {kind:>10} live {live:5d}/{W:<5d} "
-                              f"{'full' if split else 'fast'} {'live-cols' if skip else 'dense    '}: "
-                              f"{ms:8.3f} ms  {nbytes / (ms * 1e-3) / bw_copy:5.1%} of copy",
+                              f"{'full' if split else 'fast'} {'live-cols' if skip else 'dense    '} "
+                              f"{grid_name:>10}: {ms:8.3f} ms  {nbytes / (ms * 1e-3) / bw_copy:5.1%} of copy",
                               flush=True)
         del x, out, dout, dx
         torch.cuda.empty_cache()
