@@ -46,6 +46,10 @@ Modes (``MODES``): ``fwd`` (a training forward: autograd records, inputs
 require grad), ``bwd`` (the backward of a recorded forward: writer-stack and
 mask or log_alpha gradients), ``fwd+bwd``.
 
+A cell whose timing raises (out of memory, a backward that cannot repeat) is
+reported as ``error`` with the exception, and the run goes on; the exit
+status is 1 when any cell is ``wrong`` or ``error``.
+
 Checks before timing (``Op.expected``): a provider whose results disagree is
 reported as ``wrong`` and not timed; one that cannot run here (``triton`` on
 a CPU, a backend that is not built) is ``skipped`` with its reasons.
@@ -1041,7 +1045,7 @@ class Cell:
     layout: Layout
     mode: str
     provider: str
-    status: str                   # ok | skipped | wrong
+    status: str                   # ok | skipped | wrong | error (timing raised)
     timing: Optional[Timing] = None
     state_bytes: Optional[int] = None
     note: str = ""
@@ -1127,8 +1131,18 @@ def run_case(case: Case, model: Model, data: WriterData, providers: list, modes:
                 log(f"  {name} {mode}: WRONG, not timed: {wrong}")
                 cells.append(Cell(case, lay, mode, name, "wrong", note=wrong, max_err=err, op=op))
                 continue
-            fn = MODES[mode](p, state, problem)
-            timing = measure(fn, problem.device, st, f"{case.name} {op} {mode} {name}")
+            try:
+                fn = MODES[mode](p, state, problem)
+                timing = measure(fn, problem.device, st, f"{case.name} {op} {mode} {name}")
+            except Exception as exc:  # noqa: BLE001  one cell that fails must not lose the table
+                note = f"timing raised {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                log(f"  {name} {mode}: ERROR, {note}")
+                cells.append(Cell(case, lay, mode, name, "error", note=note, max_err=err, op=op))
+                fn = None
+                if problem.device.type == "cuda":
+                    torch.cuda.synchronize(problem.device)
+                    torch.cuda.empty_cache()
+                continue
             del fn
             cell = Cell(case, lay, mode, name, "ok", timing, p.state_bytes(state, mode),
                         max_err=err, load1=os.getloadavg()[0], op=op,
@@ -1267,9 +1281,9 @@ def markdown(rows: list, header_lines: list) -> str:
         if r["status"] == "skipped":
             skipped.setdefault((r["op"], r["provider"]), r["note"])
             continue
-        if r["status"] == "wrong":
+        if r["status"] in ("wrong", "error"):
             out.append(f"| {r['case']} | {r['op']} | {r['shape']} | {r['mode']} | {r['provider']} | "
-                       f"WRONG: {r['note']} | | | | | | | | |")
+                       f"{r['status'].upper()}: {r['note']} | | | | | | | | |")
             continue
         speed = f"{float(r['speedup_vs_naive']):.2f}x" if r["speedup_vs_naive"] else ""
         p20, p50, p80 = (_ms_short(r[k]) for k in ("p20_ms", "p50_ms", "p80_ms"))
@@ -1472,7 +1486,7 @@ def main(argv=None) -> int:
     md_path = out_dir / f"ops-{device_slug(device)}-{stamp}.md"
     md_path.write_text(text)
     print(f"wrote {out_dir / 'ops.csv'} ({len(rows)} rows) and {md_path}")
-    return 1 if any(r["status"] == "wrong" for r in rows) else 0
+    return 1 if any(r["status"] in ("wrong", "error") for r in rows) else 0
 
 
 if __name__ == "__main__":
