@@ -24,13 +24,13 @@
 # not started. The summary at the end gives each stage's rc (124: timed out), and the exit
 # status is 1 when any stage failed or did not run, 0 when all passed (2: an unknown stage).
 #
-# Revision: every result records the revision of bench/results_csv.py. On the device tool's
+# Revision: every result records the revision of bench/revision.py. On the device tool's
 # machine the work tree is copied over a .git that is not the caller's (it has held commit
 # 5c70b84, the session's first snapshot, for every run so far), so git there cannot say what ran:
 # the caller says it. In the checkout the device tool sends (the session's own checkout, not a
 # helper's worktree), commit, then run
 #
-#     python bench/results_csv.py --env
+#     python bench/revision.py --env
 #
 # which prints `FASTEDGE_GIT_REV=<commit>[+diff.<hash>] FASTEDGE_SOURCE_HASH=<hash>`, and launch
 # with both assignments in front, pasted literally (a $(...) would run on the device):
@@ -73,7 +73,7 @@ if [ -z "${FASTEDGE_GIT_REV:-}" ]; then
   say "WARNING: FASTEDGE_GIT_REV is not set (see bench/gpu.sh's header): the results will not be tied to a commit"
   export FASTEDGE_GIT_REV=untied
 fi
-REV=$($PY bench/results_csv.py 2>>"$LOG") || REV=""
+REV=$($PY bench/revision.py 2>>"$LOG") || REV=""
 export FASTEDGE_GIT_REV=${REV:-untied}
 unset FASTEDGE_SOURCE_HASH  # checked just now; the stages take the result as it is
 case "$FASTEDGE_GIT_REV" in

@@ -27,7 +27,7 @@ FAKE_PYTHON = textwrap.dedent("""\
     #!{python}
     import json, os, sys, time
     argv = sys.argv[1:]
-    if argv[:1] == ["bench/results_csv.py"]:  # the revision: the real thing
+    if argv[:1] == ["bench/revision.py"]:  # the revision: the real thing
         os.execv({python!r}, [{python!r}] + argv)
     if argv[:1] == ["-c"]:  # set-up probes: import checks, versions, the CUDA arch, the extension
         print("90" if "get_device_capability" in argv[1] else "fake set-up")
@@ -58,7 +58,7 @@ def run_gpu_sh(tmp_path, *stages, fail=(), slow=(), env_extra=None, rev_env=True
     env.update(PYTHON=str(fake), OUT=str(out), FAKE_CALLS=str(calls), FAKE_FAIL=",".join(fail),
                FAKE_SLOW=",".join(slow))
     if rev_env:
-        line = subprocess.run([sys.executable, str(REPO / "bench" / "results_csv.py"), "--env"],
+        line = subprocess.run([sys.executable, str(REPO / "bench" / "revision.py"), "--env"],
                               check=True, capture_output=True, text=True).stdout.split()
         env.update(kv.split("=", 1) for kv in line)
     env.update(env_extra or {})
@@ -117,7 +117,7 @@ def test_stages_can_be_chosen_and_unknown_ones_are_refused(tmp_path):
 
 
 def test_the_callers_revision_reaches_every_stage(tmp_path):
-    want = subprocess.run([sys.executable, str(REPO / "bench" / "results_csv.py"), "--env"], check=True,
+    want = subprocess.run([sys.executable, str(REPO / "bench" / "revision.py"), "--env"], check=True,
                           capture_output=True, text=True).stdout.split()[0].split("=", 1)[1]
     proc, log, calls = run_gpu_sh(tmp_path)
     assert {c["rev"] for c in calls} == {want} and {c["source"] for c in calls} == {None}
@@ -125,7 +125,7 @@ def test_the_callers_revision_reaches_every_stage(tmp_path):
 
 
 def test_without_a_revision_or_with_other_files_the_results_are_untied(tmp_path):
-    fp = subprocess.run([sys.executable, str(REPO / "bench" / "results_csv.py"), "--source-hash"],
+    fp = subprocess.run([sys.executable, str(REPO / "bench" / "revision.py"), "--source-hash"],
                         check=True, capture_output=True, text=True).stdout.strip()
     proc, log, calls = run_gpu_sh(tmp_path, "tune", rev_env=False)
     assert proc.returncode == 0

@@ -1,4 +1,4 @@
-"""The revision every benchmark records (bench/results_csv.py): a clean tree
+"""The revision every benchmark records (bench/revision.py): a clean tree
 gives its commit, a dirty one the commit and a hash of the change (a new hash
 for a new change), a tree without git a fingerprint of its files and the word
 untied; a copy of the tree over a stale .git (the device tool's machine)
@@ -20,8 +20,8 @@ pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("fastedge_bench_results_csv",
-                                                  REPO / "bench" / "results_csv.py")
+    spec = importlib.util.spec_from_file_location("fastedge_bench_revision",
+                                                  REPO / "bench" / "revision.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -166,7 +166,7 @@ def test_a_copy_over_a_stale_git_takes_the_callers_revision(repo, tmp_path, monk
     shutil.copytree(repo / ".git", stale_git)
     write(repo, "pkg/op.py", "def f(x):\n    return 2 * x\n")
     git(repo, "commit", "-qam", "second")
-    caller = subprocess.run([sys.executable, str(REPO / "bench" / "results_csv.py"), "--env", "--repo",
+    caller = subprocess.run([sys.executable, str(REPO / "bench" / "revision.py"), "--env", "--repo",
                              str(repo)], check=True, capture_output=True, text=True).stdout.split()
     env = dict(kv.split("=", 1) for kv in caller)
     assert env[rc.REV_VAR] == rc.git_revision(repo) and head(repo).startswith(env[rc.REV_VAR])
@@ -195,6 +195,12 @@ def test_a_copy_over_a_stale_git_takes_the_callers_revision(repo, tmp_path, monk
 def test_every_recording_benchmark_takes_its_revision_from_results_csv():
     """ops.py, step.py and memory.py record `results_csv.git_revision()` and
     nothing else; tune.py prints it."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import results_csv
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    assert results_csv.git_revision.__module__ == "revision"
     for name in ("ops.py", "step.py", "memory.py", "tune.py"):
         text = (REPO / "bench" / name).read_text()
         assert "results_csv.git_revision" in text, name
@@ -202,7 +208,7 @@ def test_every_recording_benchmark_takes_its_revision_from_results_csv():
 
 
 def test_the_command_line_prints_the_recorded_revision(repo, monkeypatch):
-    script = str(REPO / "bench" / "results_csv.py")
+    script = str(REPO / "bench" / "revision.py")
     out = subprocess.run([sys.executable, script, "--repo", str(repo)], check=True, capture_output=True,
                          text=True).stdout.strip()
     assert out == rc.git_revision(repo)
