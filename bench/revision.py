@@ -24,7 +24,10 @@ git, and when ``$FASTEDGE_SOURCE_HASH`` is also set, the copy's own
 ``untied+src.<the copy's fingerprint>``. ``python bench/revision.py
 --env`` prints both assignments for the tree it is run in.
 ``FASTEDGE_GIT_REV=untied`` records ``untied+src.<fingerprint>``;
-``FASTEDGE_GIT_REV=git`` asks git, as if unset.
+``FASTEDGE_GIT_REV=git`` asks git, as if unset. The copy hashes what it
+finds on disk, less hidden and ignored-by-default paths: a folder carried
+beside the tree that is neither (say ``venv/``) makes it differ, so carry
+hidden ones (``.whl``).
 """
 from __future__ import annotations
 
@@ -172,6 +175,9 @@ def main(argv=None) -> int:
         if rev.startswith(UNTIED):
             print(f"revision: {args.repo} is not a git work tree; its results cannot be tied to a "
                   "commit", file=sys.stderr)
+        elif "+diff." in rev:
+            print(f"revision: uncommitted changes in {args.repo}: results will name {rev}; commit "
+                  "first to tie them to a commit alone", file=sys.stderr)
         print(f"{REV_VAR}={rev} {SOURCE_VAR}={source_fingerprint(args.repo, use_git=None)}")
     elif args.diff:
         sys.stdout.buffer.write(working_tree_diff(args.repo))
