@@ -25,9 +25,9 @@
 # status is 1 when any stage failed or did not run, 0 when all passed (2: an unknown stage).
 #
 # Revision: every result records the revision of bench/revision.py. On the device tool's
-# machine the work tree is copied over a .git that is not the caller's (it has held commit
-# 5c70b84, the session's first snapshot, for every run so far), so git there cannot say what ran:
-# the caller says it. In the checkout the device tool sends (the session's own checkout, not a
+# machine the work tree is copied, but not .git: the .git found there is an old one (every H200
+# run so far reported commit 5c70b84, older than the code it ran, and "-dirty" for the
+# difference), so git there cannot say what ran: the caller says it. In the checkout the device tool sends (the session's own checkout, not a
 # helper's worktree), commit, then run
 #
 #     python bench/revision.py --env

@@ -27,7 +27,7 @@ counted by `bench/memtrack.py` over one extra, untimed step. Ratios:
 weights, and fastedge's time as a multiple of the floor.
 
 Output: one CSV row per kind appended to ``<out>/step.csv`` (device,
-versions, the revision of `bench/results_csv.py`: a commit, with the hash of
+versions, the revision of `bench/revision.py`: a commit, with the hash of
 any local changes), a markdown table printed and written to
 ``<out>/step-<device>-<date>.md``; ``<out>`` is ``--out``, else ``$OUT``,
 else ``bench/results``. A recorded p50 takes at least ``MIN_TIMED_STEPS``
