@@ -10,7 +10,8 @@ reported, not timed), and prints one line per (shape, configuration): median
 time with `triton.testing.do_bench`, achieved bandwidth (the stack prefix and
 the outputs, each moved once; SPEC section 5) and its fraction of a
 device-to-device copy measured in the same run. The current heuristic's row
-is marked ``*``.
+is marked ``*``. It records nothing: the lines go to stdout (bench/gpu.sh keeps
+them in its log), headed by the revision (`bench/results_csv.py`).
 
     python bench/tune.py                 # all shapes (a GPU; about a minute)
     python bench/tune.py --shapes gpt2-L11 --ops fwd
@@ -28,10 +29,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
-from fastedge.kernels import masked_sum as kms
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_csv  # noqa: E402  (bench/results_csv.py: the revision the log names)
+
+from fastedge.kernels import masked_sum as kms  # noqa: E402
 
 # name: (readers, writers, columns N = batch * seq * hidden, dtype)
 SHAPES = {
@@ -83,7 +88,8 @@ def run(shapes, ops) -> None:
     device = torch.device("cuda")
     bw_copy = copy_bandwidth(device)
     print(f"device {torch.cuda.get_device_name()}; copy bandwidth {bw_copy / 1e12:.2f} TB/s "
-          f"(read + write); triton {triton.__version__}; torch {torch.__version__}")
+          f"(read + write); triton {triton.__version__}; torch {torch.__version__}; "
+          f"fastedge @ {results_csv.git_revision()}")
     g = torch.Generator(device=device).manual_seed(0)
     for name in shapes:
         R, W, N, dtype = SHAPES[name]

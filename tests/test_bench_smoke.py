@@ -307,3 +307,51 @@ def test_bench_sampled_triton_interpreted(tmp_path):
     status = [line.split(" ", 5)[1:] for line in proc.stdout.splitlines() if line.startswith("STATUS")]
     assert len(status) == 8, proc.stdout[-3000:]
     assert all(s[3] == "ok" for s in status), status
+
+
+def test_bench_a_cell_whose_timing_raises_is_an_error_not_a_crash():
+    """The H200 run of 2026-11-26 lost the whole kernel table to one cell
+    whose repeated backward raised: such a cell is now reported, the others timed."""
+    import dataclasses
+
+    import torch
+    ops = _load_bench_ops()
+    model = dataclasses.replace(ops.MODELS["gpt2-small"], batch=1, seq=2, hidden=8)
+    data = ops.WriterData.random(model.graph().n_writers, (1, 2, 8), torch.float32, torch.device("cpu"), 0)
+    st = ops.Settings(reps=1, min_time=0.0, max_time=0.01, warmup_ms=1, rep_ms=1)
+    measure = ops.measure
+
+    def flaky(fn, device, s, label):
+        if label == "gpt2-L0 masked bwd torch":
+            fn()
+            raise RuntimeError("Trying to backward through the graph a second time (simulated)\nmore")
+        return measure(fn, device, s, label)
+
+    ops.measure = flaky
+    cells = ops.run_case(ops.CASE_BY_NAME["gpt2-L0"], model, data, ["naive", "torch"], ["fwd", "bwd", "fwd+bwd"],
+                         st, 1, lambda msg: None)
+    status = {(c.provider, c.mode): c for c in cells}
+    err = status[("torch", "bwd")]
+    assert err.status == "error" and err.timing is None
+    assert err.note == "timing raised RuntimeError: Trying to backward through the graph a second time (simulated)"
+    assert all(c.status == "ok" for k, c in status.items() if k != ("torch", "bwd"))
+    rows = [ops.make_row(c, {"timing": "t"}, model, (1, 2, 8), "float32") for c in cells]
+    assert "| bwd | torch | ERROR: timing raised RuntimeError" in ops.markdown(rows, [])
+
+
+def test_bench_gpu_cells_get_at_least_five_samples(monkeypatch):
+    """do_bench gives one sample for a call slower than --rep-ms; the GPU path
+    tops such a cell up with timed calls to MIN_GPU_SAMPLES."""
+    triton_testing = pytest.importorskip("triton.testing")
+    ops = _load_bench_ops()
+    st = ops.Settings(reps=3, min_time=0.0, max_time=1.0, warmup_ms=25, rep_ms=100)
+    topped = []
+    monkeypatch.setattr(ops, "_timed_calls", lambda fn, n: topped.append(n) or [2.0] * n)
+    for given, extra in (([300.0], 4), ([9.0, 9.5, 10.0], 2), ([1.0] * 80, 0)):
+        monkeypatch.setattr(triton_testing, "do_bench", lambda fn, warmup, rep, return_mode: list(given))
+        samples, method = ops._cuda_samples(lambda: None, st)
+        assert len(samples) == max(5, len(given)) == ops.MIN_GPU_SAMPLES + max(0, len(given) - 5)
+        assert samples[:len(given)] == given
+        assert ("to 5 samples" in method) == (extra > 0)
+        assert topped == ([extra] if extra else [])
+        topped.clear()
