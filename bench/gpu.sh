@@ -10,13 +10,15 @@
 #      5 timed steps (a p50 of its own; bench/step.py refuses fewer when recording);
 #   4. bench/ops.py: the kernel microbenchmark, masked and fused sampled ops, at GPT-2 small and
 #      CodeLlama-13B layer shapes (at least 5 samples per cell);
-#   5. bench/memory.py --check-device: fake-tensor peak memory against the device's, on a small model;
-#   6. bench/tune.py: candidate Triton block sizes at the same layer shapes (printed to the log).
+#   5. bench/tune.py --variants: the kernels' variants at CodeLlama-13B and GPT-2 shapes (full and
+#      fast precision, live columns under 90%/99%-dead masks, the stack backward's two grids);
+#   6. bench/memory.py --check-device: fake-tensor peak memory against the device's, on a small model;
+#   7. bench/tune.py: candidate Triton block sizes at the same layer shapes (printed to the log).
 #
 # Results go to $OUT when it is set (the device tool's folder), else bench/results/; the log of
 # everything is gpu-run.log there.
 #
-# Usage: bench/gpu.sh [stage ...]   stages: tests step-gpt2 step-codellama ops memory-check tune
+# Usage: bench/gpu.sh [stage ...]   stages: tests step-gpt2 step-codellama ops variants memory-check tune
 #                                   (default: all; they run in this order)
 #
 # Failures: every stage runs even when one before it failed. Each stage has a time limit, cut to
@@ -43,7 +45,7 @@
 # commit). FASTEDGE_GIT_REV=git trusts this tree's own git (a real clone on a GPU machine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ALL_STAGES="tests step-gpt2 step-codellama ops memory-check tune"
+ALL_STAGES="tests step-gpt2 step-codellama ops variants memory-check tune"
 STAGES=${*:-$ALL_STAGES}
 for name in $STAGES; do
   case " $ALL_STAGES " in
@@ -130,6 +132,7 @@ stage step-gpt2 60 $PY bench/step.py --model gpt2-small --batch 32 --seq 64 \
 stage step-codellama 150 $PY bench/step.py --model codellama-13b --batch 32 --micro-batch 8 --seq 72 \
   --kinds floor,fastedge --steps 5 --warmup 1 --out "$OUT_DIR"
 stage ops 200 $PY bench/ops.py --ops masked,sampled --rep-ms "${OPS_REP_MS:-100}" --out "$OUT_DIR"
+stage variants 60 $PY bench/tune.py --variants --shapes cl13b-b8-L39,cl13b-b8-L20,gpt2-L11
 stage memory-check 60 $PY bench/memory.py --quick --check-device --device cuda --out "$OUT_DIR"
 stage tune 90 $PY bench/tune.py
 

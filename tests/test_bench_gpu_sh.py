@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_SH = REPO / "bench" / "gpu.sh"
-STAGES = ["tests", "step-gpt2", "step-codellama", "ops", "memory-check", "tune"]
+STAGES = ["tests", "step-gpt2", "step-codellama", "ops", "variants", "memory-check", "tune"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and timeout")
@@ -36,6 +36,8 @@ FAKE_PYTHON = textwrap.dedent("""\
               "bench/tune.py": "tune"}}.get(argv[1] if argv[0] == "-m" else argv[0])
     if argv[0] == "bench/step.py":
         stage = "step-codellama" if "codellama-13b" in argv else "step-gpt2"
+    if argv[0] == "bench/tune.py" and "--variants" in argv:
+        stage = "variants"
     with open(os.environ["FAKE_CALLS"], "a") as f:
         f.write(json.dumps({{"stage": stage, "argv": argv, "rev": os.environ.get("FASTEDGE_GIT_REV"),
                             "source": os.environ.get("FASTEDGE_SOURCE_HASH")}}) + "\\n")
