@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED_COLUMNS = {
@@ -355,3 +356,25 @@ def test_bench_gpu_cells_get_at_least_five_samples(monkeypatch):
         assert ("to 5 samples" in method) == (extra > 0)
         assert topped == ([extra] if extra else [])
         topped.clear()
+
+
+def test_bench_ops_sparse_cases_zero_the_same_masks_in_both_layouts():
+    """The sparse cases of bench/ops.py: -nodesP prunes whole writers (every
+    mask of theirs 0, log_alpha -30 in both layouts: sampled masks exactly 0),
+    -edgesP zeroes single edges; the authors' layout and fastedge's rows agree."""
+    ops_bench = _load_bench_ops()
+    model = ops_bench.MODELS["gpt2-small"]
+    model = ops_bench.dataclasses.replace(model, batch=1, seq=2, hidden=8)
+    data = ops_bench.WriterData.random(model.graph().n_writers, (1, 2, 8), torch.float32, "cpu", 0)
+    for name, lo, hi in (("gpt2-L11-nodes90", 0.8, 0.97), ("gpt2-L11-edges50", 0.4, 0.6)):
+        p = ops_bench.build_problem(ops_bench.CASE_BY_NAME[name], model, data, 3)
+        dead = (p.mask == 0).all(0)
+        zero = ((p.mask == 0) & p.valid).sum() / p.valid.sum()
+        if "nodes" in name:
+            assert lo < dead.float().mean() < hi and not dead[0]
+            assert (p.log_alpha[:, dead][p.valid[:, dead]] == -30).all()
+        else:
+            assert lo < zero < hi and dead.float().mean() < 0.1
+        assert torch.equal(ops_bench.to_rows(p.naive_masks, p.layout.n_writers) * p.valid, p.mask)
+        la = ops_bench.to_rows(p.naive_log_alpha, p.layout.n_writers)
+        assert torch.equal(la[p.valid], p.log_alpha[p.valid])
