@@ -46,6 +46,10 @@ Modes (``MODES``): ``fwd`` (a training forward: autograd records, inputs
 require grad), ``bwd`` (the backward of a recorded forward: writer-stack and
 mask or log_alpha gradients), ``fwd+bwd``.
 
+A cell whose timing raises (out of memory, a backward that cannot repeat) is
+reported as ``error`` with the exception, and the run goes on; the exit
+status is 1 when any cell is ``wrong`` or ``error``.
+
 Checks before timing (``Op.expected``): a provider whose results disagree is
 reported as ``wrong`` and not timed; one that cannot run here (``triton`` on
 a CPU, a backend that is not built) is ``skipped`` with its reasons.
@@ -65,7 +69,9 @@ a CPU, a backend that is not built) is ``skipped`` with its reasons.
   for that seed instead of ``torch.rand``.
 
 Timing (``measure``): on a GPU, ``triton.testing.do_bench`` (CUDA events,
-warm-up, L2 flushed between calls); on the CPU, ``torch.utils.benchmark.Timer``
+warm-up, L2 flushed between calls; it repeats for ``--rep-ms``, so a call
+slower than a fifth of that is topped up with timed calls of the same kind to
+``MIN_GPU_SAMPLES``, 5, for a p50 of its own); on the CPU, ``torch.utils.benchmark.Timer``
 (its first call is the warm-up; blocks until ``--reps`` samples and
 ``--min-time`` seconds, or until ``--max-time`` would be exceeded). p20, p50
 and p80 per (case, op, mode, provider), and the speed-up ``naive p50 /
@@ -160,6 +166,7 @@ LOG_ALPHA_RANGE = 3.0  # the sampled op's log_alpha ~ U(-3, 3): masks at 0, at 1
 # The hard-concrete gradient jumps where the stretched sample crosses 0 or 1; d log_alpha
 # is not compared for edges whose reference stretched sample lies this close to either.
 CLAMP_EDGE = 1e-4
+MIN_GPU_SAMPLES = 5  # the fewest samples per GPU cell (do_bench gives one for a call slower than --rep-ms)
 
 
 # =============================================================================
@@ -198,10 +205,22 @@ MODELS = {
 
 @dataclass(frozen=True)
 class Case:
-    """One fastedge call: a layer's readers (q/k/v heads and MLP), or resid_post."""
+    """One fastedge call: a layer's readers (q/k/v heads and MLP), or resid_post.
+    `sparsity`: "" (every mask drawn), "edgesP" (P% of the edges at 0, at
+    random) or "nodesP" (P% of the writers pruned: every mask of theirs at 0,
+    as a node mask at 0 makes them; the kernels skip such writers)."""
     name: str
     model: str
     layer: Optional[int]  # None: resid_post
+    sparsity: str = ""
+
+    @property
+    def zero_fraction(self) -> tuple[str, float]:
+        """("", 0), ("edges", P / 100) or ("nodes", P / 100)."""
+        if not self.sparsity:
+            return "", 0.0
+        kind = self.sparsity.rstrip("0123456789")
+        return kind, int(self.sparsity[len(kind):]) / 100
 
     @property
     def kind(self) -> str:
@@ -217,9 +236,17 @@ CASES = [
     *[Case(f"cl13b-b{b}-L{layer}", f"codellama-13b-b{b}", layer)
       for b in (1, 8) for layer in (0, 20, 39)],
 ]
+# Sparse masks (issue 9): 50%, 90% and 99% of the edges at 0 at random, or of
+# the writers pruned, at GPT-2's last layer and CodeLlama-13B's (batch 1 by
+# default: the naive provider is as slow as dense there).
+SPARSITIES = [f"{kind}{p}" for kind in ("edges", "nodes") for p in (50, 90, 99)]
+SPARSE_CASES = [Case(f"{base.name}-{sp}", base.model, base.layer, sp)
+                for base in CASES if base.name in ("gpt2-L11", "cl13b-b1-L39", "cl13b-b8-L39")
+                for sp in SPARSITIES]
 # The CPU default leaves CodeLlama out (tens of GB of writer tensors, minutes per cell).
 CPU_DEFAULT_CASES = [c.name for c in CASES if c.model == "gpt2-small"]
-CASE_BY_NAME = {c.name: c for c in CASES}
+GPU_DEFAULT_CASES = [c.name for c in CASES + SPARSE_CASES if "cl13b-b8" not in c.name or not c.sparsity]
+CASE_BY_NAME = {c.name: c for c in CASES + SPARSE_CASES}
 
 
 @dataclass(frozen=True)
@@ -344,6 +371,27 @@ def build_problem(case: Case, model: Model, data: WriterData, seed: int) -> Prob
             naive_la = {k: log_alpha(Wt, H) for k in ("q", "k", "v")}
             naive_la["mlp"] = log_alpha(Wt)
             la = to_rows(naive_la, W)
+        kind, frac = case.zero_fraction
+        if kind:
+            # edges: each mask at 0 with probability frac; nodes: each writer's
+            # every mask (writer 0 stays, so something is read). log_alpha -30
+            # samples z = 0 (s < 1e-10 even at the noise clamp).
+            if kind == "edges":
+                zero = {k: rand(*v.shape) < frac for k, v in naive_masks.items()}
+            else:
+                pruned = rand(Wt) < frac
+                pruned[0] = False
+                zero = {k: pruned.reshape((Wt,) + (1,) * (v.dim() - 1)).expand(v.shape)
+                        for k, v in naive_masks.items()}
+            naive_masks = {k: v.masked_fill(zero[k], 0.0) for k, v in naive_masks.items()}
+            naive_la = {k: v.masked_fill(zero[k], -30.0) for k, v in naive_la.items()}
+            if case.layer is None:
+                mask = naive_masks["z"][None, :W].clone()
+                la = naive_la["z"][None, :W].clone()
+            else:
+                mask = torch.cat([naive_masks[k][:W].t() for k in ("q", "k", "v")]
+                                 + [naive_masks["mlp"][None, :W]]).contiguous() * valid
+                la = to_rows(naive_la, W)
         # fastedge marks a structural zero with log_alpha = -inf (mask exactly 0, gradient 0);
         # the authors' layout keeps finite values there and zeroes them with the common masks.
         la = la.masked_fill(~valid, float("-inf")).contiguous()
@@ -787,6 +835,7 @@ class Settings:
     max_time: float    # CPU: stop before the samples would take longer than this
     warmup_ms: int     # GPU: do_bench warm-up
     rep_ms: int        # GPU: do_bench repetition time
+    min_samples: int = MIN_GPU_SAMPLES  # GPU: samples per cell at least (`_cuda_samples`)
 
 
 @dataclass
@@ -862,14 +911,23 @@ def _measure_cpu(fn, st: Settings, label: str) -> Timing:
 
 
 def _cuda_samples(fn, st: Settings) -> tuple[list, str]:
-    """Per-call times in ms of `fn` on the GPU, and how they were taken."""
+    """Per-call times in ms of `fn` on the GPU, and how they were taken: at
+    least `st.min_samples` of them. do_bench repeats a call for `rep_ms` after
+    estimating it, so it returns a single sample for a call slower than
+    `rep_ms`; such a cell gets the missing samples from timed calls of the
+    same kind right after (`_timed_calls`: CUDA events, L2 flushed), the call
+    being warm by then."""
     try:
         from triton.testing import do_bench
-        samples = do_bench(fn, warmup=st.warmup_ms, rep=st.rep_ms, return_mode="all")
+        samples = list(do_bench(fn, warmup=st.warmup_ms, rep=st.rep_ms, return_mode="all"))
         method = "cuda triton.testing.do_bench"
     except (ImportError, AssertionError, TypeError):  # no Triton, or one without return_mode="all"
-        samples, method = _cuda_events(fn, st), "cuda events"
-    return list(samples), method
+        return _cuda_events(fn, st), "cuda events"
+    missing = st.min_samples - len(samples)
+    if missing > 0:
+        samples += _timed_calls(fn, missing)
+        method += f" + cuda events (to {st.min_samples} samples)"
+    return samples, method
 
 
 def _measure_cuda(fn, st: Settings) -> Timing:
@@ -884,7 +942,6 @@ def _measure_cuda(fn, st: Settings) -> Timing:
 
 
 def _cuda_events(fn, st: Settings) -> list:
-    flush = torch.empty(256 * 2 ** 20, dtype=torch.int8, device="cuda")
     fn()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -893,8 +950,14 @@ def _cuda_events(fn, st: Settings) -> list:
     est_ms = max((time.perf_counter() - t0) * 1e3, 1e-3)
     for _ in range(max(1, int(st.warmup_ms / est_ms))):
         fn()
+    return _timed_calls(fn, max(st.reps, st.min_samples, int(st.rep_ms / est_ms)))
+
+
+def _timed_calls(fn, n: int) -> list:
+    """`n` calls of a warm `fn`, each timed with CUDA events after flushing L2."""
+    flush = torch.empty(256 * 2 ** 20, dtype=torch.int8, device="cuda")
     events = []
-    for _ in range(max(st.reps, int(st.rep_ms / est_ms))):
+    for _ in range(n):
         flush.zero_()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
@@ -1023,7 +1086,7 @@ class Cell:
     layout: Layout
     mode: str
     provider: str
-    status: str                   # ok | skipped | wrong
+    status: str                   # ok | skipped | wrong | error (timing raised)
     timing: Optional[Timing] = None
     state_bytes: Optional[int] = None
     note: str = ""
@@ -1109,8 +1172,18 @@ def run_case(case: Case, model: Model, data: WriterData, providers: list, modes:
                 log(f"  {name} {mode}: WRONG, not timed: {wrong}")
                 cells.append(Cell(case, lay, mode, name, "wrong", note=wrong, max_err=err, op=op))
                 continue
-            fn = MODES[mode](p, state, problem)
-            timing = measure(fn, problem.device, st, f"{case.name} {op} {mode} {name}")
+            try:
+                fn = MODES[mode](p, state, problem)
+                timing = measure(fn, problem.device, st, f"{case.name} {op} {mode} {name}")
+            except Exception as exc:  # noqa: BLE001  one cell that fails must not lose the table
+                note = f"timing raised {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                log(f"  {name} {mode}: ERROR, {note}")
+                cells.append(Cell(case, lay, mode, name, "error", note=note, max_err=err, op=op))
+                fn = None
+                if problem.device.type == "cuda":
+                    torch.cuda.synchronize(problem.device)
+                    torch.cuda.empty_cache()
+                continue
             del fn
             cell = Cell(case, lay, mode, name, "ok", timing, p.state_bytes(state, mode),
                         max_err=err, load1=os.getloadavg()[0], op=op,
@@ -1249,9 +1322,9 @@ def markdown(rows: list, header_lines: list) -> str:
         if r["status"] == "skipped":
             skipped.setdefault((r["op"], r["provider"]), r["note"])
             continue
-        if r["status"] == "wrong":
+        if r["status"] in ("wrong", "error"):
             out.append(f"| {r['case']} | {r['op']} | {r['shape']} | {r['mode']} | {r['provider']} | "
-                       f"WRONG: {r['note']} | | | | | | | | |")
+                       f"{r['status'].upper()}: {r['note']} | | | | | | | | |")
             continue
         speed = f"{float(r['speedup_vs_naive']):.2f}x" if r["speedup_vs_naive"] else ""
         p20, p50, p80 = (_ms_short(r[k]) for k in ("p20_ms", "p50_ms", "p80_ms"))
@@ -1324,7 +1397,7 @@ def main(argv=None) -> int:
     else:
         device = torch.device(args.device)
     if args.cases == "default":
-        cases = list(CASE_BY_NAME) if device.type == "cuda" else CPU_DEFAULT_CASES
+        cases = GPU_DEFAULT_CASES if device.type == "cuda" else CPU_DEFAULT_CASES
     elif args.cases == "all":
         cases = list(CASE_BY_NAME)
     else:
@@ -1398,7 +1471,8 @@ def main(argv=None) -> int:
     kind = "GPU" if device.type == "cuda" else "CPU"
     if device.type == "cuda":
         timing_note = (f"GPU timings: triton.testing.do_bench (warm-up {st.warmup_ms} ms, "
-                       f"repeat {st.rep_ms} ms, L2 flushed between calls)")
+                       f"repeat {st.rep_ms} ms, L2 flushed between calls; a cell with fewer than "
+                       f"{st.min_samples} samples is topped up with CUDA-event timed calls to {st.min_samples})")
     else:
         timing_note = (f"CPU timings: torch.utils.benchmark.Timer, {torch.get_num_threads()} threads; "
                        f"after one warm-up call, up to {st.reps} samples per cell, at least "
@@ -1429,6 +1503,9 @@ def main(argv=None) -> int:
         "bwd: read R*N dout + W*N stack, read and write the W*N fp32 gradient buffer, read the "
         "mask and write its gradient; N = batch*seq*hidden, stack/base/out/dout in the case's "
         "dtype) / p50, in 10^9 bytes/s",
+        "- sparse cases (name -edgesP: P% of the edges at 0 at random; -nodesP: P% of the writers "
+        "pruned, every mask of theirs at 0): the same byte count as dense, so where a provider "
+        "skips the pruned writers its GB/s can exceed the copy bandwidth; compare times",
         f"- copy bandwidth of this device, measured at the start of this run: "
         f"{_sig(copy_bw.gb_s)} GB/s ({copy_bw.method}); % of copy bw = GB/s / that"
         + ("" if copy_bw.gb_s else " (empty: not measured)"),
@@ -1453,7 +1530,7 @@ def main(argv=None) -> int:
     md_path = out_dir / f"ops-{device_slug(device)}-{stamp}.md"
     md_path.write_text(text)
     print(f"wrote {out_dir / 'ops.csv'} ({len(rows)} rows) and {md_path}")
-    return 1 if any(r["status"] == "wrong" for r in rows) else 0
+    return 1 if any(r["status"] in ("wrong", "error") for r in rows) else 0
 
 
 if __name__ == "__main__":

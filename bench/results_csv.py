@@ -1,5 +1,6 @@
 """Benchmark rows under bench/results/, shared by the benchmarks: where a row
-came from (`git_revision`, `device_name`) and appending rows to a CSV.
+came from (`git_revision`, from `bench/revision.py`; `device_name`) and
+appending rows to a CSV.
 
 A file written before a benchmark gained columns is rewritten (through a
 temporary file, then renamed) with the union of both headers: the
@@ -13,29 +14,13 @@ import csv
 import os
 import platform
 import re
-import subprocess
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-REPO_DIR = Path(__file__).resolve().parents[1]
-
-
-def git_revision() -> str:
-    """Short commit of the tree these benchmarks are in, ``-dirty`` when tracked
-    files outside bench/results differ; $FASTEDGE_GIT_REV (or $GIT_REV) wins,
-    for a copy of a revision outside git."""
-    for var in ("FASTEDGE_GIT_REV", "GIT_REV"):
-        if os.environ.get(var):
-            return os.environ[var]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_DIR, text=True,
-                             capture_output=True, check=True, timeout=10).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                 ":(exclude)bench/results"], cwd=REPO_DIR, text=True,
-                                capture_output=True, check=True, timeout=10).stdout.strip()
-        return rev + ("-dirty" if status else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from revision import git_revision  # noqa: E402,F401  (re-exported: every benchmark records this)
 
 
 def device_name(device) -> str:

@@ -27,13 +27,16 @@ counted by `bench/memtrack.py` over one extra, untimed step. Ratios:
 weights, and fastedge's time as a multiple of the floor.
 
 Output: one CSV row per kind appended to ``<out>/step.csv`` (device,
-versions, git revision), a markdown table printed and written to
+versions, the revision of `bench/revision.py`: a commit, with the hash of
+any local changes), a markdown table printed and written to
 ``<out>/step-<device>-<date>.md``; ``<out>`` is ``--out``, else ``$OUT``,
-else ``bench/results``.
+else ``bench/results``. A recorded p50 takes at least ``MIN_TIMED_STEPS``
+(5) timed steps: fewer are refused unless ``--no-record`` (print only).
 
     python bench/step.py                               # GPT-2 small; GPU: batch 32, CPU: batch 4
     python bench/step.py --model codellama-13b --batch 32 --micro-batch 8 --seq 72 --kinds fastedge,floor
     python bench/step.py --quick                        # a 2-layer GPT-2-shaped smoke run
+    python bench/step.py --steps 2 --no-record          # a quick look: printed, not recorded
 """
 from __future__ import annotations
 
@@ -57,6 +60,7 @@ import fastedge  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KINDS = ("floor", "fastedge", "fastedge-norecompute", "naive")
+MIN_TIMED_STEPS = 5  # the fewest timed steps a recorded p20 / p50 / p80 is taken over
 
 
 def _sync(device: torch.device) -> None:
@@ -268,11 +272,15 @@ def parse_args(argv=None):
     ap.add_argument("--kinds", default="floor,fastedge,naive", help=f"comma list of {', '.join(KINDS)}")
     ap.add_argument("--recompute", choices=["on", "off"], default="on",
                     help="fastedge's recompute_readers for kind 'fastedge' (fastedge-norecompute is always off)")
-    ap.add_argument("--steps", type=int, help="timed steps (default 5 on a GPU, 3 on the CPU)")
+    ap.add_argument("--steps", type=int,
+                    help=f"timed steps (default {MIN_TIMED_STEPS}, the fewest a recorded run takes)")
     ap.add_argument("--warmup", type=int, help="untimed steps first (default 2 on a GPU, 1 on the CPU)")
+    ap.add_argument("--no-record", action="store_true",
+                    help="print the table, write nothing (allows fewer timed steps)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--out", help="results folder (default: $OUT if set, else bench/results)")
-    ap.add_argument("--quick", action="store_true", help="2 layers, batch 2, seq 16, 1 timed step")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"2 layers, batch 2, seq 16, {MIN_TIMED_STEPS} timed steps, no warm-up")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -280,10 +288,16 @@ def parse_args(argv=None):
         args.layers = args.layers or 2
         args.batch = args.batch or 2
         args.seq = args.seq or 16
-        args.steps = args.steps or 1
         args.warmup = args.warmup if args.warmup is not None else 0
-    args.steps = args.steps or (5 if gpu else 3)
+    args.steps = MIN_TIMED_STEPS if args.steps is None else args.steps
     args.warmup = args.warmup if args.warmup is not None else (2 if gpu else 1)
+    if args.steps < 1:
+        raise SystemExit(f"--steps {args.steps}: at least one timed step")
+    if args.warmup < 0:
+        raise SystemExit(f"--warmup {args.warmup}: cannot be negative")
+    if args.steps < MIN_TIMED_STEPS and not args.no_record:
+        raise SystemExit(f"--steps {args.steps}: a recorded p50 takes at least {MIN_TIMED_STEPS} timed "
+                         "steps; pass more, or --no-record to print without recording")
     if args.micro_batch is not None and args.micro_batch < 1:
         raise SystemExit("--micro-batch must be at least 1")
     return args
@@ -292,9 +306,13 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     rows = run(args)
+    text = markdown(rows, args)
+    if args.no_record:
+        print(text)
+        print("not recorded (--no-record)")
+        return 0
     out = Path(args.out or os.environ.get("OUT") or BENCH_DIR / "results")
     append_csv(out / "step.csv", rows)
-    text = markdown(rows, args)
     slug = "".join(ch if ch.isalnum() else "-" for ch in rows[0]["device"].split(" (")[0].lower()).strip("-")
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     md = out / f"step-{args.model}-{slug}-{stamp}.md"

@@ -10,19 +10,33 @@ reported, not timed), and prints one line per (shape, configuration): median
 time with `triton.testing.do_bench`, achieved bandwidth (the stack prefix and
 the outputs, each moved once; SPEC section 5) and its fraction of a
 device-to-device copy measured in the same run. The current heuristic's row
-is marked ``*``.
+is marked ``*``. It records nothing: the lines go to stdout (bench/gpu.sh keeps
+them in its log), headed by the revision (`bench/results_csv.py`).
 
     python bench/tune.py                 # all shapes (a GPU; about a minute)
     python bench/tune.py --shapes gpt2-L11 --ops fwd
+    python bench/tune.py --variants      # the heuristic's tiles, each kernel variant
+
+`--variants` times, with the heuristic's block sizes, the forward and the
+stack backward at each shape under masks of four kinds (fractional values
+everywhere; 0s and 1s, where the lo product is skipped; 90% and 99% of the
+writers dead, where the kernels read only the live ones) in each precision
+(full: the mask carried in two products where a tile needs it; fast: one
+product), and the dense path (skip_dead=False) beside the live-column path:
+evidence for `_split_mask`'s flags, `live_columns` and ``precision="fast"``.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
-from fastedge.kernels import masked_sum as kms
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_csv  # noqa: E402  (bench/results_csv.py: the revision the log names)
+
+from fastedge.kernels import masked_sum as kms  # noqa: E402
 
 # name: (readers, writers, columns N = batch * seq * hidden, dtype)
 SHAPES = {
@@ -74,7 +88,8 @@ def run(shapes, ops) -> None:
     device = torch.device("cuda")
     bw_copy = copy_bandwidth(device)
     print(f"device {torch.cuda.get_device_name()}; copy bandwidth {bw_copy / 1e12:.2f} TB/s "
-          f"(read + write); triton {triton.__version__}; torch {torch.__version__}")
+          f"(read + write); triton {triton.__version__}; torch {torch.__version__}; "
+          f"fastedge @ {results_csv.git_revision()}")
     g = torch.Generator(device=device).manual_seed(0)
     for name in shapes:
         R, W, N, dtype = SHAPES[name]
@@ -135,10 +150,68 @@ def run(shapes, ops) -> None:
         torch.cuda.empty_cache()
 
 
+def variant_masks(R, W, device, g):
+    """name -> mask [R, W] fp32: the kinds of masks a pruning run sees."""
+    frac = torch.rand(R, W, device=device, generator=g)
+    binary = (frac > 0.3).float()
+    masks = {"fractional": frac, "binary": binary}
+    for dead in (0.9, 0.99):
+        keep = torch.rand(W, device=device, generator=g) >= dead
+        keep[0] = True
+        masks[f"{dead:.0%}-dead"] = binary * keep
+    return masks
+
+
+def run_variants(shapes, ops) -> None:
+    import triton
+    device = torch.device("cuda")
+    bw_copy = copy_bandwidth(device)
+    print(f"device {torch.cuda.get_device_name()}; copy bandwidth {bw_copy / 1e12:.2f} TB/s "
+          f"(read + write); triton {triton.__version__}; torch {torch.__version__}; variants")
+    g = torch.Generator(device=device).manual_seed(0)
+    for name in shapes:
+        R, W, N, dtype = SHAPES[name]
+        x = torch.randn(W, N, device=device, dtype=dtype, generator=g)
+        out = torch.empty((R, N), device=device, dtype=dtype)
+        dout = torch.randn(R, N, device=device, dtype=dtype, generator=g)
+        dx = torch.zeros(W, N, device=device, dtype=dtype)  # a buffer in the storage dtype (the default)
+        esz = x.element_size()
+        bwd_cfg = kms.backward_stack_config(R, W, N, dtype, dx.dtype)
+        # the stack backward's two grids: by column tiles (the heuristic's for
+        # 16-128 readers) and by writer tiles (16 readers a step)
+        grids = {"by-cols": bwd_cfg}
+        if bwd_cfg.get("BY_COLUMNS"):
+            grids["by-writers"] = dict(bwd_cfg, BY_COLUMNS=False, BLOCK_R=16)
+        for kind, m in variant_masks(R, W, device, g).items():
+            live = int((m != 0).any(0).sum())
+            for split in (True, False):
+                for skip in (True, False):
+                    runs = {("fwd", ""): lambda: kms.masked_sum_fwd(x, m, None, None, out, split=split,
+                                                                    skip_dead=skip)}
+                    for grid_name, cfg in grids.items():
+                        runs[("bwd", grid_name)] = (lambda cfg=cfg: kms.masked_sum_bwd_stack(
+                            m, dout, dx, config=cfg, split=split, skip_dead=skip))
+                    for (op, grid_name), fn in runs.items():
+                        if op not in ops:
+                            continue
+                        rows = live if skip else W
+                        nbytes = (rows * N * esz + R * N * esz if op == "fwd"
+                                  else R * N * esz + 2 * rows * N * esz)
+                        ms = triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
+                        print(f"{op} {name:>13} {kind:>10} live {live:5d}/{W:<5d} "
+                              f"{'full' if split else 'fast'} {'live-cols' if skip else 'dense    '} "
+                              f"{grid_name:>10}: {ms:8.3f} ms  {nbytes / (ms * 1e-3) / bw_copy:5.1%} of copy",
+                              flush=True)
+        del x, out, dout, dx
+        torch.cuda.empty_cache()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {', '.join(SHAPES)}")
     ap.add_argument("--ops", default="fwd,bwd", help="fwd, bwd or both")
+    ap.add_argument("--variants", action="store_true",
+                    help="time the kernel variants (precision, live columns) at the heuristic's tiles")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/tune.py times Triton kernels on a GPU; none is visible here", file=sys.stderr)
@@ -147,7 +220,7 @@ def main(argv=None) -> int:
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         raise SystemExit(f"unknown shapes {unknown}: choose from {', '.join(SHAPES)}")
-    run(shapes, [o.strip() for o in args.ops.split(",")])
+    (run_variants if args.variants else run)(shapes, [o.strip() for o in args.ops.split(",")])
     return 0
 
 

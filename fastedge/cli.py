@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recompute-readers", action="store_true",
                    help="recompute each layer's reader inputs in the backward (less memory: use it for "
                         "large models; CodeLlama-13B at micro-batches of 8 x 72 tokens needs it on 80 GB)")
+    p.add_argument("--precision", choices=["full", "fast"], default="full",
+                   help="masked sums on the GPU: full (the fp32 masks carried to ~2^-17 in bf16 products) "
+                        "or fast (masks rounded once to the model's dtype: one product, the authors' precision)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of log_alphas (default 0.8)")
     p.add_argument("--lambda-lr", type=float, default=None, help="learning rate of the multipliers (default 0.8)")
     p.add_argument("--ablation", choices=["interchange", "zero", "mean"], default="interchange")
@@ -169,7 +172,7 @@ def _prune(args, *, main_rank: bool) -> int:
     options = dict(batch_size=args.batch_size or 32, seed=args.seed, ablation=args.ablation,
                    node_masks=not args.no_node_masks, checkpoint_every=args.checkpoint_every,
                    progress=not args.no_progress, micro_batch_size=args.micro_batch_size,
-                   recompute_readers=args.recompute_readers)
+                   recompute_readers=args.recompute_readers, precision=args.precision)
     if shipped_model:
         from fastedge.shipped.defaults import PRUNE_DEFAULTS as defaults
     else:

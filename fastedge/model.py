@@ -195,7 +195,8 @@ class EdgeModel(nn.Module):
     def __init__(self, model: nn.Module, *, ablation: str = "interchange", node_masks: bool = True,
                  seed: int = 0, recompute_readers: bool = False,
                  generator: Optional[torch.Generator] = None,
-                 grad_buffer_dtype: Optional[torch.dtype] = None, lean_norm: bool = True):
+                 grad_buffer_dtype: Optional[torch.dtype] = None, lean_norm: bool = True,
+                 precision: str = "full"):
         super().__init__()
         if ablation not in ABLATIONS:
             raise ValueError(f"ablation must be one of {', '.join(ABLATIONS)}, got {ablation!r}")
@@ -215,6 +216,10 @@ class EdgeModel(nn.Module):
                              f"got {grad_buffer_dtype}")
         self.grad_buffer_dtype = grad_buffer_dtype
         self.lean_norm = bool(lean_norm)
+        if precision not in ops.PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(map(repr, ops.PRECISIONS))}, "
+                             f"got {precision!r}")
+        self.precision = precision
         self._frozen_flags = {name: p.requires_grad for name, p in model.named_parameters()}
         self._was_training = model.training
         model.requires_grad_(False)
@@ -538,7 +543,7 @@ class _Run:
             return ops.masked_writer_sum(rows, mask, base)[0]
         if em._fixed_masks is not None:  # (their edge sum is counted once per forward)
             mask = self._after_writes(em._fixed_masks[mlp.index][:, W_a:])
-            return ops.masked_writer_sum(rows, mask, base, grad_stack=grad_rows)[0]
+            return ops.masked_writer_sum(rows, mask, base, grad_stack=grad_rows, precision=em.precision)[0]
         edge = self._after_writes(em.edge_log_alpha[mlp.index])
         # the whole row's masks (W_m values: cheap), so that the noise counters
         # are those of the MLP reader's own call; the prefix part is unused here
@@ -548,7 +553,7 @@ class _Run:
         self._count_edges(z.sum())
         if self.node_masks is not None:
             z = z * self.node_masks[W_a:W_m]
-        return ops.masked_writer_sum(rows, z, base, grad_stack=grad_rows)[0]
+        return ops.masked_writer_sum(rows, z, base, grad_stack=grad_rows, precision=em.precision)[0]
 
     def read(self, group: ReaderGroup, base: Optional[Tensor]) -> Tensor:
         return self._read(group.index, group.first_reader, group.n_readers, group.n_writers, base)
@@ -573,12 +578,13 @@ class _Run:
         grad_stack = self.grad_buffer if self.needs_grad else None
         if em._fixed_masks is not None:  # (their edge sum is counted once per forward)
             mask = self._after_writes(rows_of(em._fixed_masks))
-            return ops.masked_writer_sum(self.stack, mask, base, grad_stack=grad_stack)
+            return ops.masked_writer_sum(self.stack, mask, base, grad_stack=grad_stack,
+                                         precision=em.precision)
         edge = self._after_writes(rows_of(em.edge_log_alpha))
         node = None if em.node_log_alpha is None else em.node_log_alpha[:n_writers]
         out, edge_sum = ops.sampled_masked_writer_sum(
             self.stack, edge, node, base, seed=self.seed, reader_offset=first_reader,
-            training=em.training, grad_stack=grad_stack)
+            training=em.training, grad_stack=grad_stack, precision=em.precision)
         self._count_edges(edge_sum)
         return out
 
@@ -724,7 +730,7 @@ def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
 
 def patch(model: nn.Module, *, ablation: str = "interchange", node_masks: bool = True, seed: int = 0,
           recompute_readers: bool = False, grad_buffer_dtype: Optional[torch.dtype] = None,
-          lean_norm: bool = True) -> EdgeModel:
+          lean_norm: bool = True, precision: str = "full") -> EdgeModel:
     """Turn a Hugging Face causal LM into an edge-prunable `EdgeModel`
     (GPT-2, Llama family incl. grouped k/v heads, Mistral, Qwen2, GPT-NeoX).
     The model's weights are reused, never copied, and frozen;
@@ -736,7 +742,9 @@ def patch(model: nn.Module, *, ablation: str = "interchange", node_masks: bool =
     GB); ``lean_norm`` runs the readers' norms chunked, keeping only their
     input; ``grad_buffer_dtype=torch.float32`` accumulates the stack gradient
     in float32 instead of the stack's dtype (more precise; twice the
-    buffer's bytes for a bf16 model)."""
+    buffer's bytes for a bf16 model). ``precision="fast"`` lets the GPU
+    kernels round the masks once to the model's dtype in the masked sums
+    (one tensor-core product instead of up to two; `fastedge.masked_writer_sum`)."""
     return EdgeModel(model, ablation=ablation, node_masks=node_masks, seed=seed,
                      recompute_readers=recompute_readers, grad_buffer_dtype=grad_buffer_dtype,
-                     lean_norm=lean_norm)
+                     lean_norm=lean_norm, precision=precision)

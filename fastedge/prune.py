@@ -69,6 +69,7 @@ class PruneConfig:
     seed: int = 0
     bf16: bool = False                         # run the frozen model in bf16 (masks stay fp32)
     recompute_readers: bool = False
+    precision: str = "full"                    # masked sums' products on the GPU: "full" or "fast" (patch)
     # log_alpha ~ N(init_log_alpha, 0.01). 10 (SPEC): every sampled mask starts
     # at exactly 1, where the hard-concrete clamp passes almost no gradient, so
     # masks move only through rare unclamped samples (fine over thousands of
@@ -198,7 +199,7 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
         if cfg.bf16:
             model = model.to(torch.bfloat16)
         em = patch(model, ablation=cfg.ablation, node_masks=cfg.node_masks, seed=cfg.seed,
-                   recompute_readers=cfg.recompute_readers)
+                   recompute_readers=cfg.recompute_readers, precision=cfg.precision)
     device = _model_device(em.model)
     torch.manual_seed(cfg.seed)
     em.reset_masks(generator=torch.Generator(device="cpu").manual_seed(cfg.seed), mean=cfg.init_log_alpha)

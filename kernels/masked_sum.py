@@ -53,21 +53,113 @@ import triton.language as tl
 
 
 @triton.jit
-def _dot_mask_lhs(a, b, acc, DOT_IN_FP32: tl.constexpr):
-    """acc + a @ b for an fp32 mask tile `a` and a storage-dtype tile `b`,
-    fp32-accurate in the mask (see the module docstring)."""
-    if b.dtype == tl.float32:
-        acc = tl.dot(a, b, acc, input_precision="tf32x3")
+def _round_low_bits(v, LOW_BITS: tl.constexpr):
+    """fp32 `v` rounded to nearest (ties to even) with its LOW_BITS lowest
+    mantissa bits cleared: 16 gives a bfloat16 value, 13 a tf32 value, exactly
+    representable in the narrower format (so a later narrowing, or a tensor
+    core reading only the top bits, is exact). Done on the bits, so compiled
+    and interpreted kernels round alike (the interpreter truncates its
+    fp32-to-bf16 conversions)."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = bits + ((1 << (LOW_BITS - 1)) - 1) + ((bits >> LOW_BITS) & 1)
+    bits = bits & (0xFFFFFFFF ^ ((1 << LOW_BITS) - 1))
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _narrow(v, dtype: tl.constexpr):
+    """fp32 `v` rounded to nearest in `dtype`'s precision: a bf16/fp16 tensor,
+    or for fp32 a tf32 value kept in fp32."""
+    if dtype == tl.float32:
+        return _round_low_bits(v, 13)
+    elif dtype == tl.bfloat16:
+        return _round_low_bits(v, 16).to(dtype)
     else:
-        a_hi = a.to(b.dtype)
-        a_lo = (a - a_hi.to(tl.float32)).to(b.dtype)
-        if DOT_IN_FP32:
-            b32 = b.to(tl.float32)
-            acc = tl.dot(a_hi.to(tl.float32), b32, acc, input_precision="ieee")
-            acc = tl.dot(a_lo.to(tl.float32), b32, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a_hi, b, acc)
-            acc = tl.dot(a_lo, b, acc)
+        return v.to(dtype)
+
+
+@triton.jit
+def _split_mask_kernel(m_ptr, hi_ptr, lo_ptr, flag_ptr, cols_ptr, count_ptr, R, W,
+                       KEEP_LO: tl.constexpr, HAS_COLS: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_W: tl.constexpr):
+    """Split one [BLOCK_R, BLOCK_W] tile of the fp32 mask into the operands of
+    the tensor-core products: hi = m rounded to the product dtype (hi_ptr's:
+    bf16/fp16, or fp32 holding a tf32 value), lo = (m - hi) rounded again
+    (KEEP_LO), and flag = whether any lo of the tile is nonzero. A mask of 0s
+    and 1s (a fixed circuit, clamped hard-concrete samples) has lo = 0, and the
+    kernels then skip the lo product of that tile exactly.
+
+    With HAS_COLS the halves are compacted: column j of hi and lo is column
+    cols[j] of m, for j < count (the live columns, `live_columns`)."""
+    pid = tl.program_id(0)
+    n_w_tiles = tl.cdiv(W, BLOCK_W)
+    offs_r = (pid // n_w_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_w = (pid % n_w_tiles) * BLOCK_W + tl.arange(0, BLOCK_W)
+    n_cols = tl.load(count_ptr) if HAS_COLS else W
+    w_valid = offs_w < n_cols
+    src_w = tl.load(cols_ptr + offs_w, mask=w_valid, other=0) if HAS_COLS else offs_w
+    valid = (offs_r < R)[:, None] & w_valid[None, :]
+    offs = offs_r[:, None].to(tl.int64) * W + offs_w[None, :]
+    m = tl.load(m_ptr + offs_r[:, None].to(tl.int64) * W + src_w[None, :], mask=valid, other=0.0)
+    hi = _narrow(m, hi_ptr.dtype.element_ty)
+    tl.store(hi_ptr + offs, hi, mask=valid)
+    if KEEP_LO:
+        lo = _narrow(m - hi.to(tl.float32), hi_ptr.dtype.element_ty)
+        tl.store(lo_ptr + offs, lo, mask=valid)
+        nonzero = tl.sum(tl.sum((lo != 0).to(tl.int32), axis=1), axis=0)
+        tl.store(flag_ptr + pid, nonzero)
+
+
+@triton.jit
+def _split_operand(b):
+    """(b_hi, b_lo) of a storage-dtype tile for `_dot_halves`: fp32 as two
+    tf32 values held in fp32 (b = b_hi + b_lo to about 2^-22), a 16-bit tile
+    as itself (b_lo unused)."""
+    if b.dtype == tl.float32:
+        b_hi = _round_low_bits(b, 13)
+        return b_hi, _round_low_bits(b - b_hi, 13)
+    return b, b
+
+
+@triton.jit
+def _dot_halves(m_hi, lo_ptrs, lo_valid, flag, b_hi, b_lo, acc, SPLIT: tl.constexpr,
+                DOT_IN_FP32: tl.constexpr):
+    """acc + m @ b for a mask tile given as its product-dtype halves (see
+    `_split_mask_kernel`) and a storage-dtype tile b given as `_split_operand`
+    makes it:
+
+    * 16 bits: hi @ b, plus lo @ b when SPLIT and the tile's flag is set;
+      products of 16-bit values are exact in fp32, so the mask is carried to
+      two roundings (about 2^-17 relative in bf16, 2^-22 in fp16), or to one
+      (2^-9, 2^-12) without SPLIT.
+    * fp32: hi @ b_hi + hi @ b_lo, plus lo @ b_hi when SPLIT and flagged (the
+      dropped lo @ b_lo and the two roundings leave about 2^-21 relative per
+      term); without SPLIT, one tf32 product hi @ b_hi (2^-11 relative in
+      each operand).
+
+    The lo tile is loaded only when it is used."""
+    acc = _dot_exact(m_hi, b_hi, acc, DOT_IN_FP32)
+    if SPLIT:
+        if b_hi.dtype == tl.float32:
+            acc = _dot_exact(m_hi, b_lo, acc, DOT_IN_FP32)
+        if flag != 0:
+            m_lo = tl.load(lo_ptrs, mask=lo_valid, other=0.0)
+            acc = _dot_exact(m_lo, b_hi, acc, DOT_IN_FP32)
+    return acc
+
+
+@triton.jit
+def _dot_exact(a, b, acc, DOT_IN_FP32: tl.constexpr):
+    """acc + a @ b where every product of an element of a and of b is exact in
+    fp32 (16-bit values, or tf32 values held in fp32): the tensor cores in the
+    operands' own dtype (tf32 for fp32), or, interpreted, fp32 products, which
+    are then the same."""
+    if DOT_IN_FP32:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif a.dtype == tl.float32:
+        acc = tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a, b, acc)
     return acc
 
 
@@ -97,9 +189,10 @@ def _block1(v, dtype: tl.constexpr):
 
 
 @triton.jit
-def _masked_sum_fwd_kernel(x_ptr, m_ptr, base_ptr, index_ptr, out_ptr, R, W, N, stride_x,
-                           HAS_BASE: tl.constexpr, HAS_INDEX: tl.constexpr,
-                           USE_DOT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+def _masked_sum_fwd_kernel(x_ptr, m_ptr, hi_ptr, lo_ptr, flag_ptr, cols_ptr, count_ptr, base_ptr,
+                           index_ptr, out_ptr, R, W, N, stride_x,
+                           HAS_BASE: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_COLS: tl.constexpr,
+                           USE_DOT: tl.constexpr, SPLIT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
                            BLOCK_N: tl.constexpr):
     # Reader tiles vary fastest, so with more than one they read the same
@@ -113,26 +206,44 @@ def _masked_sum_fwd_kernel(x_ptr, m_ptr, base_ptr, index_ptr, out_ptr, R, W, N, 
     r_valid = offs_r < R
     n_valid = offs_n < N
     acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    # With HAS_COLS only the live writers are read: cols[0:count] lists the
+    # writers whose mask is nonzero for some reader (`live_columns`); the rest
+    # would add exact zeros.
+    n_cols = tl.load(count_ptr) if HAS_COLS else W
 
     if USE_DOT:
-        for w0 in range(0, W, BLOCK_W):
+        # The mask comes split once per call (`_split_mask_kernel`, tiles of
+        # BLOCK_R x BLOCK_W, compacted to the live columns with HAS_COLS): hi
+        # in the product dtype, lo loaded only for the tiles whose flag says
+        # it is not all zero.
+        n_w_tiles = tl.cdiv(W, BLOCK_W)
+        for w0 in range(0, n_cols, BLOCK_W):
             offs_w = w0 + tl.arange(0, BLOCK_W)
-            w_valid = offs_w < W
+            w_valid = offs_w < n_cols
             # Rows w >= W of a prefix view exist in memory but are not ours
             # (they may hold NaN): mask them, never multiply them by 0.
-            m = tl.load(m_ptr + offs_r[:, None] * W + offs_w[None, :],
-                        mask=r_valid[:, None] & w_valid[None, :], other=0.0)
-            x = tl.load(x_ptr + offs_w[:, None].to(tl.int64) * stride_x + offs_n[None, :],
+            rows = tl.load(cols_ptr + offs_w, mask=w_valid, other=0) if HAS_COLS else offs_w
+            m_offs = offs_r[:, None] * W + offs_w[None, :]
+            m_valid = r_valid[:, None] & w_valid[None, :]
+            m_hi = tl.load(hi_ptr + m_offs, mask=m_valid, other=0.0)
+            flag = tl.load(flag_ptr + pid_r * n_w_tiles + w0 // BLOCK_W) if SPLIT else 0
+            x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + offs_n[None, :],
                         mask=w_valid[:, None] & n_valid[None, :], other=0.0)
-            acc = _dot_mask_lhs(m, x, acc, DOT_IN_FP32)
+            x_hi, x_lo = _split_operand(x)
+            acc = _dot_halves(m_hi, lo_ptr + m_offs, m_valid, flag, x_hi, x_lo, acc, SPLIT,
+                              DOT_IN_FP32)
     else:
         # Vector path (R < 16, where a dot would be mostly padding): BLOCK_W
         # rows per step, unrolled so that their loads are all in flight
         # together; one fp32 FMA per reader and element.
-        for w0 in range(0, W, BLOCK_W):
+        for w0 in range(0, n_cols, BLOCK_W):
             for k in tl.static_range(BLOCK_W):
-                w = _block1(w0 + k, tl.int64)
-                w_ok = w < W
+                j = _block1(w0 + k, tl.int64)
+                w_ok = j < n_cols
+                if HAS_COLS:
+                    w = tl.load(cols_ptr + j, mask=w_ok, other=0).to(tl.int64)
+                else:
+                    w = j
                 m_col = tl.load(m_ptr + offs_r * W + w, mask=r_valid & w_ok, other=0.0)
                 x_row = tl.load(x_ptr + w * stride_x + offs_n, mask=n_valid & w_ok,
                                 other=0.0).to(tl.float32)
@@ -155,48 +266,102 @@ def _masked_sum_fwd_kernel(x_ptr, m_ptr, base_ptr, index_ptr, out_ptr, R, W, N, 
 
 
 @triton.jit
-def _masked_sum_bwd_stack_kernel(m_ptr, dout_ptr, dx_ptr, R, W, N, stride_dx,
-                                 USE_DOT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-                                 BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
-                                 BLOCK_N: tl.constexpr):
+def _masked_sum_bwd_stack_kernel(m_ptr, hi_ptr, lo_ptr, flag_ptr, cols_ptr, count_ptr, dout_ptr,
+                                 dx_ptr, R, W, N, stride_dx, HAS_COLS: tl.constexpr,
+                                 USE_DOT: tl.constexpr, SPLIT: tl.constexpr,
+                                 DOT_IN_FP32: tl.constexpr, BLOCK_R: tl.constexpr,
+                                 BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr):
     # Writer tiles vary fastest: programs running together share dout columns in L2.
+    # With HAS_COLS the writer tiles are tiles of the live columns cols[0:count]
+    # (the mask's halves compacted alike); programs past them have nothing to
+    # add (their writers' masks are all 0) and return at once.
     pid = tl.program_id(0)
     n_w_tiles = tl.cdiv(W, BLOCK_W)
     pid_w = pid % n_w_tiles
     pid_n = pid // n_w_tiles
+    n_cols = tl.load(count_ptr) if HAS_COLS else W
+    if pid_w * BLOCK_W >= n_cols:
+        return
     offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    w_valid = offs_w < W
+    w_valid = offs_w < n_cols
+    rows = tl.load(cols_ptr + offs_w, mask=w_valid, other=0) if HAS_COLS else offs_w
     n_valid = offs_n < N
     acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
 
     if USE_DOT:
+        # the mask's halves as in the forward, split in tiles of BLOCK_R x BLOCK_W
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             r_valid = offs_r < R
-            m = tl.load(m_ptr + offs_r[:, None] * W + offs_w[None, :],
-                        mask=r_valid[:, None] & w_valid[None, :], other=0.0)
+            # loaded transposed, [BLOCK_W, BLOCK_R]: the writers are the rows of the product
+            m_offs = offs_r[None, :] * W + offs_w[:, None]
+            m_valid = r_valid[None, :] & w_valid[:, None]
+            m_hi = tl.load(hi_ptr + m_offs, mask=m_valid, other=0.0)
+            flag = tl.load(flag_ptr + (r0 // BLOCK_R) * n_w_tiles + pid_w) if SPLIT else 0
             d = tl.load(dout_ptr + offs_r[:, None].to(tl.int64) * N + offs_n[None, :],
                         mask=r_valid[:, None] & n_valid[None, :], other=0.0)
-            acc = _dot_mask_lhs(tl.trans(m), d, acc, DOT_IN_FP32)
+            d_hi, d_lo = _split_operand(d)
+            acc = _dot_halves(m_hi, lo_ptr + m_offs, m_valid, flag, d_hi, d_lo, acc, SPLIT,
+                              DOT_IN_FP32)
     else:
         for r0 in range(0, R):
             r = _block1(r0, tl.int64)
-            m_row = tl.load(m_ptr + r * W + offs_w, mask=w_valid, other=0.0)
+            m_row = tl.load(m_ptr + r * W + rows, mask=w_valid, other=0.0)
             d_row = tl.load(dout_ptr + r * N + offs_n, mask=n_valid, other=0.0).to(tl.float32)
             acc += m_row[:, None] * d_row[None, :]
 
     valid = w_valid[:, None] & n_valid[None, :]
-    dx_ptrs = dx_ptr + offs_w[:, None].to(tl.int64) * stride_dx + offs_n[None, :]
+    dx_ptrs = dx_ptr + rows[:, None].to(tl.int64) * stride_dx + offs_n[None, :]
     dx = tl.load(dx_ptrs, mask=valid, other=0.0).to(tl.float32)
     tl.store(dx_ptrs, (dx + acc).to(dx_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _masked_sum_bwd_stack_by_columns_kernel(hi_ptr, lo_ptr, flag_ptr, cols_ptr, count_ptr, dout_ptr,
+                                            dx_ptr, R, W, N, stride_dx, HAS_COLS: tl.constexpr,
+                                            SPLIT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                                            BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
+                                            BLOCK_N: tl.constexpr):
+    """dx[w] += sum_r m[r, w] * dout[r] with one program per column tile: it
+    loads every reader's dout of its columns once (BLOCK_R >= R), split once,
+    and walks the (live) writer tiles, one product over all readers each. So
+    dout is read once in all, where the writer-tile grid of
+    `_masked_sum_bwd_stack_kernel` reloads it for every writer tile (25 times
+    at CodeLlama-13B's last layer). The mask's halves come as in the forward
+    (`_split_mask_kernel`, one reader tile: flag w0 // BLOCK_W)."""
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    n_valid = offs_n < N
+    r_valid = offs_r < R
+    d = tl.load(dout_ptr + offs_r[:, None].to(tl.int64) * N + offs_n[None, :],
+                mask=r_valid[:, None] & n_valid[None, :], other=0.0)
+    d_hi, d_lo = _split_operand(d)
+    n_cols = tl.load(count_ptr) if HAS_COLS else W
+    for w0 in range(0, n_cols, BLOCK_W):
+        offs_w = w0 + tl.arange(0, BLOCK_W)
+        w_valid = offs_w < n_cols
+        rows = tl.load(cols_ptr + offs_w, mask=w_valid, other=0) if HAS_COLS else offs_w
+        # loaded transposed, [BLOCK_W, BLOCK_R]: the writers are the rows of the product
+        m_offs = offs_r[None, :] * W + offs_w[:, None]
+        m_valid = r_valid[None, :] & w_valid[:, None]
+        m_hi = tl.load(hi_ptr + m_offs, mask=m_valid, other=0.0)
+        flag = tl.load(flag_ptr + w0 // BLOCK_W) if SPLIT else 0
+        acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
+        acc = _dot_halves(m_hi, lo_ptr + m_offs, m_valid, flag, d_hi, d_lo, acc, SPLIT, DOT_IN_FP32)
+        valid = w_valid[:, None] & n_valid[None, :]
+        dx_ptrs = dx_ptr + rows[:, None].to(tl.int64) * stride_dx + offs_n[None, :]
+        dx = tl.load(dx_ptrs, mask=valid, other=0.0).to(tl.float32)
+        tl.store(dx_ptrs, (dx + acc).to(dx_ptr.dtype.element_ty), mask=valid)
 
 
 # -- backward: mask --------------------------------------------------------------------
 
 
 @triton.jit
-def _masked_sum_bwd_mask_kernel(x_ptr, dout_ptr, part_ptr, R, W, N, stride_x, slice_len,
+def _masked_sum_bwd_mask_kernel(x_ptr, dout_ptr, part_ptr, cols_ptr, count_ptr, R, W, N,
+                                stride_x, slice_len, HAS_COLS: tl.constexpr,
                                 DOT_IN_FP32: tl.constexpr, BLOCK_R: tl.constexpr,
                                 BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr):
     """part[s, r, w] = sum over n in slice s of dout[r, n] * x[w, n].
@@ -204,17 +369,25 @@ def _masked_sum_bwd_mask_kernel(x_ptr, dout_ptr, part_ptr, R, W, N, stride_x, sl
     Computed transposed, acc[w, r] = x[w, :] @ dout[r, :]^T, so that the
     writers (the long side) are the M dimension of the dot: a single reader
     still fills an sm_90 warpgroup MMA (M = 64 per warpgroup, N >= 8), and both
-    operands are K-major in memory (what tf32 MMAs need)."""
+    operands are K-major in memory (what tf32 MMAs need).
+
+    With HAS_COLS the writer tiles are tiles of the live columns cols[0:count]
+    (`live_columns`); programs past them return, and the columns of dead
+    writers are left as the launcher filled them (zeros)."""
     pid = tl.program_id(0)
     n_w_tiles = tl.cdiv(W, BLOCK_W)
     n_r_tiles = tl.cdiv(R, BLOCK_R)
     pid_w = pid % n_w_tiles
     pid_r = (pid // n_w_tiles) % n_r_tiles
     pid_s = pid // (n_w_tiles * n_r_tiles)
+    n_cols = tl.load(count_ptr) if HAS_COLS else W
+    if pid_w * BLOCK_W >= n_cols:
+        return
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    offs_j = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
     r_valid = offs_r < R
-    w_valid = offs_w < W
+    w_valid = offs_j < n_cols
+    offs_w = tl.load(cols_ptr + offs_j, mask=w_valid, other=0) if HAS_COLS else offs_j
     start = pid_s * slice_len
     end = tl.minimum(start + slice_len, N)
     acc = tl.zeros([BLOCK_W, BLOCK_R], dtype=tl.float32)
@@ -296,18 +469,29 @@ def forward_config(R: int, W: int, N: int, dtype: torch.dtype, arch: int = 0) ->
 
 def backward_stack_config(R: int, W: int, N: int, dtype: torch.dtype,
                           grad_dtype: torch.dtype) -> dict:
-    """Kernel constexprs and launch options of the stack backward."""
+    """Kernel constexprs and launch options of the stack backward.
+    BY_COLUMNS picks `_masked_sum_bwd_stack_by_columns_kernel` (every reader
+    in one tile, dout read once), for 16 to MAX_BLOCK_R readers; the
+    writer-tile grid of `_masked_sum_bwd_stack_kernel` otherwise."""
     if R < DOT_MIN_READERS:
-        return dict(USE_DOT=False, BLOCK_R=1, BLOCK_W=16, BLOCK_N=256, num_warps=4,
-                    num_stages=1)
+        return dict(USE_DOT=False, BY_COLUMNS=False, BLOCK_R=1, BLOCK_W=16, BLOCK_N=256,
+                    num_warps=4, num_stages=1)
+    if R <= MAX_BLOCK_R:
+        # dout [BLOCK_R, 128] stays on chip for the whole program; 64-writer
+        # tiles keep the fp32 accumulator at 64 registers a thread over 4
+        # warps (ptxas: no spills on sm_80 and sm_90,
+        # tests/test_triton_kernels_compile.py). Not yet timed on a GPU:
+        # bench/tune.py --variants compares it with the writer-tile grid.
+        return dict(USE_DOT=True, BY_COLUMNS=True, BLOCK_R=_pow2(R), BLOCK_W=64, BLOCK_N=128,
+                    num_warps=8, num_stages=3)
     # 128 x 128 dx tile over 8 warps; readers (the reduction) in steps of 16,
     # which keeps the hi/lo split of the mask small enough not to spill. In 16
     # bits a 64 x 128 tile over 4 warps measured 1.13-1.15x faster on an H200
     # (bench/tune.py at CodeLlama-13B shapes); fp32 was mixed, so it keeps 128.
     if dtype != torch.float32:
-        return dict(USE_DOT=True, BLOCK_R=16, BLOCK_W=64, BLOCK_N=128, num_warps=4,
-                    num_stages=3)
-    return dict(USE_DOT=True, BLOCK_R=16, BLOCK_W=128, BLOCK_N=128, num_warps=8,
+        return dict(USE_DOT=True, BY_COLUMNS=False, BLOCK_R=16, BLOCK_W=64, BLOCK_N=128,
+                    num_warps=4, num_stages=3)
+    return dict(USE_DOT=True, BY_COLUMNS=False, BLOCK_R=16, BLOCK_W=128, BLOCK_N=128, num_warps=8,
                 num_stages=3)
 
 
@@ -317,7 +501,10 @@ def backward_mask_config(R: int, W: int, N: int, dtype: torch.dtype) -> dict:
     the device)."""
     block_r = min(MAX_BLOCK_R, max(DOT_MIN_READERS, _pow2(R)))
     block_w = 128
-    block_k = 32 if dtype == torch.float32 else 64
+    # 32 columns a step in every dtype: at 64 the 16-bit kernel with live
+    # columns (HAS_COLS) spills on sm_80 at 121 readers (ptxas); not by
+    # architecture, so that the slicing (and the result) never depends on it
+    block_k = 32
     num_warps = 8 if block_r * block_w >= 8192 else 4
     tiles = triton.cdiv(max(R, 1), block_r) * triton.cdiv(max(W, 1), block_w)
     slices = triton.cdiv(TARGET_PROGRAMS, tiles)
@@ -386,16 +573,58 @@ def _row_stride(t: torch.Tensor) -> int:
     return t.stride(0) if t.shape[0] > 1 else t.shape[1]
 
 
+def live_columns(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cols, count) for a mask m [R, W]: cols [W] int32 lists first, in
+    order, the `count` ([1] int32) writers whose mask is nonzero for some
+    reader, then the others. Made on the device without a host sync; the
+    kernels read only cols[:count]. A dead writer would only add exact zeros,
+    so skipping it changes the result only by the grouping of the live
+    products into chunks (fp32 accumulation order; none when every writer is
+    live, where cols is 0..W-1), and its values, even inf or NaN, never reach
+    the result."""
+    live = (m != 0).any(dim=0)
+    count = live.sum(dtype=torch.int32).reshape(1)
+    cols = torch.argsort(torch.logical_not(live).to(torch.int8), stable=True).to(torch.int32)
+    return cols, count
+
+
+def _split_mask(m: torch.Tensor, dtype: torch.dtype, cfg: dict, split: bool, live):
+    """(hi, lo, flags) of the fp32 mask `m` for a dot kernel with tiles
+    cfg["BLOCK_R"] x cfg["BLOCK_W"] over [R, W] (`_split_mask_kernel`), made
+    once per call: hi and lo in `dtype` (fp32 holding tf32 values for an fp32
+    stack), compacted to the live columns (`live` = (cols, count)), one int32
+    flag per tile. Without `split`, lo and flags are placeholders the kernel
+    never reads. The vector path reads the fp32 mask itself: then all three
+    are placeholders."""
+    if not cfg["USE_DOT"]:
+        return m, m, m
+    R, W = m.shape
+    tiles = triton.cdiv(R, cfg["BLOCK_R"]) * triton.cdiv(W, cfg["BLOCK_W"])
+    hi = torch.empty((R, W), dtype=dtype, device=m.device)
+    lo = torch.empty((R, W), dtype=dtype, device=m.device) if split else hi
+    flags = torch.empty((tiles,), dtype=torch.int32, device=m.device) if split else hi
+    cols, count = live or (flags, flags)
+    _split_mask_kernel[(tiles,)](m, hi, lo, flags, cols, count, R, W, KEEP_LO=split,
+                                 HAS_COLS=live is not None,
+                                 BLOCK_R=cfg["BLOCK_R"], BLOCK_W=cfg["BLOCK_W"], num_warps=4)
+    return hi, lo, flags
+
+
 def masked_sum_fwd(x: torch.Tensor, m: torch.Tensor, base: Optional[torch.Tensor] = None,
                    base_index: Optional[torch.Tensor] = None,
-                   out: Optional[torch.Tensor] = None, config: Optional[dict] = None) -> torch.Tensor:
+                   out: Optional[torch.Tensor] = None, config: Optional[dict] = None,
+                   split: bool = True, skip_dead: bool = True) -> torch.Tensor:
     """out[r] = base[g(r)] + sum_w m[r, w] * x[w] (fp32 accumulation).
 
     x [W, N] (unit inner stride, any row stride), m [R, W] fp32 contiguous,
     base None or [G, N] contiguous in x's dtype, base_index None or [R] int64
     (None with base means G == 1), out [R, N] contiguous in x's dtype
-    (allocated when None). `config` overrides `forward_config` (bench/tune.py
-    sweeps it). Returns out."""
+    (allocated when None). `split` (default) carries the mask to two
+    roundings in the tensor-core products; without it, one product (see
+    `_dot_halves`). `skip_dead` (default) reads only the writers whose mask is
+    nonzero for some reader (`live_columns`); False reads every row (same
+    result for a finite stack; bench/tune.py compares the two). `config`
+    overrides `forward_config` (bench/tune.py sweeps it). Returns out."""
     W, N = _check_x(x)
     if m.dim() != 2 or m.shape[1] != W:
         raise ValueError(f"mask must be [R, {W}], got {tuple(m.shape)}")
@@ -419,24 +648,28 @@ def masked_sum_fwd(x: torch.Tensor, m: torch.Tensor, base: Optional[torch.Tensor
         return out
     cfg = config or forward_config(R, W, N, x.dtype, arch=_arch(x.device))
     grid = (triton.cdiv(R, cfg["BLOCK_R"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    live = live_columns(m) if skip_dead else None
+    hi, lo, flags = _split_mask(m, x.dtype, cfg, split, live)
     _masked_sum_fwd_kernel[grid](
-        x, m, out if base is None else base,
+        x, m, hi, lo, flags, *(live or (m, m)), out if base is None else base,
         out if base_index is None else base_index, out,
         R, W, N, _row_stride(x),
-        HAS_BASE=base is not None, HAS_INDEX=base_index is not None,
-        USE_DOT=cfg["USE_DOT"], DOT_IN_FP32=_interpreted(_masked_sum_fwd_kernel),
+        HAS_BASE=base is not None, HAS_INDEX=base_index is not None, HAS_COLS=skip_dead,
+        USE_DOT=cfg["USE_DOT"], SPLIT=split, DOT_IN_FP32=_interpreted(_masked_sum_fwd_kernel),
         BLOCK_R=cfg["BLOCK_R"], BLOCK_W=cfg["BLOCK_W"], BLOCK_N=cfg["BLOCK_N"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 
 def masked_sum_bwd_stack(m: torch.Tensor, dout: torch.Tensor, dx: torch.Tensor,
-                         config: Optional[dict] = None) -> None:
+                         config: Optional[dict] = None, split: bool = True,
+                         skip_dead: bool = True) -> None:
     """dx[w] += sum_r m[r, w] * dout[r], in place, accumulated in fp32.
 
     m [R, W] fp32 contiguous, dout [R, N] contiguous (storage dtype), dx [W, N]
-    (unit inner stride, any row stride) fp32 or dout's dtype. `config`
-    overrides `backward_stack_config`."""
+    (unit inner stride, any row stride) fp32 or dout's dtype. `split` and
+    `skip_dead` as in `masked_sum_fwd` (rows of dead writers are left
+    untouched). `config` overrides `backward_stack_config`."""
     if dout.dtype not in _STORAGE_DTYPES or dout.dim() != 2:
         raise TypeError(f"dout must be 2-D float32/bfloat16/float16, got {dout.dtype} "
                         f"{tuple(dout.shape)}")
@@ -455,18 +688,36 @@ def masked_sum_bwd_stack(m: torch.Tensor, dout: torch.Tensor, dx: torch.Tensor,
     if R == 0 or W == 0 or N == 0:
         return
     cfg = config or backward_stack_config(R, W, N, dout.dtype, dx.dtype)
+    live = live_columns(m) if skip_dead else None
+    hi, lo, flags = _split_mask(m, dout.dtype, cfg, split, live)
+    if cfg.get("BY_COLUMNS"):
+        if cfg["BLOCK_R"] < R:
+            raise ValueError(f"BY_COLUMNS needs BLOCK_R >= R, got {cfg['BLOCK_R']} < {R}")
+        _masked_sum_bwd_stack_by_columns_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+            hi, lo, flags, *(live or (m, m)), dout, dx, R, W, N, _row_stride(dx),
+            HAS_COLS=skip_dead, SPLIT=split,
+            DOT_IN_FP32=_interpreted(_masked_sum_bwd_stack_by_columns_kernel),
+            BLOCK_R=cfg["BLOCK_R"], BLOCK_W=cfg["BLOCK_W"], BLOCK_N=cfg["BLOCK_N"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return
     grid = (triton.cdiv(W, cfg["BLOCK_W"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _masked_sum_bwd_stack_kernel[grid](
-        m, dout, dx, R, W, N, _row_stride(dx),
-        USE_DOT=cfg["USE_DOT"], DOT_IN_FP32=_interpreted(_masked_sum_bwd_stack_kernel),
+        m, hi, lo, flags, *(live or (m, m)), dout, dx, R, W, N, _row_stride(dx),
+        HAS_COLS=skip_dead, USE_DOT=cfg["USE_DOT"], SPLIT=split,
+        DOT_IN_FP32=_interpreted(_masked_sum_bwd_stack_kernel),
         BLOCK_R=cfg["BLOCK_R"], BLOCK_W=cfg["BLOCK_W"], BLOCK_N=cfg["BLOCK_N"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def masked_sum_bwd_mask(x: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+def masked_sum_bwd_mask(x: torch.Tensor, dout: torch.Tensor,
+                        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """dm [R, W] fp32 = dout @ x^T, reduced over N in fp32 in a fixed order
     (bit-identical run to run). x [W, N] (unit inner stride, any row stride),
-    dout [R, N] contiguous in x's dtype."""
+    dout [R, N] contiguous in x's dtype.
+
+    With `mask` ([R, W]), the writers whose mask is 0 for every reader are
+    not read and get dm = 0: for callers whose gradient through such a mask
+    is 0 whatever dm is (the hard-concrete sampler at a clamped 0)."""
     W, N = _check_x(x)
     if dout.dim() != 2 or dout.shape[1] != N:
         raise ValueError(f"dout must be [R, {N}], got {tuple(dout.shape)}")
@@ -480,11 +731,18 @@ def masked_sum_bwd_mask(x: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
         return dm.zero_()
     cfg = backward_mask_config(R, W, N, x.dtype)
     S = cfg["SLICES"]
-    part = dm if S == 1 else torch.empty((S, R, W), dtype=torch.float32, device=x.device)
+    live = None
+    if mask is not None:
+        if tuple(mask.shape) != (R, W):
+            raise ValueError(f"mask must be [{R}, {W}], got {tuple(mask.shape)}")
+        live = live_columns(mask)
+        dm.zero_()  # dead writers' columns (the kernels skip them)
+    new_part = torch.empty if live is None else torch.zeros
+    part = dm if S == 1 else new_part((S, R, W), dtype=torch.float32, device=x.device)
     tiles = triton.cdiv(R, cfg["BLOCK_R"]) * triton.cdiv(W, cfg["BLOCK_W"])
     _masked_sum_bwd_mask_kernel[(tiles * S,)](
-        x, dout, part, R, W, N, _row_stride(x), cfg["SLICE_LEN"],
-        DOT_IN_FP32=_interpreted(_masked_sum_bwd_mask_kernel),
+        x, dout, part, *(live or (dm, dm)), R, W, N, _row_stride(x), cfg["SLICE_LEN"],
+        HAS_COLS=live is not None, DOT_IN_FP32=_interpreted(_masked_sum_bwd_mask_kernel),
         BLOCK_R=cfg["BLOCK_R"], BLOCK_W=cfg["BLOCK_W"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if S > 1:

@@ -4,7 +4,7 @@ import torch
 
 import fastedge
 from fastedge.architectures import UnsupportedArchitectureError
-from tiny_models import ARCHITECTURES, VOCAB, tiny_model, token_batch
+from tiny_models import ARCHITECTURES, VOCAB, WIDE, tiny_model, token_batch
 
 
 def _hf_logits(model, ids, attention_mask=None):
@@ -176,3 +176,35 @@ def test_bad_inputs():
         fastedge.patch(tiny_model("gpt2"), ablation="resample")
     with pytest.raises(ValueError, match="compute_mean_outputs"):
         fastedge.patch(tiny_model("gpt2"), ablation="mean")(ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_precision_fast_rounds_the_masks_on_the_triton_backend(dtype, monkeypatch):
+    """patch(precision="fast") reaches the kernels: on the triton backend the
+    logits move by the masks' rounding (and no more); on the torch backend,
+    which has no one-product path, they stay bit for bit."""
+    pytest.importorskip("triton")
+    model = tiny_model(WIDE, dtype=dtype)  # enough readers for the tensor-core path
+    ids, corrupted = token_batch()
+
+    def logits(precision):
+        torch.manual_seed(0)  # the same log_alphas each time
+        em = fastedge.patch(model, precision=precision)
+        em.eval()
+        with torch.no_grad():
+            out = em(ids, corrupted).logits.double()
+        em.unpatch()
+        return out
+
+    cpu = {p: logits(p) for p in ("full", "fast")}
+    assert torch.equal(cpu["full"], cpu["fast"])
+    monkeypatch.setenv("FASTEDGE_BACKEND", "triton")
+    full, fast = logits("full"), logits("fast")
+    scale = full.abs().max().item()
+    assert not torch.equal(full, fast), "precision='fast' did not change the arithmetic"
+    # one rounding of each mask (2^-9 in bf16; fp32: mask and stack to tf32,
+    # 2^-11 each) against up to two, through a 3-layer model
+    tol = {torch.float32: 1e-3, torch.bfloat16: 2e-2}[dtype]
+    assert (full - fast).abs().max().item() <= tol * scale
+    with pytest.raises(ValueError, match="precision"):
+        fastedge.patch(model, precision="half")

@@ -39,7 +39,7 @@ except Exception as exc:  # pragma: no cover - very old or broken Triton
 
 CCS = [80, 90]
 _TORCH_TO_TRITON = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
-                    torch.int64: "i64"}
+                    torch.int64: "i64", torch.int32: "i32"}
 
 
 def _ptxas_candidates(cc: int) -> list:
@@ -202,29 +202,50 @@ def masked_sum_jobs(cc: int):
         # between attention and MLP); resid_post has one.
         cfg = kms.forward_config(R, W, N, dt, arch=cc)
         indexed = R > 1
-        ptrs = dict(x_ptr=dt, m_ptr=torch.float32, base_ptr=dt,
+        # the mask's halves (`_split_mask`) are in the storage dtype; the
+        # single-product form (SPLIT=False) is compiled at the dot shapes too
+        halves = dict(hi_ptr=dt, lo_ptr=dt, flag_ptr=torch.int32, cols_ptr=torch.int32,
+                      count_ptr=torch.int32)
+        ptrs = dict(x_ptr=dt, m_ptr=torch.float32, **halves, base_ptr=dt,
                     index_ptr=torch.int64 if indexed else dt, out_ptr=dt)
-        consts = dict(HAS_BASE=True, HAS_INDEX=indexed, DOT_IN_FP32=False,
-                      **{k: cfg[k] for k in ("USE_DOT", "BLOCK_R", "BLOCK_W", "BLOCK_N")})
-        if dt == torch.float16:
-            consts["HAS_BASE"], consts["HAS_INDEX"] = False, False
-        jobs.append((f"fwd-{name}", "dot" if cfg["USE_DOT"] else "vector",
-                     _key("masked_sum", "_masked_sum_fwd_kernel", ptrs,
-                          dict(R=R, W=W, N=N, stride_x=N), consts, cfg)))
+        for split in ((True, False) if cfg["USE_DOT"] else (True,)):
+            consts = dict(HAS_BASE=True, HAS_INDEX=indexed, HAS_COLS=True, DOT_IN_FP32=False,
+                          SPLIT=split,
+                          **{k: cfg[k] for k in ("USE_DOT", "BLOCK_R", "BLOCK_W", "BLOCK_N")})
+            if dt == torch.float16:
+                consts["HAS_BASE"], consts["HAS_INDEX"] = False, False
+            jobs.append((f"fwd-{name}" + ("" if split else "-one_product"),
+                         "dot" if cfg["USE_DOT"] else "vector",
+                         _key("masked_sum", "_masked_sum_fwd_kernel", ptrs,
+                              dict(R=R, W=W, N=N, stride_x=N), consts, cfg)))
+        if cfg["USE_DOT"]:
+            jobs.append((f"split_mask-{name}", "vector",
+                         _key("masked_sum", "_split_mask_kernel", dict(m_ptr=torch.float32, **halves),
+                              dict(R=R, W=W), dict(KEEP_LO=True, HAS_COLS=True,
+                                                   BLOCK_R=cfg["BLOCK_R"],
+                                                   BLOCK_W=cfg["BLOCK_W"]),
+                              dict(num_warps=4))))
         # backward, stack: an fp32 gradient buffer, and one in the storage dtype
         for gdt in sorted({torch.float32, dt}, key=str):
             cfg = kms.backward_stack_config(R, W, N, dt, gdt)
-            ptrs = dict(m_ptr=torch.float32, dout_ptr=dt, dx_ptr=gdt)
-            consts = dict(DOT_IN_FP32=False,
-                          **{k: cfg[k] for k in ("USE_DOT", "BLOCK_R", "BLOCK_W", "BLOCK_N")})
+            consts = dict(DOT_IN_FP32=False, SPLIT=True, HAS_COLS=True,
+                          **{k: cfg[k] for k in ("BLOCK_R", "BLOCK_W", "BLOCK_N")})
+            if cfg["BY_COLUMNS"]:
+                kernel, ptrs = "_masked_sum_bwd_stack_by_columns_kernel", dict(**halves, dout_ptr=dt,
+                                                                                 dx_ptr=gdt)
+            else:
+                kernel = "_masked_sum_bwd_stack_kernel"
+                ptrs = dict(m_ptr=torch.float32, **halves, dout_ptr=dt, dx_ptr=gdt)
+                consts["USE_DOT"] = cfg["USE_DOT"]
             jobs.append((f"bwd_stack-{name}-grad_{_TORCH_TO_TRITON[gdt]}",
                          "dot" if cfg["USE_DOT"] else "vector",
-                         _key("masked_sum", "_masked_sum_bwd_stack_kernel", ptrs,
-                              dict(R=R, W=W, N=N, stride_dx=N), consts, cfg)))
+                         _key("masked_sum", kernel, ptrs, dict(R=R, W=W, N=N, stride_dx=N), consts, cfg)))
         # backward, mask
         cfg = kms.backward_mask_config(R, W, N, dt)
-        ptrs = dict(x_ptr=dt, dout_ptr=dt, part_ptr=torch.float32)
-        consts = dict(DOT_IN_FP32=False, **{k: cfg[k] for k in ("BLOCK_R", "BLOCK_W", "BLOCK_K")})
+        ptrs = dict(x_ptr=dt, dout_ptr=dt, part_ptr=torch.float32, cols_ptr=torch.int32,
+                    count_ptr=torch.int32)
+        consts = dict(DOT_IN_FP32=False, HAS_COLS=True,
+                      **{k: cfg[k] for k in ("BLOCK_R", "BLOCK_W", "BLOCK_K")})
         jobs.append((f"bwd_mask-{name}", "dot",
                      _key("masked_sum", "_masked_sum_bwd_mask_kernel", ptrs,
                           dict(R=R, W=W, N=N, stride_x=N, slice_len=cfg["SLICE_LEN"]), consts,

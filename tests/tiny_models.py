@@ -29,10 +29,16 @@ def _configs():
                                                               hidden_size=20, intermediate_size=19,
                                                               vocab_size=VOCAB, rotary_pct=0.4,
                                                               use_parallel_residual=False)),
+        # 8 + 4 + 4 + 1 = 17 readers per layer call: the Triton kernels' dot
+        # path (16 or more readers); the others take the vector path
+        WIDE: (LlamaForCausalLM, LlamaConfig(num_hidden_layers=2, num_attention_heads=8,
+                                             num_key_value_heads=4, hidden_size=32,
+                                             intermediate_size=27, vocab_size=VOCAB)),
     }
 
 
-ARCHITECTURES = list(_configs())
+WIDE = "llama-wide"
+ARCHITECTURES = [name for name in _configs() if name != WIDE]
 
 
 def tiny_model(name: str, seed: int = 0, dtype=torch.float32):

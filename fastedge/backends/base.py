@@ -56,17 +56,23 @@ class Backend:
         raise NotImplementedError
 
     # -- masked writer sum -------------------------------------------------
-    def masked_sum_forward(self, x, m, base, base_index, out) -> None:
-        """out[r] = base[g(r)] + sum_w m[r, w] * x[w], accumulated in fp32."""
+    def masked_sum_forward(self, x, m, base, base_index, out, fast: bool = False) -> None:
+        """out[r] = base[g(r)] + sum_w m[r, w] * x[w], accumulated in fp32.
+
+        ``fast``: the caller accepts the mask rounded once to the product
+        dtype (see `fastedge.ops.masked_writer_sum`'s ``precision``); a
+        backend without a faster path ignores it and stays at full precision."""
         raise NotImplementedError
 
-    def masked_sum_backward_stack(self, m, dout, dx) -> None:
+    def masked_sum_backward_stack(self, m, dout, dx, fast: bool = False) -> None:
         """dx[w] += sum_r m[r, w] * dout[r] (in place, accumulated in fp32)."""
         raise NotImplementedError
 
-    def masked_sum_backward_mask(self, x, dout) -> torch.Tensor:
+    def masked_sum_backward_mask(self, x, dout, live_mask=None) -> torch.Tensor:
         """[R, W] float32: dm[r, w] = sum_n dout[r, n] * x[w, n], reduced in
-        fp32, bit-identical run to run."""
+        fp32, bit-identical run to run. With ``live_mask`` ([R, W]) the
+        backend may skip the writers whose mask is 0 for every reader and
+        give them dm = 0 (the caller's gradient through them is 0 anyway)."""
         raise NotImplementedError
 
     # -- hard concrete (elementwise) ---------------------------------------

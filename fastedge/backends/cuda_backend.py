@@ -173,13 +173,13 @@ class CudaBackend(Backend):
         return []
 
     # -- masked writer sum -------------------------------------------------
-    def masked_sum_forward(self, x, m, base, base_index, out) -> None:
+    def masked_sum_forward(self, x, m, base, base_index, out, fast=False) -> None:
         _ops().masked_sum_forward(x, m, base, base_index, out)
 
-    def masked_sum_backward_stack(self, m, dout, dx) -> None:
+    def masked_sum_backward_stack(self, m, dout, dx, fast=False) -> None:
         _ops().masked_sum_backward_stack(m, dout, dx)
 
-    def masked_sum_backward_mask(self, x, dout) -> torch.Tensor:
+    def masked_sum_backward_mask(self, x, dout, live_mask=None) -> torch.Tensor:
         return _ops().masked_sum_backward_mask(x, dout)
 
     # -- hard concrete (elementwise) ---------------------------------------

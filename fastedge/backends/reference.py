@@ -18,13 +18,13 @@ class ReferenceBackend(Backend):
             return [f"dtype {call.dtype} is not one of float32, bfloat16, float16, float64"]
         return []
 
-    def masked_sum_forward(self, x, m, base, base_index, out):
+    def masked_sum_forward(self, x, m, base, base_index, out, fast=False):
         ref.masked_sum_forward(x, m, base, base_index, out)
 
-    def masked_sum_backward_stack(self, m, dout, dx):
+    def masked_sum_backward_stack(self, m, dout, dx, fast=False):
         ref.masked_sum_backward_stack(m, dout, dx)
 
-    def masked_sum_backward_mask(self, x, dout):
+    def masked_sum_backward_mask(self, x, dout, live_mask=None):
         return ref.masked_sum_backward_mask(x, dout)
 
     def hard_concrete_forward(self, log_alpha, u, training):

@@ -120,17 +120,17 @@ class TritonBackend(Backend):
 
     # -- masked writer sum ---------------------------------------------------------
 
-    def masked_sum_forward(self, x, m, base, base_index, out) -> None:
+    def masked_sum_forward(self, x, m, base, base_index, out, fast: bool = False) -> None:
         with _on_device(x):
-            self._ms().masked_sum_fwd(x, m, base, base_index, out)
+            self._ms().masked_sum_fwd(x, m, base, base_index, out, split=not fast)
 
-    def masked_sum_backward_stack(self, m, dout, dx) -> None:
+    def masked_sum_backward_stack(self, m, dout, dx, fast: bool = False) -> None:
         with _on_device(dout):
-            self._ms().masked_sum_bwd_stack(m, dout, dx)
+            self._ms().masked_sum_bwd_stack(m, dout, dx, split=not fast)
 
-    def masked_sum_backward_mask(self, x, dout) -> torch.Tensor:
+    def masked_sum_backward_mask(self, x, dout, live_mask=None) -> torch.Tensor:
         with _on_device(x):
-            return self._ms().masked_sum_bwd_mask(x, dout)
+            return self._ms().masked_sum_bwd_mask(x, dout, mask=live_mask)
 
     # -- hard concrete ---------------------------------------------------------------
 

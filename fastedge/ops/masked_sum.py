@@ -6,14 +6,17 @@ public functions in `fastedge.ops`.
 
 Registered ops (namespace `fastedge`):
 
-* `masked_writer_sum(stack, mask, base, base_index, grad_stack, backend) -> out`
-* `masked_writer_sum_backward_stack(mask, dout, backend) -> dstack`
+* `masked_writer_sum(stack, mask, base, base_index, grad_stack, backend, fast) -> out`
+* `masked_writer_sum_backward_stack(mask, dout, backend, fast) -> dstack`
 * `masked_writer_sum_backward_mask(stack, dout, backend) -> dmask`
-* `masked_writer_sum_accumulate_grad_(grad_stack, mask, dout, backend)` (in place)
+* `masked_writer_sum_accumulate_grad_(grad_stack, mask, dout, backend, fast)` (in place)
 * `sample_masks(edge_log_alpha, node_log_alpha, seed, reader_offset, training, backend) -> (mask, edge_sum)`
 * `sample_masks_backward(...) -> (d_edge_log_alpha, d_node_log_alpha)`
 * `sampled_masked_writer_sum(stack, edge_log_alpha, node_log_alpha, base, base_index,
-   grad_stack, seed, reader_offset, training, backend) -> (out, edge_sum)`
+   grad_stack, seed, reader_offset, training, backend, fast) -> (out, edge_sum)`
+
+`fast` is the public ``precision="fast"``: the backend may round the mask once
+to the product dtype (`fastedge.backends.base.Backend.masked_sum_forward`).
 
 `stack` is always the prefix the readers read ([W, *T]); the public functions
 take that view. When `grad_stack` (a caller-owned buffer) is given, the
@@ -42,7 +45,7 @@ from fastedge.ops._dispatch import (flat_rows, masked_sum_backend, sample_masks_
 
 
 def _forward(stack: Tensor, mask: Tensor, base: Optional[Tensor], base_index: Optional[Tensor],
-             backend: str) -> Tensor:
+             backend: str, fast: bool) -> Tensor:
     n_readers = mask.shape[0]
     x = flat_rows(stack)
     impl = masked_sum_backend(x, n_readers, backend)
@@ -53,19 +56,19 @@ def _forward(stack: Tensor, mask: Tensor, base: Optional[Tensor], base_index: Op
         base2d = base.reshape(-1 if base_index is not None else 1, x.shape[1]).contiguous()
         if base_index is not None:
             index = base_index.to(torch.int64).contiguous()
-    impl.masked_sum_forward(x, mask.contiguous(), base2d, index, out)
+    impl.masked_sum_forward(x, mask.contiguous(), base2d, index, out, fast=fast)
     return out.view((n_readers,) + tuple(stack.shape[1:]))
 
 
 @torch.library.custom_op("fastedge::masked_writer_sum", mutates_args=())
 def masked_writer_sum_op(stack: Tensor, mask: Tensor, base: Optional[Tensor],
                          base_index: Optional[Tensor], grad_stack: Optional[Tensor],
-                         backend: str) -> Tensor:
-    return _forward(stack, mask, base, base_index, backend)
+                         backend: str, fast: bool = False) -> Tensor:
+    return _forward(stack, mask, base, base_index, backend, fast)
 
 
 @masked_writer_sum_op.register_fake
-def _(stack, mask, base, base_index, grad_stack, backend):
+def _(stack, mask, base, base_index, grad_stack, backend, fast=False):
     return stack.new_empty((mask.shape[0],) + tuple(stack.shape[1:]))
 
 
@@ -73,47 +76,52 @@ def _(stack, mask, base, base_index, grad_stack, backend):
 
 
 @torch.library.custom_op("fastedge::masked_writer_sum_backward_stack", mutates_args=())
-def backward_stack_op(mask: Tensor, dout: Tensor, n_writers_like: Tensor, backend: str) -> Tensor:
+def backward_stack_op(mask: Tensor, dout: Tensor, n_writers_like: Tensor, backend: str,
+                      fast: bool = False) -> Tensor:
     """dstack [W, *T] (dtype of dout) = mask^T @ dout. `n_writers_like` is the
     stack prefix itself; only its shape is used."""
     dx = torch.zeros(n_writers_like.shape, dtype=dout.dtype, device=dout.device)
     d2 = flat_rows(dout.contiguous())
     impl = masked_sum_backend(d2, mask.shape[0], backend, grad_dtype=dx.dtype)
-    impl.masked_sum_backward_stack(mask.contiguous(), d2, dx.view(dx.shape[0], -1))
+    impl.masked_sum_backward_stack(mask.contiguous(), d2, dx.view(dx.shape[0], -1), fast=fast)
     return dx
 
 
 @backward_stack_op.register_fake
-def _(mask, dout, n_writers_like, backend):
+def _(mask, dout, n_writers_like, backend, fast=False):
     return dout.new_empty(n_writers_like.shape)
 
 
 @torch.library.custom_op("fastedge::masked_writer_sum_accumulate_grad_",
                          mutates_args=("grad_stack",))
-def accumulate_grad_op(grad_stack: Tensor, mask: Tensor, dout: Tensor, backend: str) -> None:
+def accumulate_grad_op(grad_stack: Tensor, mask: Tensor, dout: Tensor, backend: str,
+                       fast: bool = False) -> None:
     """grad_stack[:W] += mask^T @ dout, in place (W = mask.shape[1])."""
     d2 = flat_rows(dout.contiguous())
     prefix = grad_stack[: mask.shape[1]].reshape(mask.shape[1], -1)
     impl = masked_sum_backend(d2, mask.shape[0], backend, grad_dtype=grad_stack.dtype)
-    impl.masked_sum_backward_stack(mask.contiguous(), d2, prefix)
+    impl.masked_sum_backward_stack(mask.contiguous(), d2, prefix, fast=fast)
 
 
 @accumulate_grad_op.register_fake
-def _(grad_stack, mask, dout, backend):
+def _(grad_stack, mask, dout, backend, fast=False):
     return None
 
 
 @torch.library.custom_op("fastedge::masked_writer_sum_backward_mask", mutates_args=())
-def backward_mask_op(stack: Tensor, dout: Tensor, mask_like: Tensor, backend: str) -> Tensor:
-    """dmask [R, W] (dtype of mask_like) = dout @ stack^T, reduced in fp32."""
+def backward_mask_op(stack: Tensor, dout: Tensor, mask_like: Tensor, backend: str,
+                     live_mask: Optional[Tensor] = None) -> Tensor:
+    """dmask [R, W] (dtype of mask_like) = dout @ stack^T, reduced in fp32.
+    With `live_mask`, columns where it is 0 for every reader may be skipped
+    and given 0 (`Backend.masked_sum_backward_mask`)."""
     x = flat_rows(stack)
     d2 = flat_rows(dout.contiguous())
     impl = masked_sum_backend(x, d2.shape[0], backend)
-    return impl.masked_sum_backward_mask(x, d2).to(mask_like.dtype)
+    return impl.masked_sum_backward_mask(x, d2, live_mask=live_mask).to(mask_like.dtype)
 
 
 @backward_mask_op.register_fake
-def _(stack, dout, mask_like, backend):
+def _(stack, dout, mask_like, backend, live_mask=None):
     return mask_like.new_empty(mask_like.shape)
 
 
@@ -136,14 +144,14 @@ def _base_grad(ctx, dout: Tensor, base_index: Optional[Tensor]) -> Tensor:
 
 def _stack_grad(ctx, mask: Tensor, dout: Tensor, stack: Tensor):
     if ctx.has_grad_buffer:
-        accumulate_grad_op(ctx.grad_stack, mask, dout, ctx.backend)
+        accumulate_grad_op(ctx.grad_stack, mask, dout, ctx.backend, ctx.fast)
         return None
-    return backward_stack_op(mask, dout, stack, ctx.backend)
+    return backward_stack_op(mask, dout, stack, ctx.backend, ctx.fast)
 
 
 def _setup_context(ctx, inputs, output):
-    stack, mask, base, base_index, grad_stack, backend = inputs
-    ctx.backend = backend
+    stack, mask, base, base_index, grad_stack, backend, fast = inputs
+    ctx.backend, ctx.fast = backend, fast
     _record_base_and_buffer(ctx, base, grad_stack)
     _save(ctx, stack, mask, base_index)
 
@@ -204,7 +212,7 @@ def _backward(ctx, dout):
     if ctx.has_base and ctx.needs_input_grad[2]:
         dbase = _base_grad(ctx, dout, base_index)
     _release(ctx)
-    return dstack, dmask, dbase, None, None, None
+    return dstack, dmask, dbase, None, None, None, None
 
 
 masked_writer_sum_op.register_autograd(_backward, setup_context=_setup_context)
@@ -277,24 +285,24 @@ def sampled_masked_writer_sum_op(stack: Tensor, edge_log_alpha: Tensor,
                                  node_log_alpha: Optional[Tensor], base: Optional[Tensor],
                                  base_index: Optional[Tensor], grad_stack: Optional[Tensor],
                                  seed: int, reader_offset: int, training: bool,
-                                 backend: str) -> tuple[Tensor, Tensor]:
+                                 backend: str, fast: bool = False) -> tuple[Tensor, Tensor]:
     mask, edge_sum = sample_masks_op(edge_log_alpha, node_log_alpha, seed, reader_offset,
                                      training, backend)
-    return _forward(stack, mask, base, base_index, backend), edge_sum
+    return _forward(stack, mask, base, base_index, backend, fast), edge_sum
 
 
 @sampled_masked_writer_sum_op.register_fake
 def _(stack, edge_log_alpha, node_log_alpha, base, base_index, grad_stack, seed, reader_offset,
-      training, backend):
+      training, backend, fast=False):
     return (stack.new_empty((edge_log_alpha.shape[0],) + tuple(stack.shape[1:])),
             edge_log_alpha.new_empty(()))
 
 
 def _fused_setup(ctx, inputs, output):
     (stack, edge_log_alpha, node_log_alpha, base, base_index, grad_stack, seed, reader_offset,
-     training, backend) = inputs
+     training, backend, fast) = inputs
     ctx.args = (seed, reader_offset, training, backend)
-    ctx.backend = backend
+    ctx.backend, ctx.fast = backend, fast
     ctx.has_node = node_log_alpha is not None
     _record_base_and_buffer(ctx, base, grad_stack)
     # The masks are not saved: the backward re-derives them from the seed.
@@ -311,13 +319,18 @@ def _fused_backward(ctx, dout, dedge_sum):
     if dedge_sum is None:
         dedge_sum = edge_log_alpha.new_zeros(())
     dstack = d_edge = d_node = dbase = None
+    with torch.no_grad():
+        mask, _ = sample_masks_op(edge_log_alpha, node_log_alpha, seed, reader_offset, training,
+                                  backend)
     if ctx.needs_input_grad[0] or ctx.has_grad_buffer:  # the buffer is filled even for a stack outside autograd
-        with torch.no_grad():
-            mask, _ = sample_masks_op(edge_log_alpha, node_log_alpha, seed, reader_offset,
-                                      training, backend)
         dstack = _stack_grad(ctx, mask, dout, stack)
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-        dmask = backward_mask_op(stack, dout, edge_log_alpha, backend)
+        # A writer whose sampled mask is 0 for every reader gets no gradient
+        # through this call whatever dmask is there: each of its masks z * s is
+        # 0 through a clamp (training: hard-concrete's gradient is 0 outside
+        # (0, 1)) or a sigmoid that underflowed (eval: its derivative is 0
+        # too). So the backends may skip reading it (live_mask).
+        dmask = backward_mask_op(stack, dout, edge_log_alpha, backend, live_mask=mask)
         d_edge, d_node = sample_masks_backward_op(edge_log_alpha, node_log_alpha, seed,
                                                   reader_offset, training, dmask, dedge_sum,
                                                   backend)
@@ -326,7 +339,7 @@ def _fused_backward(ctx, dout, dedge_sum):
     if ctx.has_base and ctx.needs_input_grad[3]:
         dbase = _base_grad(ctx, dout, base_index)
     _release(ctx)
-    return dstack, d_edge, d_node, dbase, None, None, None, None, None, None
+    return dstack, d_edge, d_node, dbase, None, None, None, None, None, None, None
 
 
 sampled_masked_writer_sum_op.register_autograd(_fused_backward, setup_context=_fused_setup)
