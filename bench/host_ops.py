@@ -42,7 +42,9 @@ so that waiting for a core on a shared machine does not count), on shapes
 so small that the arithmetic is negligible: what the host spends per layer. On the CPU this includes
 what fastedge's ops run inside them (the ``torch`` backend draws the Philox
 noise with some 270 PyTorch ops per call), which a GPU backend runs as one
-kernel: the op counts are the better guide to a GPU's host cost.
+kernel: the op counts are the better guide to a GPU's host cost, and the
+time outside fastedge's ops (``host_ms_per_layer_outside_ops``: the time
+inside them, measured in separate steps, subtracted) the closer one.
 It is a CPU timing on whatever machine runs it (shared machines are still
 noisy: caches and memory bandwidth are shared), with one torch thread unless
 ``--threads``.
@@ -205,12 +207,33 @@ def measure(name: str, depths: tuple[int, int], tensors: str, batch: int, seq: i
     return out[0], out[1]
 
 
+class _CustomOpTimer(TorchDispatchMode):
+    """CPU time (ms) spent inside fastedge's ops; other ops run untimed."""
+
+    def __init__(self):
+        super().__init__()
+        self.ms = 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace != CUSTOM_NAMESPACE:
+            return func(*args, **(kwargs or {}))
+        t0 = time.process_time()
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.ms += (time.process_time() - t0) * 1e3
+
+
 def host_ms_per_layer(name: str, depths: tuple[int, int], batch: int, seq: int, recompute_readers: bool,
-                      node_masks: bool, repeats: int) -> tuple[float, list[float]]:
-    """Forward + backward host time per layer (ms) from the two depths, and
-    the time of a step at each depth: the process's CPU time (not wall time:
-    on a shared, busy CPU a step waits for a core, and the wait is not host
-    work), each depth's fastest step, the two models' steps alternating."""
+                      node_masks: bool, repeats: int) -> tuple[float, float, list[float]]:
+    """Forward + backward host time per layer (ms) from the two depths, the
+    same without the time spent inside fastedge's ops, and the time of a step
+    at each depth. Host time is the process's CPU time (not wall time: on a
+    shared, busy CPU a step waits for a core, and the wait is not host work),
+    each depth's fastest step, the two models' steps alternating. The time
+    inside fastedge's ops is measured in separate steps under
+    `_CustomOpTimer` (its own overhead falls on the other ops, outside what
+    it measures) and subtracted."""
     import fastedge
     steps = []
     for n_layers in depths:
@@ -221,6 +244,7 @@ def host_ms_per_layer(name: str, depths: tuple[int, int], batch: int, seq: int, 
         em.train()
         steps.append((em, ids, corrupted, full))
     samples: list[list[float]] = [[] for _ in depths]
+    inside: list[list[float]] = [[] for _ in depths]
     try:
         for i in range(repeats + 2):  # two warm-up rounds
             for j, (em, ids, corrupted, full) in enumerate(steps):
@@ -228,20 +252,27 @@ def host_ms_per_layer(name: str, depths: tuple[int, int], batch: int, seq: int, 
                 ps._loss(em(ids, corrupted, seed=i), full).backward()
                 dt = (time.process_time() - t0) * 1e3
                 em.zero_grad(set_to_none=True)
+                with _CustomOpTimer() as timer:
+                    ps._loss(em(ids, corrupted, seed=i), full).backward()
+                em.zero_grad(set_to_none=True)
                 if i >= 2:
                     samples[j].append(dt)
+                    inside[j].append(timer.ms)
     finally:
         for em, *_ in steps:
             em.unpatch()
     best = [min(s) for s in samples]
-    return (best[1] - best[0]) / (depths[1] - depths[0]), best
+    outside = [b - min(t) for b, t in zip(best, inside)]
+    dl = depths[1] - depths[0]
+    return (best[1] - best[0]) / dl, (outside[1] - outside[0]) / dl, best
 
 
 # -- output ----------------------------------------------------------------------------
 
 COLUMNS = ["date", "torch", "git_rev", "model", "tensors", "batch", "seq", "node_masks",
            "recompute_readers", "depths", "aten_per_layer", "fwd_aten_per_layer", "bwd_aten_per_layer",
-           "custom_per_layer", "aten_total", "custom_total", "host_ms_per_layer", "host_ms_steps",
+           "custom_per_layer", "aten_total", "custom_total", "host_ms_per_layer", "host_ms_per_layer_outside_ops",
+           "host_ms_steps",
            "device"]
 
 
@@ -275,17 +306,20 @@ def run(args) -> list[dict]:
                        aten_total=deep.aten(), custom_total=deep.custom(),
                        device=results_csv.device_name(torch.device("cpu")))
             if args.time and tensors == "real":
-                ms, medians = host_ms_per_layer(name, depths, args.batch, args.seq, recompute,
-                                                not args.no_node_masks, args.repeats)
+                ms, outside, best = host_ms_per_layer(name, depths, args.batch, args.seq, recompute,
+                                                      not args.no_node_masks, args.repeats)
                 row["host_ms_per_layer"] = round(ms, 3)
-                row["host_ms_steps"] = "/".join(f"{m:.2f}" for m in medians)
+                row["host_ms_per_layer_outside_ops"] = round(outside, 3)
+                row["host_ms_steps"] = "/".join(f"{m:.2f}" for m in best)
             rows.append(row)
             print(f"{name} ({tensors}, batch {args.batch} x {args.seq}, recompute_readers={recompute}, "
                   f"node masks {'on' if row['node_masks'] else 'off'}): per layer "
                   f"{_fmt(row['aten_per_layer'])} aten ops (forward {_fmt(row['fwd_aten_per_layer'])}, "
                   f"backward {_fmt(row['bwd_aten_per_layer'])}) + {_fmt(row['custom_per_layer'])} fastedge ops; "
                   f"step at {depths[1]} layers: {row['aten_total']} aten + {row['custom_total']} fastedge"
-                  + (f"; host {row['host_ms_per_layer']:.2f} ms per layer (CPU; steps {row['host_ms_steps']} ms)"
+                  + (f"; host {row['host_ms_per_layer']:.2f} ms per layer, "
+                     f"{row['host_ms_per_layer_outside_ops']:.2f} outside fastedge's ops "
+                     f"(CPU; steps {row['host_ms_steps']} ms)"
                      if row.get("host_ms_per_layer") is not None else ""))
             if args.top:
                 top = sorted(by_phase["step"].items(), key=lambda kv: -abs(kv[1]))[:args.top]

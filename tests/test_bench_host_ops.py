@@ -65,13 +65,17 @@ def test_per_layer_is_the_difference_per_added_layer():
 
 
 def test_the_cli_records_a_row_per_setting(tmp_path):
-    host_ops.main(["--models", "small-llama", "--depths", "1,2", "--out", str(tmp_path)])
+    host_ops.main(["--models", "small-llama", "--depths", "1,2", "--time", "--repeats", "1",
+                   "--out", str(tmp_path)])
     with open(tmp_path / "host_ops.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["recompute_readers"] for r in rows] == ["False", "True"]
     for r in rows:
         assert r["git_rev"] and r["model"] == "small-llama"
         assert float(r["aten_per_layer"]) > 0 and float(r["custom_per_layer"]) > 0
+        steps = [float(t) for t in r["host_ms_steps"].split("/")]
+        assert len(steps) == 2 and min(steps) > 0
+        float(r["host_ms_per_layer"]), float(r["host_ms_per_layer_outside_ops"])  # recorded, numbers
         assert float(r["aten_per_layer"]) == pytest.approx(float(r["fwd_aten_per_layer"])
                                                            + float(r["bwd_aten_per_layer"]))
     # recomputing the readers replays their ops in the backward
