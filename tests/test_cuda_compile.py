@@ -489,6 +489,59 @@ def test_kernels_match_reference_under_cpu_emulation(jobs):
     assert not failures, "kernels differ from the reference under CPU emulation:\n" + "\n".join(failures)
 
 
+def test_kernels_past_2_31_elements_under_cpu_emulation(jobs, tmp_path):
+    """The masked sum's CUDA kernels on stacks whose rows lie 2**30 and 2**31
+    elements apart (views over sparse files, tests/huge_stride.py; the last row
+    starts past element 2**31), forward, backward into the stack and into the
+    mask, against float64 within the bounds the cuda backend claims
+    (tests/tolerances.py). tests/test_large_offsets.py runs the same views
+    through the Triton kernels."""
+    import torch
+
+    from huge_stride import last_offset, strided_rows
+    from tolerances import assert_within, claim, sum_bound
+
+    lib = load_emulated(jobs)
+    code = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+    gen = torch.Generator().manual_seed(31)
+    W, N = 3, 300
+    try:
+        for case, (dtype, R, stride) in enumerate([(dt, R, st) for dt in code for R in (3, 17)
+                                                   for st in (2 ** 30 + 5, 2 ** 31 + 64)]):
+            what = f"{dtype} R{R} rows {stride} apart"
+            x = strided_rows(tmp_path / f"stack{case}", W, N, stride, dtype, torch.randn(W, N, generator=gen))
+            assert last_offset(x) > 2 ** 31
+            m = torch.rand(R, W, generator=gen)
+            dout = torch.randn(R, N, generator=gen).to(dtype)
+            x64, m64, d64 = x.double(), m.double(), dout.double()
+
+            out = torch.full((R, N), float("nan"), dtype=dtype)
+            assert lib.fe_masked_sum_forward(code[dtype], x.data_ptr(), stride, m.data_ptr(), None, None,
+                                             out.data_ptr(), R, W, N, None) == 0
+            ref = m64 @ x64
+            assert_within(out, ref, sum_bound(m64, x64, None, claim("cuda", "cuda", dtype, "forward"), ref),
+                          f"emulated forward {what}")
+
+            dx = strided_rows(tmp_path / f"grad{case}", W, N, stride, dtype, torch.randn(W, N, generator=gen))
+            dx0 = dx.double()
+            assert lib.fe_masked_sum_backward_stack(code[dtype], m.data_ptr(), dout.data_ptr(), dx.data_ptr(),
+                                                    stride, int(dtype == torch.float32), R, W, N, None) == 0
+            ref = dx0 + m64.t() @ d64
+            assert_within(dx, ref, sum_bound(m64.t(), d64, dx0, claim("cuda", "cuda", dtype, "d_stack"), ref),
+                          f"emulated d stack {what}")
+
+            dm = torch.full((R, W), float("nan"))
+            work = torch.empty(max(1, lib.fe_masked_sum_backward_mask_workspace(R, W, N) // 4))
+            assert lib.fe_masked_sum_backward_mask(code[dtype], x.data_ptr(), stride, dout.data_ptr(),
+                                                   dm.data_ptr(), work.data_ptr(), R, W, N, None) == 0
+            ref = d64 @ x64.t()
+            assert_within(dm, ref, sum_bound(d64, x64.t(), None, claim("cuda", "cuda", dtype, "d_mask"), ref),
+                          f"emulated d mask {what}")
+    finally:
+        for f in tmp_path.iterdir():  # pytest keeps old tmp folders: drop the sparse files now
+            f.unlink()
+
+
 if __name__ == "__main__":  # a report of registers, spills and shared memory per kernel
     nvcc = find_nvcc()
     if nvcc is None:
