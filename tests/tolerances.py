@@ -26,19 +26,22 @@ Against the float64 value v of the same sum (exact inputs), each element obeys
     - fp32 FMA (cuda, torch, reference, and Triton's R < 16 paths): the fp32
       mask itself, mask_rel = 0 (the product's rounding is inside gamma).
     - Triton, 16-bit stack: m = hi + lo, hi = rnd(m), lo = rnd(m - hi) in the
-      storage dtype, m - hi exact in fp32. With unit roundoff t of one
-      rounding (2**-8 bf16, 2**-11 fp16 to nearest; doubled where the
-      conversion truncates, as the interpreter's bf16 does):
-      |m - hi| <= t |m|, |(m - hi) - lo| <= t |m - hi|, so
-      |m - hi - lo| <= t**2 |m|: 2**-16 (bf16), 2**-22 (fp16), 2**-14 (bf16,
-      interpreted). fp16 also underflows: hi and lo below 2**-14 are
-      subnormals spaced 2**-24, hence mask_abs = 2**-25 (half a spacing).
-      Both halves' products are exact in fp32: products_per_term = 2.
-    - Triton, fp32 stack (tf32x3): both operands split into two tf32 parts
-      (11-bit significands, rounded to nearest): each part's rounding leaves
-      2**-22, and the dropped lo*lo product is at most 2**-22, so each
-      product carries 3 * 2**-22 plus second-order terms: mask_rel = 2**-20,
-      products_per_term = 3.
+      storage dtype (rounded to nearest, on the bits, interpreted or not),
+      m - hi exact in fp32. With unit roundoff t of one rounding (2**-8 bf16,
+      2**-11 fp16): |m - hi| <= t |m|, |(m - hi) - lo| <= t |m - hi|, so
+      |m - hi - lo| <= t**2 |m|: 2**-16 (bf16), 2**-22 (fp16). fp16 also
+      underflows: hi and lo below 2**-14 are subnormals spaced 2**-24, hence
+      mask_abs = 2**-25 (half a spacing). Both halves' products are exact in
+      fp32: products_per_term = 2. (Tiles whose lo is all zero skip the lo
+      product: exact, since then m = hi.)
+    - Triton, fp32 stack: both operands split into two tf32 parts (11-bit
+      significands, rounded to nearest; tf32x3 in the mask backward): each
+      split leaves 2**-22, and the dropped lo*lo product is at most 2**-22, so
+      each product carries 3 * 2**-22 plus second-order terms:
+      mask_rel = 2**-20, products_per_term = 3.
+    - Triton with precision="fast": one product, the mask rounded once:
+      mask_rel = t (2**-8 bf16, 2**-11 fp16); fp32 rounds both operands to
+      tf32: (1 + 2**-11)**2 - 1. The other backends ignore "fast".
     - d mask multiplies two storage-dtype values: exact in fp32 for 16 bits,
       the tf32x3 figure for Triton's fp32.
   `growth` = 1 + 2**-6 bounds |hi| + |lo| (or the tf32 parts) by |m|.
@@ -46,10 +49,9 @@ Against the float64 value v of the same sum (exact inputs), each element obeys
   an ulp; a truncating store, the interpreter's bf16: a whole ulp), 0 for an
   fp32 result of fp32 accumulation; out_abs covers the subnormal range.
 
-`claim(backend, device, dtype, op)` returns the claim of one backend; the
-table `_CLAIMS` below is the only place they are written. To check a
-different design (say, the mask rounded once to the storage dtype), pass a
-changed claim: `dataclasses.replace(c, mask_rel=2**-8, products_per_term=1)`.
+`claim(backend, device, dtype, op, precision=...)` returns the claim of one
+backend; it is the only place claims are written. To check another design,
+pass a changed claim: `replace(c, mask_rel=2**-8, products_per_term=1)`.
 """
 from __future__ import annotations
 
@@ -66,7 +68,8 @@ SPLIT_GROWTH = 1.0 + 2.0 ** -6
 # Significand bits (with the implicit one) of the 16-bit dtypes.
 _PRECISION = {torch.bfloat16: 8, torch.float16: 11}
 # The Triton interpreter converts fp32 to bf16 by truncation (stores and
-# .to() alike); fp16 conversions round to nearest. (STYLE.md; measured.)
+# .to() alike); fp16 conversions round to nearest. (STYLE.md; measured.) The
+# kernels' mask split rounds on the bits, so only their stores truncate.
 _INTERPRETER_TRUNCATES = (torch.bfloat16,)
 
 
@@ -95,13 +98,16 @@ def _subnormal(dtype: torch.dtype) -> float:
 
 
 def claim(backend: str, device: str, dtype: torch.dtype, op: str,
-          result_dtype: Optional[torch.dtype] = None) -> Claim:
+          result_dtype: Optional[torch.dtype] = None, precision: str = "full") -> Claim:
     """The claim of `backend` running on `device` ("cpu": the Triton
     interpreter for `triton`) for `op` in ("forward", "d_stack", "d_mask") on
     a stack of `dtype`; `result_dtype` is what the result is stored in
-    (default: the stack dtype, fp32 for d_mask)."""
+    (default: the stack dtype, fp32 for d_mask); `precision` as
+    `fastedge.masked_writer_sum`'s ("full" or "fast")."""
     if op not in ("forward", "d_stack", "d_mask"):
         raise ValueError(f"unknown op {op!r}")
+    if precision not in ("full", "fast"):
+        raise ValueError(f"unknown precision {precision!r}")
     if result_dtype is None:
         result_dtype = torch.float32 if op == "d_mask" and dtype != torch.float64 else dtype
     interpreted = backend == "triton" and device == "cpu"
@@ -115,14 +121,18 @@ def claim(backend: str, device: str, dtype: torch.dtype, op: str,
         return Claim(products_per_term=1, mask_rel=0.0, mask_abs=0.0, **base)
     if backend != "triton":
         raise ValueError(f"no claim for backend {backend!r}")
-    if dtype == torch.float32:  # tf32x3, every op
+    fast = precision == "fast" and op != "d_mask"
+    if dtype == torch.float32:  # operands split into tf32 halves
+        if fast:
+            return Claim(products_per_term=1, mask_rel=(1 + 2.0 ** -11) ** 2 - 1, mask_abs=0.0, **base)
         return Claim(products_per_term=3, mask_rel=2.0 ** -20, mask_abs=0.0, **base)
     if op == "d_mask":  # exact 16-bit products
         return Claim(products_per_term=1, mask_rel=0.0, mask_abs=0.0, **base)
-    split_truncates = interpreted and dtype in _INTERPRETER_TRUNCATES
-    t = rounding_unit(dtype, split_truncates)
+    t = rounding_unit(dtype)
     # bf16 has fp32's exponent range (masks never underflow); fp16's halves do.
-    mask_abs = 0.0 if dtype == torch.bfloat16 else _subnormal(dtype) * (1.0 if split_truncates else 0.5)
+    mask_abs = 0.0 if dtype == torch.bfloat16 else 0.5 * _subnormal(dtype)
+    if fast:
+        return Claim(products_per_term=1, mask_rel=t, mask_abs=mask_abs, **base)
     return Claim(products_per_term=2, mask_rel=t * t, mask_abs=mask_abs, **base)
 
 
