@@ -388,7 +388,8 @@ def _masked_sum_bwd_mask_kernel(x_ptr, dout_ptr, part_ptr, cols_ptr, count_ptr, 
     r_valid = offs_r < R
     w_valid = offs_j < n_cols
     offs_w = tl.load(cols_ptr + offs_j, mask=w_valid, other=0) if HAS_COLS else offs_j
-    start = pid_s * slice_len
+    # 64-bit: start + slice_len passes 2**31 for N near it (tests/test_large_offsets.py)
+    start = pid_s.to(tl.int64) * slice_len
     end = tl.minimum(start + slice_len, N)
     acc = tl.zeros([BLOCK_W, BLOCK_R], dtype=tl.float32)
     for k0 in range(start, end, BLOCK_K):
