@@ -130,10 +130,10 @@ def _dot_halves(m_hi, lo_ptrs, lo_valid, flag, b_hi, b_lo, acc, SPLIT: tl.conste
 
     * 16 bits: hi @ b, plus lo @ b when SPLIT and the tile's flag is set;
       products of 16-bit values are exact in fp32, so the mask is carried to
-      two roundings (about 2^-17 relative in bf16, 2^-22 in fp16), or to one
-      (2^-9, 2^-12) without SPLIT.
+      two roundings (at most 2^-16 relative in bf16, 2^-22 in fp16), or to
+      one (2^-8, 2^-11) without SPLIT.
     * fp32: hi @ b_hi + hi @ b_lo, plus lo @ b_hi when SPLIT and flagged (the
-      dropped lo @ b_lo and the two roundings leave about 2^-21 relative per
+      dropped lo @ b_lo and the two roundings leave about 2^-20 relative per
       term); without SPLIT, one tf32 product hi @ b_hi (2^-11 relative in
       each operand).
 

@@ -74,12 +74,12 @@ def masked_writer_sum(stack: Tensor, mask: Tensor, base: Optional[Tensor] = None
         backend: force a backend (``reference``, ``torch``, ``triton``,
             ``cuda``); default: ``FASTEDGE_BACKEND`` or the automatic choice.
         precision: ``"full"`` (default): the fp32 mask is carried to about
-            2^-17 relative per term in a bf16 product (2^-22 in fp16, 2^-21
-            for fp32 stacks), then accumulated in fp32. ``"fast"``: one
-            tensor-core product, with the mask rounded once to the stack's
-            dtype (2^-9 relative in bf16, as in the authors' bf16 code; 2^-12
-            in fp16), and for fp32 stacks mask and stack rounded to tf32
-            (2^-11 each). Applies to the forward and the stack's gradient on
+            2^-16 relative per term in a bf16 product (two roundings; 2^-22
+            in fp16, about 2^-20 for fp32 stacks), then accumulated in fp32.
+            ``"fast"``: one tensor-core product, with the mask rounded once
+            to the stack's dtype (2^-8 relative in bf16, as in the authors'
+            bf16 code; 2^-11 in fp16), and for fp32 stacks mask and stack
+            rounded to tf32 (2^-11 each). Applies to the forward and the stack's gradient on
             the ``triton`` backend; the others always compute at full
             precision. The mask's gradient is always exact products reduced
             in fp32.
