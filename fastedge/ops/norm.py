@@ -57,6 +57,31 @@ def norm_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor], eps: float
     return weight * h.to(x.dtype)
 
 
+def norm_reference_backward(x: Tensor, weight: Tensor, dy: Tensor, eps: float, rms: bool) -> Tensor:
+    """dx of `norm_reference` given dy, by the very ops autograd runs through
+    it (so equal to autograd's dx bit for bit), written out: the registered
+    backward runs below autograd and cannot record a graph of its own.
+
+    RMSNorm, step by step backwards through `norm_reference`: ``weight *
+    n16`` gives ``dy * weight`` (in x's dtype); the cast, float32; ``h *
+    r`` gives ``g * r`` to h and ``sum(g * h)`` to r; ``rsqrt`` gives ``-0.5
+    * grad * r^3``; ``mean`` spreads it divided by D; ``pow(2)`` multiplies by
+    ``2 * h``; the two gradients of h add, and the first cast takes them back
+    to x's dtype. LayerNorm: ATen's own layer-norm backward."""
+    if not rms:
+        D = x.shape[-1]
+        _, mean, rstd = torch.ops.aten.native_layer_norm(x, [D], weight, None, eps)
+        return torch.ops.aten.native_layer_norm_backward(dy, x, [D], mean, rstd, weight, None,
+                                                         [True, False, False])[0]
+    h = x.to(torch.float32)
+    r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    g = (dy * weight).to(torch.float32)
+    grad_r = (g * h).sum(-1, keepdim=True)
+    grad_var = -0.5 * grad_r * r.pow(3)
+    grad_sq = grad_var.expand(h.shape) / h.shape[-1]
+    return (g * r + grad_sq * (2 * h)).to(x.dtype)
+
+
 # -- backend choice ------------------------------------------------------------------------
 
 
@@ -143,11 +168,7 @@ def norm_backward_op(x: Tensor, weight: Tensor, dy: Tensor, eps: float, rms: boo
                      backend: str) -> Tensor:
     """dx (x's shape and dtype) of `norm` at x, given dy."""
     if _choose(x, weight, backend) == "torch":
-        with torch.enable_grad():
-            xd = x.detach().requires_grad_(True)
-            y = norm_reference(xd, weight.detach(), None, eps, rms)
-            dx, = torch.autograd.grad(y, xd, dy)
-        return dx.contiguous()
+        return norm_reference_backward(x, weight, dy, eps, rms).contiguous()
     dx = _kernels().norm_bwd(_rows(x), weight.contiguous(), dy.reshape(-1, x.shape[-1]).contiguous(),
                              eps, rms)
     return dx.view(x.shape)
