@@ -18,11 +18,12 @@ model.
 
 Design
 ------
-* One program per BLOCK_M rows with the whole hidden dimension in one block
+* Blocks of BLOCK_M rows with the whole hidden dimension in one block
   (BLOCK_D = D rounded up to a power of two, at most `MAX_D`): x is loaded
   once, the statistics are two row reductions in registers, and the output
-  is stored once. Narrow rows (GPT-2's 768) take several rows per program so
-  that each program moves a few thousand elements.
+  is stored once. Narrow rows (GPT-2's 768) take several rows per block so
+  that each block moves a few thousand elements. A program walks up to
+  `MAX_ROW_BLOCKS` blocks with the weight loaded once.
 * The backward gives dx only, from x and dy: it recomputes the statistics
   (one more reduction over the row it has loaded anyway), so the forward
   saves nothing but x. The weight and bias get no gradient: fastedge's model
@@ -58,7 +59,9 @@ import triton
 import triton.language as tl
 
 MAX_D = 8192                # the widest row held in one block (Llama-70B's hidden size)
-ELEMENTS_PER_PROGRAM = 4096  # narrow rows are batched up to this many elements per program
+ELEMENTS_PER_PROGRAM = 4096  # narrow rows are batched up to this many elements per block
+MAX_ROW_BLOCKS = 16          # blocks of rows one program walks (one weight load for all)
+MIN_PROGRAMS = 1024          # ... as long as the grid keeps this many programs (8 per SM of an H200)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # -- jit helpers -------------------------------------------------------------------
@@ -98,32 +101,36 @@ def _row_stats(x, mask, D, eps, RMS: tl.constexpr):
 
 
 @triton.jit
-def _norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, D, stride_x, eps,
+def _norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, D, stride_x, eps, row_blocks,
                      RMS: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """y[m] = norm(x[m]) for BLOCK_M rows; y contiguous [M, D]."""
+    """y[m] = norm(x[m]) for `row_blocks` blocks of BLOCK_M rows (the weight
+    and bias loaded once for all of them); y contiguous [M, D]."""
     dtype = y_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
-    mask = (rows < M)[:, None] & col_ok[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    xc, rstd = _row_stats(x, mask, D, eps, RMS)
-    if RMS:
-        # Hugging Face: weight * (x * rstd).to(input_dtype)
-        y = w[None, :] * _round_to(xc * rstd[:, None], dtype)
-    else:
-        y = xc * rstd[:, None] * w[None, :]
-        if HAS_BIAS:
-            y += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    y = _round_to(y, dtype)
-    tl.store(y_ptr + rows64 * D + cols[None, :], y.to(dtype), mask=mask)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    for i in range(0, row_blocks):
+        rows = (tl.program_id(0).to(tl.int64) * row_blocks + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        xc, rstd = _row_stats(x, mask, D, eps, RMS)
+        if RMS:
+            # Hugging Face: weight * (x * rstd).to(input_dtype)
+            y = w[None, :] * _round_to(xc * rstd[:, None], dtype)
+        else:
+            y = xc * rstd[:, None] * w[None, :]
+            if HAS_BIAS:
+                y += b[None, :]
+        y = _round_to(y, dtype)
+        tl.store(y_ptr + rows[:, None] * D + cols[None, :], y.to(dtype), mask=mask)
 
 
 @triton.jit
-def _norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, M, D, stride_x, eps,
+def _norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, M, D, stride_x, eps, row_blocks,
                      RMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """dx[m] = d norm(x[m]) / dx applied to dy[m], the statistics recomputed
     from x; dy and dx contiguous [M, D].
@@ -133,25 +140,27 @@ def _norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, M, D, stride_x, eps,
         LayerNorm   dx = rstd * (g - mean(g) - n * mean(g * n))
     """
     dtype = dx_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
-    mask = (rows < M)[:, None] & col_ok[None, :]
-    rows64 = rows.to(tl.int64)[:, None]
-    x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + rows64 * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    xc, rstd = _row_stats(x, mask, D, eps, RMS)
-    g = dy * w[None, :]
-    if RMS:
-        # autograd through `weight * n16` forms dL/dn16 in the input dtype
-        g = _round_to(g, dtype)
-    n = xc * rstd[:, None]
-    inner = g - n * (tl.sum(g * n, axis=1) / D)[:, None]
-    if not RMS:
-        inner -= (tl.sum(g, axis=1) / D)[:, None]
-    dx = _round_to(inner * rstd[:, None], dtype)
-    tl.store(dx_ptr + rows64 * D + cols[None, :], dx.to(dtype), mask=mask)
+    for i in range(0, row_blocks):
+        rows = (tl.program_id(0).to(tl.int64) * row_blocks + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + rows[:, None] * D + cols[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+        xc, rstd = _row_stats(x, mask, D, eps, RMS)
+        g = dy * w[None, :]
+        if RMS:
+            # autograd through `weight * n16` forms dL/dn16 in the input dtype
+            g = _round_to(g, dtype)
+        n = xc * rstd[:, None]
+        inner = g - n * (tl.sum(g * n, axis=1) / D)[:, None]
+        if not RMS:
+            inner -= (tl.sum(g, axis=1) / D)[:, None]
+        dx = _round_to(inner * rstd[:, None], dtype)
+        tl.store(dx_ptr + rows[:, None] * D + cols[None, :], dx.to(dtype), mask=mask)
 
 
 # -- launch heuristic ------------------------------------------------------------------
@@ -161,18 +170,25 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def norm_config(D: int) -> dict:
-    """Block sizes and warps for rows of D elements (the compile test uses
-    this too): the whole row in one block, rows batched to about
-    `ELEMENTS_PER_PROGRAM` elements per program, one warp per 512 elements
-    (8 to 16 fp32 values of x per thread, 16 more of dy in the backward)."""
+def norm_config(D: int, M: int = 0) -> dict:
+    """Block sizes and warps for M rows of D elements (the compile test and
+    the cost contract use this too): the whole row in one block, rows batched
+    to about `ELEMENTS_PER_PROGRAM` elements per block, one warp per 512
+    elements (8 to 16 fp32 values of x per thread, 16 more of dy in the
+    backward). Each program walks `ROW_BLOCKS` blocks of rows, loading the
+    weight once for all of them (else every row would re-read a weight as
+    large as itself from L2), while keeping at least `MIN_PROGRAMS`
+    programs to fill the GPU."""
     if not 1 <= D <= MAX_D:
         raise ValueError(f"rows of {D} elements: the norm kernels hold a row in one block of "
                          f"at most {MAX_D}")
     block_d = _pow2(D)
     block_m = max(1, ELEMENTS_PER_PROGRAM // block_d)
     num_warps = min(16, max(1, block_m * block_d // 512))
-    return dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps, num_stages=1)
+    blocks = -(-max(0, int(M)) // block_m)
+    row_blocks = max(1, min(MAX_ROW_BLOCKS, blocks // MIN_PROGRAMS))
+    return dict(BLOCK_M=block_m, BLOCK_D=block_d, ROW_BLOCKS=row_blocks,
+                programs=-(-blocks // row_blocks), num_warps=num_warps, num_stages=1)
 
 
 # -- launchers -----------------------------------------------------------------------------
@@ -223,11 +239,10 @@ def norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     _check_out("out", out, torch.empty((M, D), dtype=x.dtype, device="meta"))
     if M == 0:
         return out
-    cfg = norm_config(D)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
-    _norm_fwd_kernel[grid](
+    cfg = norm_config(D, M)
+    _norm_fwd_kernel[(cfg["programs"],)](
         x, weight, bias if bias is not None else weight, out, M, D, x.stride(0), float(eps),
-        RMS=bool(rms), HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"],
+        cfg["ROW_BLOCKS"], RMS=bool(rms), HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"],
         BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
@@ -245,10 +260,9 @@ def norm_bwd(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor, eps: float
     _check_out("dx", dx, like)
     if M == 0:
         return dx
-    cfg = norm_config(D)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
-    _norm_bwd_kernel[grid](
-        x, weight, dy, dx, M, D, x.stride(0), float(eps), RMS=bool(rms),
+    cfg = norm_config(D, M)
+    _norm_bwd_kernel[(cfg["programs"],)](
+        x, weight, dy, dx, M, D, x.stride(0), float(eps), cfg["ROW_BLOCKS"], RMS=bool(rms),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     return dx
@@ -276,7 +290,8 @@ def norm_cost(rows: int, D: int, dtype: torch.dtype, *, kind: str = "rms",
 
     DRAM bytes: forward reads x and writes y (2 x rows x D x e); backward
     reads x and dy and writes dx (3 x rows x D x e); the weight (and bias) is
-    read from DRAM once and from L2 by every other program. Nothing else
+    read from DRAM once and from L2 by every other program (once per
+    program: a program walks `ROW_BLOCKS` blocks of rows). Nothing else
     touches memory: the statistics live in registers. FLOPs are fp32 SIMT
     work, `FWD_OPS_PER_ELEMENT` / `BWD_OPS_PER_ELEMENT` per element."""
     if kind not in FWD_OPS_PER_ELEMENT:
@@ -284,9 +299,9 @@ def norm_cost(rows: int, D: int, dtype: torch.dtype, *, kind: str = "rms",
     rows, D = int(rows), int(D)
     if rows < 0:
         raise ValueError(f"rows must be >= 0, got {rows}")
-    cfg = norm_config(D)
+    cfg = norm_config(D, rows)
     e = torch.empty((), dtype=dtype).element_size()
-    programs = -(-rows // cfg["BLOCK_M"])
+    programs = cfg["programs"]
     params = (1 + (has_bias and not backward and kind == "layer")) * D * e
     n = rows * D
     if backward:

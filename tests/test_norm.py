@@ -118,6 +118,32 @@ def test_kernels_match_float64_and_hugging_face(kind, dtype, shape, poison_fresh
 
 @needs_triton
 @pytest.mark.parametrize("kind", ["rms", "layer"])
+@pytest.mark.parametrize("shape", [(1000, 40), (7, 5120)], ids=_id)
+def test_programs_walk_several_row_blocks(shape, kind, monkeypatch, poison_fresh_memory):
+    """Large calls give each program several blocks of rows (one weight
+    load); with a smaller grid target, small calls do too, the last program
+    running past the last row."""
+    from fastedge.kernels import norms
+    rows, D = shape
+    monkeypatch.setattr(norms, "MIN_PROGRAMS", 3 if D == 40 else 2)
+    cfg = norms.norm_config(D, rows)
+    blocks = -(-rows // cfg["BLOCK_M"])
+    assert cfg["ROW_BLOCKS"] > 1 and cfg["programs"] * cfg["ROW_BLOCKS"] > blocks
+    dtype = torch.bfloat16
+    m = _module(kind, D, dtype, rows)
+    w, b, eps = _params(m, kind)
+    x, dy = _inputs(rows, D, dtype, rows + 1)
+    got, dx = _value_and_grad(lambda t: fused_norm(t, w, b, eps=eps, kind=kind, backend="triton"),
+                              x, dy)
+    ref, dx_ref = _value_and_grad(lambda t: _float64(t, w, b, eps, kind), x, dy)
+    hf, dx_hf = _value_and_grad(m, x, dy)
+    assert_matches_reference(got, ref, hf, dtype, "forward")
+    assert_matches_reference(dx, dx_ref, dx_hf, dtype, "dx")
+    assert (got == hf).double().mean().item() >= 0.98
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", ["rms", "layer"])
 def test_kernels_read_strided_rows_and_any_leading_shape(kind, poison_fresh_memory):
     D, dtype = 130, torch.bfloat16
     m = _module(kind, D, dtype, 5)
@@ -268,7 +294,9 @@ def test_norm_cost(dtype):
     assert fwd["launches"] == bwd["launches"] == 1
     assert fwd["dram_write"] == n * e and bwd["dram_write"] == n * e
     assert fwd["dram_read"] == n * e + D * e and bwd["dram_read"] == 2 * n * e + D * e
-    assert fwd["l2_read"] == (rows // norm_config(D)["BLOCK_M"] - 1) * D * e
+    cfg = norm_config(D, rows)
+    assert cfg["BLOCK_M"] == 1 and cfg["ROW_BLOCKS"] == 16 and cfg["programs"] == -(-rows // 16)
+    assert fwd["l2_read"] == (cfg["programs"] - 1) * D * e
     assert fwd["flops"]["fp32"] > 0 and bwd["flops"]["fp32"] > fwd["flops"]["fp32"]
     ln = norm_cost(37 * 32 * 64, 768, dtype, kind="layer", has_bias=True)
     assert ln["dram_read"] == 37 * 32 * 64 * 768 * e + 2 * 768 * e

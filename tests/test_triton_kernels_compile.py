@@ -316,9 +316,9 @@ def norm_jobs():
     from fastedge.kernels import norms as kn
     jobs = []
     for name, M, D, dt, kind in NORM_SHAPES:
-        cfg = kn.norm_config(D)
+        cfg = kn.norm_config(D, M)
         blocks = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"])
-        scal = dict(M=M, D=D, stride_x=D, eps=1e-5)
+        scal = dict(M=M, D=D, stride_x=D, eps=1e-5, row_blocks=cfg["ROW_BLOCKS"])
         jobs.append((f"norm_fwd-{name}", "vector", _key(
             "norms", "_norm_fwd_kernel", dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, y_ptr=dt), scal,
             dict(RMS=kind == "rms", HAS_BIAS=kind == "layer", **blocks), cfg)))
