@@ -23,7 +23,7 @@ Design
   once, the statistics are two row reductions in registers, and the output
   is stored once. Narrow rows (GPT-2's 768) take several rows per block so
   that each block moves a few thousand elements. A program walks up to
-  `MAX_ROW_BLOCKS` blocks with the weight loaded once.
+  `MAX_ROW_BLOCKS` blocks, reading the weight from L2 once.
 * The backward gives dx only, from x and dy: it recomputes the statistics
   (one more reduction over the row it has loaded anyway), so the forward
   saves nothing but x. The weight and bias get no gradient: fastedge's model
@@ -60,7 +60,7 @@ import triton.language as tl
 
 MAX_D = 8192                # the widest row held in one block (Llama-70B's hidden size)
 ELEMENTS_PER_PROGRAM = 4096  # narrow rows are batched up to this many elements per block
-MAX_ROW_BLOCKS = 16          # blocks of rows one program walks (one weight load for all)
+MAX_ROW_BLOCKS = 16          # blocks of rows one program walks (the weight from L2 once)
 MIN_PROGRAMS = 1024          # ... as long as the grid keeps this many programs (8 per SM of an H200)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -104,19 +104,19 @@ def _row_stats(x, mask, D, eps, RMS: tl.constexpr):
 def _norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, D, stride_x, eps, row_blocks,
                      RMS: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """y[m] = norm(x[m]) for `row_blocks` blocks of BLOCK_M rows (the weight
-    and bias loaded once for all of them); y contiguous [M, D]."""
+    """y[m] = norm(x[m]) for `row_blocks` blocks of BLOCK_M rows; y
+    contiguous [M, D]. The weight and bias are loaded per block, not held
+    across blocks: after the first they come from this SM's L1, and holding
+    them would take 16 more registers per thread at D = 8192."""
     dtype = y_ptr.dtype.element_ty
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     for i in range(0, row_blocks):
         rows = (tl.program_id(0).to(tl.int64) * row_blocks + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         mask = (rows < M)[:, None] & col_ok[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask,
                     other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         xc, rstd = _row_stats(x, mask, D, eps, RMS)
         if RMS:
             # Hugging Face: weight * (x * rstd).to(input_dtype)
@@ -124,7 +124,7 @@ def _norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, D, stride_x, eps, row_blocks
         else:
             y = xc * rstd[:, None] * w[None, :]
             if HAS_BIAS:
-                y += b[None, :]
+                y += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         y = _round_to(y, dtype)
         tl.store(y_ptr + rows[:, None] * D + cols[None, :], y.to(dtype), mask=mask)
 
@@ -142,7 +142,6 @@ def _norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, M, D, stride_x, eps, row_bloc
     dtype = dx_ptr.dtype.element_ty
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     for i in range(0, row_blocks):
         rows = (tl.program_id(0).to(tl.int64) * row_blocks + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         mask = (rows < M)[:, None] & col_ok[None, :]
@@ -150,6 +149,7 @@ def _norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, M, D, stride_x, eps, row_bloc
                     other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + rows[:, None] * D + cols[None, :], mask=mask,
                      other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         xc, rstd = _row_stats(x, mask, D, eps, RMS)
         g = dy * w[None, :]
         if RMS:
@@ -175,9 +175,9 @@ def norm_config(D: int, M: int = 0) -> dict:
     the cost contract use this too): the whole row in one block, rows batched
     to about `ELEMENTS_PER_PROGRAM` elements per block, one warp per 512
     elements (8 to 16 fp32 values of x per thread, 16 more of dy in the
-    backward). Each program walks `ROW_BLOCKS` blocks of rows, loading the
-    weight once for all of them (else every row would re-read a weight as
-    large as itself from L2), while keeping at least `MIN_PROGRAMS`
+    backward). Each program walks `ROW_BLOCKS` blocks of rows, so that the
+    weight it re-reads per block (as large as a row) comes from its own L1
+    after the first, not from L2, while keeping at least `MIN_PROGRAMS`
     programs to fill the GPU."""
     if not 1 <= D <= MAX_D:
         raise ValueError(f"rows of {D} elements: the norm kernels hold a row in one block of "
@@ -291,8 +291,9 @@ def norm_cost(rows: int, D: int, dtype: torch.dtype, *, kind: str = "rms",
     DRAM bytes: forward reads x and writes y (2 x rows x D x e); backward
     reads x and dy and writes dx (3 x rows x D x e); the weight (and bias) is
     read from DRAM once and from L2 by every other program (once per
-    program: a program walks `ROW_BLOCKS` blocks of rows). Nothing else
-    touches memory: the statistics live in registers. FLOPs are fp32 SIMT
+    program: a program walks `ROW_BLOCKS` blocks of rows, re-reading it from
+    its L1, which is not counted). Nothing else touches memory: the
+    statistics live in registers. FLOPs are fp32 SIMT
     work, `FWD_OPS_PER_ELEMENT` / `BWD_OPS_PER_ELEMENT` per element."""
     if kind not in FWD_OPS_PER_ELEMENT:
         raise ValueError(f"kind must be one of {', '.join(FWD_OPS_PER_ELEMENT)}, got {kind!r}")
