@@ -58,11 +58,12 @@ part small:
   ``"auto"``) and the layer's norm is one the adapter recognises (its
   `NormSpec`: Hugging Face's RMSNorm, or `nn.LayerNorm`), the readers' norm
   is one fused kernel forward and one backward (`fastedge.ops.fused_norm`),
-  also saving only x, with Hugging Face's roundings. It moves 2 element
-  sizes per element forward and 3 backward, where the module's float32
-  chain moves about 40 forward and 110 more in the backward's recompute and
-  autograd. Elsewhere (the CPU, float64, an unrecognised norm) the module
-  runs as above. ``"off"``: always the module; ``"triton"`` / ``"torch"``:
+  also saving only x, with Hugging Face's roundings. In bf16 it moves 4
+  bytes per element forward and 6 backward (14 a step with
+  ``recompute_readers``), where the module's float32 chain moves about 40
+  forward and 120 in the backward's recompute and autograd (204 a step:
+  bench/roofline.py at CodeLlama-13B shape). Elsewhere (the CPU, float64,
+  an unrecognised norm) the module runs as above. ``"off"``: always the module; ``"triton"`` / ``"torch"``:
   the fused op on that backend whenever the norm is recognised (tests force
   it this way, or with FASTEDGE_FUSED_NORM).
 * The attention readers' inputs are split, not sliced (a split's backward is
