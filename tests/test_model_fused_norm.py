@@ -151,3 +151,25 @@ def test_norm_params_come_from_the_modules():
 def test_fused_norm_option_is_checked():
     with pytest.raises(ValueError, match="fused_norm must be one of auto, off, triton, torch"):
         fastedge.patch(tiny_model("gpt2"), fused_norm="on")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama-gqa", "gpt2"])
+def test_auto_runs_the_kernels_on_the_gpu(arch, kernel_calls):
+    """On a CUDA device the default takes the fused norm, with the model's
+    logits and gradients."""
+    model = tiny_model(arch, dtype=torch.bfloat16).cuda()
+    ids, corrupted = (t.cuda() for t in token_batch(3, 9))
+    results = []
+    for mode in ("off", None):
+        em = fastedge.patch(model, recompute_readers=True, fused_norm=mode)
+        torch.manual_seed(0)  # the same masks on the device for both
+        em.reset_masks(mean=0.5)
+        em.train()
+        out = em(ids, corrupted, seed=3)
+        out.logits.float().pow(2).mean().backward()
+        results.append((out.logits.detach(), torch.cat([p.grad.reshape(-1) for p in em.parameters()])))
+        em.unpatch()
+    assert kernel_calls["norm_bwd"] == len(em.adapter.blocks)
+    _close(results[1][0], results[0][0], TOL[torch.bfloat16], "logits")
+    _close(results[1][1], results[0][1], TOL[torch.bfloat16], "log_alpha gradients")

@@ -87,16 +87,20 @@ def _within_one_ulp(got, want, dtype):
 # -- the Triton kernels (interpreted on the CPU) against float64 and Hugging Face -----------
 
 
+DEVICES = [pytest.param("cpu", id="interpreted"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+
+
 @needs_triton
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("kind", ["rms", "layer"])
-def test_kernels_match_float64_and_hugging_face(kind, dtype, shape, poison_fresh_memory):
+def test_kernels_match_float64_and_hugging_face(kind, dtype, shape, device, poison_fresh_memory):
     rows, D = shape
     seed = 1000 * rows + D
-    m = _module(kind, D, dtype, seed)
+    m = _module(kind, D, dtype, seed).to(device)
     w, b, eps = _params(m, kind)
-    x, dy = _inputs(rows, D, dtype, seed + 1)
+    x, dy = (t.to(device) for t in _inputs(rows, D, dtype, seed + 1))
     got, dx = _value_and_grad(lambda t: fused_norm(t, w, b, eps=eps, kind=kind, backend="triton"),
                               x, dy)
     hf, dx_hf = _value_and_grad(m, x, dy)
