@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 
 MAX_D = 8192                # the widest row held in one block (Llama-70B's hidden size)
-ELEMENTS_PER_PROGRAM = 4096  # narrow rows are batched up to this many elements per block
+ELEMENTS_PER_BLOCK = 4096  # narrow rows are batched up to this many elements per block
 MAX_ROW_BLOCKS = 16          # blocks of rows one program walks (the weight from L2 once)
 MIN_PROGRAMS = 1024          # ... as long as the grid keeps this many programs (8 per SM of an H200)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -173,7 +173,7 @@ def _pow2(n: int) -> int:
 def norm_config(D: int, M: int = 0) -> dict:
     """Block sizes and warps for M rows of D elements (the compile test and
     the cost contract use this too): the whole row in one block, rows batched
-    to about `ELEMENTS_PER_PROGRAM` elements per block, one warp per 512
+    to about `ELEMENTS_PER_BLOCK` elements per block, one warp per 512
     elements (8 to 16 fp32 values of x per thread, 16 more of dy in the
     backward). Each program walks `ROW_BLOCKS` blocks of rows, so that the
     weight it re-reads per block (as large as a row) comes from its own L1
@@ -183,7 +183,7 @@ def norm_config(D: int, M: int = 0) -> dict:
         raise ValueError(f"rows of {D} elements: the norm kernels hold a row in one block of "
                          f"at most {MAX_D}")
     block_d = _pow2(D)
-    block_m = max(1, ELEMENTS_PER_PROGRAM // block_d)
+    block_m = max(1, ELEMENTS_PER_BLOCK // block_d)
     num_warps = min(16, max(1, block_m * block_d // 512))
     blocks = -(-max(0, int(M)) // block_m)
     row_blocks = max(1, min(MAX_ROW_BLOCKS, blocks // MIN_PROGRAMS))
