@@ -413,6 +413,9 @@ def parse_args(argv=None):
     ap.add_argument("--grad-precision", action="store_true",
                     help="mask-gradient error of a bf16 vs a float32 gradient buffer against float64 "
                          "(a 40-layer small Llama on the CPU; --layers to change)")
+    ap.add_argument("--triton-precision", action="store_true",
+                    help="with --grad-precision: also the Triton kernels (interpreted on a CPU) in "
+                         "precision full and fast")
     ap.add_argument("--check-device", action="store_true",
                     help="run each traced step for real on --device and compare the peaks")
     ap.add_argument("--device", default="cuda", help="for --check-device (cpu: a dry run, memtrack counts)")
@@ -624,11 +627,11 @@ def grad_precision(args, log=print) -> dict:
     g = torch.Generator().manual_seed(1)
     ids, corrupted = torch.randint(0, 211, (4, 24), generator=g), torch.randint(0, 211, (4, 24), generator=g)
 
-    def grads(dtype, buffer=None, naive=False):
+    def grads(dtype, buffer=None, naive=False, precision="full"):
         model = LlamaForCausalLM(cfg).eval()
         model.load_state_dict({k: v.to(torch.float32) for k, v in weights.items()})
         model = model.to(dtype).requires_grad_(False)
-        em = fastedge.patch(model, node_masks=False, grad_buffer_dtype=buffer)
+        em = fastedge.patch(model, node_masks=False, grad_buffer_dtype=buffer, precision=precision)
         gm = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for q in em.parameters():
@@ -651,6 +654,20 @@ def grad_precision(args, log=print) -> dict:
            "fastedge, float32 buffer": rel(grads(torch.bfloat16, torch.float32), ref),
            "naive (authors' design), bf16": rel(grads(torch.bfloat16, naive=True), ref_naive),
            "fastedge, float32 model (the reference's own rounding)": rel(grads(torch.float32), ref)}
+    if args.triton_precision:
+        # the Triton kernels' own arithmetic (the torch backend above has no
+        # one-product path): interpreted on the CPU, the same products as on a GPU
+        old = os.environ.get("FASTEDGE_BACKEND")
+        os.environ["FASTEDGE_BACKEND"] = "triton"
+        try:
+            for precision in ("full", "fast"):
+                res[f"fastedge, bf16 buffer, triton kernels, precision {precision}"] = rel(
+                    grads(torch.bfloat16, precision=precision), ref)
+        finally:
+            if old is None:
+                os.environ.pop("FASTEDGE_BACKEND")
+            else:
+                os.environ["FASTEDGE_BACKEND"] = old
     meta = dict(date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"), torch=torch.__version__,
                 transformers=_version("transformers"), git_rev=results_csv.git_revision(), model="llama-h128", layers=L,
                 dtype="bfloat16")
@@ -684,6 +701,8 @@ def _version(name: str) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)   # nothing is computed on fake tensors
+    if args.triton_precision and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")   # before any kernel is defined
     if args.grad_precision:
         result, prefix = grad_precision(args), "memory-grad-precision"
     elif args.check_device:

@@ -417,7 +417,9 @@ class OpRecorder(TorchDispatchMode):
             launches = custom_launches(func, args, kwargs, self.arch, self.overrides)
             shape = _masked_sum_shape(name, args)
             ms = MS_RECOMPUTE if recompute else (MS_BWD if in_bwd else MS_FWD)
-            if name in ("sample_masks", "sample_masks_backward", "hard_concrete", "hard_concrete_backward"):
+            if name in ("norm", "norm_backward"):
+                self.records.append(OpRecord(name, "reader norms", True, launches))
+            elif name in ("sample_masks", "sample_masks_backward", "hard_concrete", "hard_concrete_backward"):
                 self.records.append(OpRecord(name, SAMPLING, True, launches))
             elif name == "sampled_masked_writer_sum":
                 # the contract lists the sampling launches first, the forward last

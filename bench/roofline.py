@@ -382,7 +382,10 @@ def run(args, log=print) -> dict:
     card = dict(CARDS[args.card])
     cal = dict(CALIBRATION)
     t0 = time.perf_counter()
-    bench = memory.FakeBench(args.model, spec["dtype"], args.layers, {"precision": args.precision})
+    # as on a GPU: the readers' norms take the fused kernels (on fake CPU
+    # tensors "auto" would pick the module)
+    bench = memory.FakeBench(args.model, spec["dtype"], args.layers,
+                             {"precision": args.precision, "fused_norm": args.fused_norm})
     log(f"fake {args.model} built in {time.perf_counter() - t0:.1f} s")
     scenario = scenario_overrides(args.live_writers, args.lo_tiles)
     traces = {}
@@ -414,13 +417,13 @@ def run(args, log=print) -> dict:
                 git_rev=results_csv.git_revision(), model=args.model, layers=bench.config.num_hidden_layers,
                 dtype=str(spec["dtype"]).replace("torch.", ""), card=args.card, card_name=card["name"],
                 batch=batch, micro_batch=micro, seq=seq, recompute_readers=recompute, precision=args.precision,
-                live_writers=args.live_writers, lo_tiles=args.lo_tiles)
+                live_writers=args.live_writers, lo_tiles=args.lo_tiles, fused_norm=args.fused_norm)
     cal_points = []
     if args.calibration:
         # the measured steps ran the kernels of their day (LEGACY_KERNELS) and
         # full precision: model those, not the scenario of the table
         legacy = {"floor": modeled["floor"]}
-        legacy_bench = memory.FakeBench(args.model, spec["dtype"], args.layers, {})
+        legacy_bench = memory.FakeBench(args.model, spec["dtype"], args.layers, {"fused_norm": "off"})
         if measured["fastedge"]:
             tr = trace_step(legacy_bench, "fastedge", micro, seq, batch, recompute, card["arch"], LEGACY_KERNELS)
             legacy["fastedge"] = model_step(step_records(tr), card, cal)
@@ -455,7 +458,8 @@ def markdown(res: dict) -> str:
          f"- {m['date']}; git {m['git_rev']}; torch {m['torch']}; {m['layers']} layers, {m['dtype']}; batch "
          f"{m['batch']} in micro-batches of {m['micro_batch']}, seq {m['seq']}; recompute_readers="
          f"{m['recompute_readers']}; precision {m['precision']}; live writers per masked sum "
-         f"{m['live_writers']:.0%}, mask tiles with a lo half {m['lo_tiles']:.0%}",
+         f"{m['live_writers']:.0%}, mask tiles with a lo half {m['lo_tiles']:.0%}; reader norms "
+         f"{'fused' if m['fused_norm'] == 'triton' else 'as modules'}",
          "- traced on fake tensors (bench/roofline.py): one micro-batch, counted x micro-batches; the update once",
          "- launches: kernels; host ops: ops the host dispatches (views included); GB: DRAM bytes moved "
          "(10^9); L2 GB: fastedge's re-reads from L2; bound ms: max(bytes/HBM, L2/L2 rate, FLOPs/peak) at "
@@ -516,7 +520,7 @@ def _pct(log_err: float) -> str:
 
 
 COLUMNS = ["date", "torch", "git_rev", "model", "layers", "dtype", "card", "batch", "micro_batch", "seq",
-           "recompute_readers", "precision", "live_writers", "lo_tiles", "kind", "phase", "launches", "host_ops", "gb", "l2_gb", "gflop", "gflop_tc16",
+           "recompute_readers", "precision", "live_writers", "lo_tiles", "fused_norm", "kind", "phase", "launches", "host_ops", "gb", "l2_gb", "gflop", "gflop_tc16",
            "gflop_tf32", "gflop_fp32", "bound_ms",
            "modeled_ms", "measured_ms"]
 
@@ -545,6 +549,9 @@ def parse_args(argv=None):
     p.add_argument("--no-recompute", action="store_true", help="trace fastedge without recompute_readers")
     p.add_argument("--precision", default="full", choices=["full", "fast"],
                    help="fastedge.patch(precision=...): the masked sums' products (see fastedge.ops)")
+    p.add_argument("--fused-norm", default="triton", choices=["triton", "off"],
+                   help="fastedge.patch(fused_norm=...): the readers' norms as the fused kernels (the "
+                        "default on a GPU) or as the model's modules")
     p.add_argument("--live-writers", type=float, default=1.0,
                    help="fraction of each masked sum's writers with a nonzero mask (the rest are skipped); "
                         "1 - this is the share of dead writers (node-pruned, or every edge at 0)")

@@ -27,6 +27,29 @@ def _attr(obj, path: str):
 
 
 @dataclass(frozen=True)
+class NormSpec:
+    """How a block's norm module computes, for the fused reader norm
+    (`fastedge.ops.fused_norm`): its kind (``rms``: Hugging Face's RMSNorm;
+    ``layer``: `nn.LayerNorm`), the class it must be (a norm replaced by
+    another implementation is not recognised, and the module runs as it is),
+    and the attributes that hold its epsilon, weight and bias."""
+    kind: str
+    module_class: str
+    eps: str
+    weight: str = "weight"
+    bias: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class NormParams:
+    """One norm module's parameters, read from the module (never copied)."""
+    kind: str
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    eps: float
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """Where things live, relative to the causal-LM module."""
     model_type: str
@@ -40,6 +63,7 @@ class ArchSpec:
     rotary: Optional[str]       # the model's rotary embedding module, if rotary
     qkv: Callable               # block -> (q_w, q_b, k_w, k_b, v_w, v_b) views
     out: Callable               # block -> (o_w, o_b)
+    norm: Optional[NormSpec] = None  # the attention norm's kind, for the fused reader norm
 
 
 def _split_heads(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -92,6 +116,13 @@ def _neox_out(block, cfg):
     return d.weight.view(d.weight.shape[0], cfg.num_attention_heads, -1).permute(1, 2, 0), d.bias
 
 
+_LAYER_NORM = NormSpec("layer", module_class="LayerNorm", eps="eps", bias="bias")
+
+
+def _rms_norm(prefix: str) -> NormSpec:
+    return NormSpec("rms", module_class=f"{prefix}RMSNorm", eps="variance_epsilon")
+
+
 _LLAMA_LIKE = dict(layers="model.layers", token_embedding="model.embed_tokens",
                    position_embedding=None, final_norm="model.norm",
                    attn_norm="input_layernorm", mlp_norm="post_attention_layernorm", mlp="mlp",
@@ -101,14 +132,15 @@ SPECS = {
     "gpt2": ArchSpec("gpt2", layers="transformer.h", token_embedding="transformer.wte",
                      position_embedding="transformer.wpe", final_norm="transformer.ln_f",
                      attn_norm="ln_1", mlp_norm="ln_2", mlp="mlp", rotary=None,
-                     qkv=_gpt2_qkv, out=_gpt2_out),
-    "llama": ArchSpec("llama", **_LLAMA_LIKE),
-    "mistral": ArchSpec("mistral", **_LLAMA_LIKE),
-    "qwen2": ArchSpec("qwen2", **_LLAMA_LIKE),
+                     qkv=_gpt2_qkv, out=_gpt2_out, norm=_LAYER_NORM),
+    "llama": ArchSpec("llama", **_LLAMA_LIKE, norm=_rms_norm("Llama")),
+    "mistral": ArchSpec("mistral", **_LLAMA_LIKE, norm=_rms_norm("Mistral")),
+    "qwen2": ArchSpec("qwen2", **_LLAMA_LIKE, norm=_rms_norm("Qwen2")),
     "gpt_neox": ArchSpec("gpt_neox", layers="gpt_neox.layers", token_embedding="gpt_neox.embed_in",
                          position_embedding=None, final_norm="gpt_neox.final_layer_norm",
                          attn_norm="input_layernorm", mlp_norm="post_attention_layernorm",
-                         mlp="mlp", rotary="gpt_neox.rotary_emb", qkv=_neox_qkv, out=_neox_out),
+                         mlp="mlp", rotary="gpt_neox.rotary_emb", qkv=_neox_qkv, out=_neox_out,
+                         norm=_LAYER_NORM),
 }
 assert tuple(sorted(SPECS)) == SUPPORTED_MODEL_TYPES
 
@@ -163,6 +195,26 @@ class Adapter:
 
     def attn_norm(self, layer: int, x):
         return _attr(self.blocks[layer], self.spec.attn_norm)(x)
+
+    def attn_norm_module(self, layer: int) -> nn.Module:
+        return _attr(self.blocks[layer], self.spec.attn_norm)
+
+    def attn_norm_params(self, layer: int) -> Optional[NormParams]:
+        """The attention norm's kind, weight, bias and epsilon when it is the
+        module the architecture's `NormSpec` describes; None otherwise (then
+        only the module itself can run it)."""
+        spec = self.spec.norm
+        module = self.attn_norm_module(layer)
+        if spec is None or type(module).__name__ != spec.module_class:
+            return None
+        weight = getattr(module, spec.weight, None)
+        bias = getattr(module, spec.bias, None) if spec.bias else None
+        eps = getattr(module, spec.eps, None)
+        if not isinstance(weight, torch.Tensor) or not isinstance(eps, (int, float)):
+            return None  # e.g. a LayerNorm without elementwise_affine
+        if spec.kind == "layer" and tuple(getattr(module, "normalized_shape", ())) != tuple(weight.shape):
+            return None
+        return NormParams(spec.kind, weight, bias if isinstance(bias, torch.Tensor) else None, float(eps))
 
     def mlp_norm(self, layer: int, x):
         return _attr(self.blocks[layer], self.spec.mlp_norm)(x)

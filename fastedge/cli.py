@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute each layer's reader inputs in the backward (less memory: use it for "
                         "large models; CodeLlama-13B at micro-batches of 8 x 72 tokens needs it on 80 GB)")
     p.add_argument("--precision", choices=["full", "fast"], default="full",
-                   help="masked sums on the GPU: full (the fp32 masks carried to ~2^-17 in bf16 products) "
+                   help="masked sums on the GPU: full (the fp32 masks carried to 2^-16 in bf16 products) "
                         "or fast (masks rounded once to the model's dtype: one product, the authors' precision)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of log_alphas (default 0.8)")
     p.add_argument("--lambda-lr", type=float, default=None, help="learning rate of the multipliers (default 0.8)")

@@ -56,6 +56,18 @@ part small:
   copy of its input and its backward makes four more float32 tensors of
   that size: 11 MB per token at 13B shape. Same values and gradients (each
   row by the same ops); the cost is one more norm forward per backward.
+* ``fused_norm``: where the Triton kernels run (a CUDA device; by default,
+  ``"auto"``) and the layer's norm is one the adapter recognises (its
+  `NormSpec`: Hugging Face's RMSNorm, or `nn.LayerNorm`), the readers' norm
+  is one fused kernel forward and one backward (`fastedge.ops.fused_norm`),
+  also saving only x, with Hugging Face's roundings. In bf16 it moves 4
+  bytes per element forward and 6 backward (14 a step with
+  ``recompute_readers``), where the module's float32 chain moves about 40
+  forward and 120 in the backward's recompute and autograd (204 a step:
+  bench/roofline.py at CodeLlama-13B shape). Elsewhere (the CPU, float64,
+  an unrecognised norm) the module runs as above. ``"off"``: always the module; ``"triton"`` / ``"torch"``:
+  the fused op on that backend whenever the norm is recognised (tests force
+  it this way, or with FASTEDGE_FUSED_NORM).
 * The attention readers' inputs are split, not sliced (a split's backward is
   one concatenation, a slice's a zero-padded copy of the whole input), and
   the MLP's share of the layer's read leaves the attention region as a copy:
@@ -84,6 +96,7 @@ part small:
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Iterable, NamedTuple, Optional
 
@@ -142,6 +155,7 @@ class _StackWrite(torch.autograd.Function):
 
 
 NORM_CHUNK_ELEMENTS = 1 << 25  # rows per chunk of the lean reader norm: about this many elements
+FUSED_NORM_MODES = ("auto", "off", "triton", "torch")
 
 
 class _RowChunked(torch.autograd.Function):
@@ -183,6 +197,21 @@ class _RowChunked(torch.autograd.Function):
         return dx.view(x.shape), None, None
 
 
+def _fused_norm_mode(mode: Optional[str]) -> Optional[str]:
+    """`fused_norm` as given; None reads FASTEDGE_FUSED_NORM when the norm
+    runs (unset: "auto"), so that tests can force it without an argument."""
+    if mode is None:
+        env = os.environ.get("FASTEDGE_FUSED_NORM", "").strip().lower()
+        if not env:
+            return None
+        mode, where = env, "FASTEDGE_FUSED_NORM"
+    else:
+        where = "fused_norm"
+    if mode not in FUSED_NORM_MODES:
+        raise ValueError(f"{where} must be one of {', '.join(FUSED_NORM_MODES)}, got {mode!r}")
+    return mode
+
+
 def position_ids_from_attention_mask(attention_mask: Tensor) -> Tensor:
     """Positions that skip padding: ``cumsum(mask) - 1``, 0 at pads."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -196,7 +225,7 @@ class EdgeModel(nn.Module):
                  seed: int = 0, recompute_readers: bool = False,
                  generator: Optional[torch.Generator] = None,
                  grad_buffer_dtype: Optional[torch.dtype] = None, lean_norm: bool = True,
-                 precision: str = "full"):
+                 precision: str = "full", fused_norm: Optional[str] = None):
         super().__init__()
         if ablation not in ABLATIONS:
             raise ValueError(f"ablation must be one of {', '.join(ABLATIONS)}, got {ablation!r}")
@@ -220,6 +249,7 @@ class EdgeModel(nn.Module):
             raise ValueError(f"precision must be one of {', '.join(map(repr, ops.PRECISIONS))}, "
                              f"got {precision!r}")
         self.precision = precision
+        self.fused_norm = _fused_norm_mode(fused_norm)
         self._frozen_flags = {name: p.requires_grad for name, p in model.named_parameters()}
         self._was_training = model.training
         model.requires_grad_(False)
@@ -426,15 +456,38 @@ class EdgeModel(nn.Module):
         return self._heads(layer, xq, xk, xv, cos_sin, attn_bias), mlp_partial[0].clone()
 
     def _reader_norm(self, layer, x):
-        """The layer's attention norm on every reader's input [R, *T]; lean
+        """The layer's attention norm on every reader's input [R, *T]: the
+        fused op where `_fused_norm_backend` allows it, else the module, lean
         (`_RowChunked`: chunked, saving only x) when it will be differentiated."""
         a = self.adapter
+        backend = self._fused_norm_backend(layer, x)
+        if backend is not None:
+            p = a.attn_norm_params(layer)
+            return ops.fused_norm(x, p.weight, p.bias, eps=p.eps, kind=p.kind, backend=backend)
         if self.lean_norm and torch.is_grad_enabled() and x.requires_grad:
             module = functools.reduce(getattr, a.spec.attn_norm.split("."), a.blocks[layer])
             # the norm's forward as it is now (bound): the backward recomputes
             # with this very function, even if the class is patched meanwhile
             return _RowChunked.apply(x, module.forward, NORM_CHUNK_ELEMENTS)
         return a.attn_norm(layer, x)
+
+    def _fused_norm_backend(self, layer, x) -> Optional[str]:
+        """The fused norm's backend for this layer's readers, or None for the
+        module: the norm must be recognised (`Adapter.attn_norm_params`), with
+        frozen parameters in x's dtype; "auto" takes it only where the Triton
+        kernels run (`fastedge.ops.norm.auto_backend`)."""
+        mode = self.fused_norm or _fused_norm_mode(None)
+        if mode == "off":
+            return None
+        p = self.adapter.attn_norm_params(layer)
+        if p is None or any(t is not None and (t.requires_grad or t.dtype != x.dtype)
+                            for t in (p.weight, p.bias)):
+            return None
+        if mode != "auto":
+            return mode
+        if ops.norm.auto_backend(x, p.weight) == "triton" and not ops.norm.triton_reasons(x, p.weight):
+            return "triton"
+        return None
 
     def _mlp_reader(self, run, layer, attn_group, group, partial):
         a = self.adapter
@@ -730,7 +783,8 @@ def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
 
 def patch(model: nn.Module, *, ablation: str = "interchange", node_masks: bool = True, seed: int = 0,
           recompute_readers: bool = False, grad_buffer_dtype: Optional[torch.dtype] = None,
-          lean_norm: bool = True, precision: str = "full") -> EdgeModel:
+          lean_norm: bool = True, precision: str = "full",
+          fused_norm: Optional[str] = None) -> EdgeModel:
     """Turn a Hugging Face causal LM into an edge-prunable `EdgeModel`
     (GPT-2, Llama family incl. grouped k/v heads, Mistral, Qwen2, GPT-NeoX).
     The model's weights are reused, never copied, and frozen;
@@ -744,7 +798,10 @@ def patch(model: nn.Module, *, ablation: str = "interchange", node_masks: bool =
     in float32 instead of the stack's dtype (more precise; twice the
     buffer's bytes for a bf16 model). ``precision="fast"`` lets the GPU
     kernels round the masks once to the model's dtype in the masked sums
-    (one tensor-core product instead of up to two; `fastedge.masked_writer_sum`)."""
+    (one tensor-core product instead of up to two; `fastedge.masked_writer_sum`).
+    ``fused_norm`` ("auto", "off", "triton", "torch"; None: FASTEDGE_FUSED_NORM,
+    else "auto") runs the readers' norms as one fused kernel each way where
+    the Triton kernels run (module docstring, "Memory")."""
     return EdgeModel(model, ablation=ablation, node_masks=node_masks, seed=seed,
                      recompute_readers=recompute_readers, grad_buffer_dtype=grad_buffer_dtype,
-                     lean_norm=lean_norm, precision=precision)
+                     lean_norm=lean_norm, precision=precision, fused_norm=fused_norm)

@@ -42,6 +42,7 @@ import torch
 
 from . import hard_concrete as khc
 from . import masked_sum as kms
+from . import norms as kn
 
 KINDS = ("tc16", "tf32", "fp32")
 
@@ -383,6 +384,12 @@ def custom_op_costs(name: str, args: tuple, kwargs: Optional[dict] = None, arch:
     def arg(i, key):
         return a[i] if i < len(a) else kwargs.get(key)
 
+    if op in ("norm", "norm_backward"):   # the fused reader norm (kernels/norms.py)
+        x, rms = arg(0, "x"), bool(arg(4, "rms"))
+        bias = None if op == "norm_backward" else arg(2, "bias")
+        D = int(x.shape[-1])
+        return [Cost(**kn.norm_cost(int(x.numel()) // max(D, 1), D, x.dtype, kind="rms" if rms else "layer",
+                                    backward=op == "norm_backward", has_bias=bias is not None))]
     if op == "masked_writer_sum":
         stack, mask, base, base_index = arg(0, "stack"), arg(1, "mask"), arg(2, "base"), arg(3, "base_index")
         W, N = _rows_cols(stack)

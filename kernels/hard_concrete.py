@@ -83,7 +83,7 @@ def hc_eval_backward(z, dz):
 @triton.jit
 def _hard_concrete_fwd_kernel(la_ptr, u_ptr, z_ptr, n, TRAINING: tl.constexpr,
                               BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # past 2**31 elements
     valid = offs < n
     la = tl.load(la_ptr + offs, mask=valid, other=0.0)
     if TRAINING:
@@ -97,7 +97,7 @@ def _hard_concrete_fwd_kernel(la_ptr, u_ptr, z_ptr, n, TRAINING: tl.constexpr,
 @triton.jit
 def _hard_concrete_bwd_kernel(la_ptr, u_ptr, dz_ptr, dla_ptr, n, TRAINING: tl.constexpr,
                               BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # past 2**31 elements
     valid = offs < n
     la = tl.load(la_ptr + offs, mask=valid, other=0.0)
     dz = tl.load(dz_ptr + offs, mask=valid, other=0.0)

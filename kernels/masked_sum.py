@@ -130,10 +130,10 @@ def _dot_halves(m_hi, lo_ptrs, lo_valid, flag, b_hi, b_lo, acc, SPLIT: tl.conste
 
     * 16 bits: hi @ b, plus lo @ b when SPLIT and the tile's flag is set;
       products of 16-bit values are exact in fp32, so the mask is carried to
-      two roundings (about 2^-17 relative in bf16, 2^-22 in fp16), or to one
-      (2^-9, 2^-12) without SPLIT.
+      two roundings (at most 2^-16 relative in bf16, 2^-22 in fp16), or to
+      one (2^-8, 2^-11) without SPLIT.
     * fp32: hi @ b_hi + hi @ b_lo, plus lo @ b_hi when SPLIT and flagged (the
-      dropped lo @ b_lo and the two roundings leave about 2^-21 relative per
+      dropped lo @ b_lo and the two roundings leave about 2^-20 relative per
       term); without SPLIT, one tf32 product hi @ b_hi (2^-11 relative in
       each operand).
 
@@ -388,7 +388,8 @@ def _masked_sum_bwd_mask_kernel(x_ptr, dout_ptr, part_ptr, cols_ptr, count_ptr, 
     r_valid = offs_r < R
     w_valid = offs_j < n_cols
     offs_w = tl.load(cols_ptr + offs_j, mask=w_valid, other=0) if HAS_COLS else offs_j
-    start = pid_s * slice_len
+    # 64-bit: start + slice_len passes 2**31 for N near it (tests/test_large_offsets.py)
+    start = pid_s.to(tl.int64) * slice_len
     end = tl.minimum(start + slice_len, N)
     acc = tl.zeros([BLOCK_W, BLOCK_R], dtype=tl.float32)
     for k0 in range(start, end, BLOCK_K):

@@ -162,7 +162,8 @@ def test_every_launch_of_a_traced_step_lands_in_a_named_phase():
     assert more.get("other", 0) == launches.get("other", 0), (launches, more)
     assert launches.get("other", 0) <= 0.05 * total, launches
     customs = [r for r in tr.records if r.custom]
-    assert customs and all(r.phase in (rl.MS_FWD, rl.MS_RECOMPUTE, rl.MS_BWD, rl.SAMPLING) for r in customs)
+    assert customs and all(r.phase in (rl.MS_FWD, rl.MS_RECOMPUTE, rl.MS_BWD, rl.SAMPLING, "reader norms")
+                           for r in customs)
     floor = rl.trace_step(bench, "floor", 2, 12, 4, True, 90)
     fl = {r.phase for r in floor.records if r.launches}
     assert not fl & {rl.MS_FWD, rl.MS_RECOMPUTE, rl.MS_BWD, rl.SAMPLING, "stack writes", "optimizer"}

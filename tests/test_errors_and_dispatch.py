@@ -90,7 +90,7 @@ def test_environment_forces_a_backend(monkeypatch):
     from fastedge.backends import get_backend
     impl = get_backend("reference")
     original = impl.masked_sum_forward
-    monkeypatch.setattr(impl, "masked_sum_forward", lambda *a: (seen.append(1), original(*a)))
+    monkeypatch.setattr(impl, "masked_sum_forward", lambda *a, **k: (seen.append(1), original(*a, **k)))
     monkeypatch.setenv("FASTEDGE_BACKEND", "reference")
     fastedge.masked_writer_sum(torch.randn(4, 8), torch.rand(2, 3))
     assert seen == [1]

@@ -3,6 +3,8 @@
 Each backend runs on fresh random inputs with outputs poisoned by NaN, over
 awkward shapes (W = 1, R = 1, R = 37, primes, trailing sizes that are no
 multiple of any block, a prefix of a larger stack) and each form of base.
+Every result is held, element by element, to the bound its backend claims
+(tests/tolerances.py: fp32 accumulation plus the mask's stated precision).
 """
 import zlib
 
@@ -13,7 +15,7 @@ import fastedge
 from fastedge import ops
 from fastedge.backends import get_backend
 from conftest import backend_targets
-from tolerances import assert_matches_reference
+from tolerances import assert_within, claim, sum_bound
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DT_ID = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
@@ -74,17 +76,20 @@ def reference64(stack, mask, base, base_index):
     return torch.stack(rows)
 
 
-def plain_same_dtype(stack, mask, base, base_index):
-    """Plain PyTorch in the storage dtype (the error yardstick)."""
-    W = mask.shape[1]
-    x = stack.detach()[:W].cpu()
-    dt = x.dtype
-    m = mask.detach().cpu().to(dt)
-    out = torch.einsum("rw,w...->r...", m, x)
-    if base is not None:
-        b = base.detach().cpu()
-        out = out + (b if base_index is None else b[base_index.cpu()])
-    return out.to(dt)
+def base_rows64(base, base_index, R):
+    """The base row of each reader, [R, N] float64 (None without base)."""
+    if base is None:
+        return None
+    b = base.detach().double().cpu().reshape(base.shape[0] if base_index is not None else 1, -1)
+    return b[base_index.cpu()] if base_index is not None else b.expand(R, -1)
+
+
+def forward_bound(backend, device, dtype, stack, mask, base, base_index, ref):
+    """The claimed bound of the forward, per element of ref [R, N]."""
+    W, R = mask.shape[1], mask.shape[0]
+    x = stack.detach()[:W].reshape(W, -1)
+    return sum_bound(mask.detach(), x, base_rows64(base, base_index, R),
+                     claim(backend, device, dtype, "forward"), ref)
 
 
 def _skip_unsupported(backend, dtype):
@@ -105,8 +110,8 @@ def test_forward_backend(target, dtype, case, poison_fresh_memory):
     base2d = None if base is None else base.reshape(-1, x.shape[1])
     get_backend(backend).masked_sum_forward(x, mask, base2d, base_index, out)
     ref = reference64(stack, mask, base, base_index).reshape(R, -1)
-    plain = plain_same_dtype(stack, mask, base, base_index).reshape(R, -1)
-    assert_matches_reference(out.cpu(), ref, plain, dtype, f"{backend} forward")
+    assert_within(out, ref, forward_bound(backend, device, dtype, stack, mask, base, base_index, ref),
+                  f"{backend} forward {DT_ID[dtype]}")
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -119,42 +124,48 @@ def test_gradients_through_op(target, dtype, case, poison_fresh_memory):
     stack, mask, base, base_index = make_inputs(case, dtype, device, seed=7 + zlib.crc32(case_id(case).encode()),
                                                 requires_grad=True)
     out = fastedge.masked_writer_sum(stack, mask, base, base_index, backend=backend)
-    ref = reference64(stack, mask, base, base_index)
-    assert_matches_reference(out.detach().cpu(), ref, plain_same_dtype(stack, mask, base, base_index),
-                             dtype, f"{backend} op forward")
+    W, R = mask.shape[1], mask.shape[0]
+    ref = reference64(stack, mask, base, base_index).reshape(R, -1)
+    assert_within(out.reshape(R, -1), ref,
+                  forward_bound(backend, device, dtype, stack, mask, base, base_index, ref),
+                  f"{backend} op forward {DT_ID[dtype]}")
 
     g = torch.Generator().manual_seed(11)
     dout = torch.randn(out.shape, generator=g).to(dtype)
     out.backward(dout.to(device))
     d64 = dout.double()
-    W, R = mask.shape[1], mask.shape[0]
     x64 = stack.detach()[:W].double().cpu().reshape(W, -1)
     m64 = mask.detach().double().cpu()
     d2 = d64.reshape(R, -1)
 
-    # stack: mask^T dout on the prefix, zero beyond it
-    dstack_ref = torch.zeros_like(stack.detach().double().cpu()).reshape(stack.shape[0], -1)
+    # stack: mask^T dout on the prefix (one rounding to the stack dtype), exactly zero beyond it
+    W_total = stack.shape[0]
+    dstack_ref = torch.zeros(W_total, d2.shape[1], dtype=torch.float64)
     dstack_ref[:W] = m64.t() @ d2
-    plain_dx = torch.zeros_like(dstack_ref).to(dtype)
-    plain_dx[:W] = (mask.detach().cpu().to(dtype).t() @ dout.reshape(R, -1)).to(dtype)
-    assert_matches_reference(stack.grad.cpu().reshape(stack.shape[0], -1), dstack_ref, plain_dx,
-                             dtype, f"{backend} d stack")
+    dstack_bound = torch.zeros_like(dstack_ref)
+    dstack_bound[:W] = sum_bound(m64.t(), d2, None, claim(backend, device, dtype, "d_stack"),
+                                 dstack_ref[:W])
+    assert_within(stack.grad.reshape(W_total, -1), dstack_ref, dstack_bound,
+                  f"{backend} d stack {DT_ID[dtype]}")
 
-    # mask: dout x^T, reduced in fp32 (compared against plain PyTorch in the storage dtype)
+    # mask: dout x^T of storage-dtype values, reduced in fp32
     dmask_ref = d2 @ x64.t()
-    plain_dm = (dout.reshape(R, -1) @ stack.detach()[:W].cpu().reshape(W, -1).t()).to(dtype)
     assert mask.grad.dtype == mask.dtype
-    assert_matches_reference(mask.grad.cpu(), dmask_ref, plain_dm, dtype, f"{backend} d mask")
+    assert_within(mask.grad, dmask_ref,
+                  sum_bound(d2, x64.t(), None, claim(backend, device, dtype, "d_mask"), dmask_ref),
+                  f"{backend} d mask {DT_ID[dtype]}")
 
     if base is not None:
-        if base_index is None:
-            dbase_ref = d64.sum(0)
-            plain_db = dout.sum(0).to(dtype)
-        else:
-            dbase_ref = torch.zeros(base.shape, dtype=torch.float64).index_add_(
-                0, base_index.cpu(), d64)
-            plain_db = torch.zeros(base.shape, dtype=dtype).index_add_(0, base_index.cpu(), dout)
-        assert_matches_reference(base.grad.cpu(), dbase_ref, plain_db, dtype, f"{backend} d base")
+        # plain PyTorch on every backend (fastedge.ops.masked_sum._base_grad): a sum
+        # over each base row's readers in fp32, rounded once to the base dtype
+        G = 1 if base_index is None else base.shape[0]
+        gi = torch.zeros(R, dtype=torch.int64) if base_index is None else base_index.cpu()
+        readers_of = torch.nn.functional.one_hot(gi, G).t().double()  # [G, R], exact
+        dbase_ref = readers_of @ d2
+        dbase_bound = sum_bound(readers_of, d2, None, claim("torch", device, dtype, "forward"),
+                                dbase_ref)
+        assert_within(base.grad.reshape(G, -1), dbase_ref, dbase_bound,
+                      f"{backend} d base {DT_ID[dtype]}")
 
 
 @pytest.mark.parametrize("stack_in_autograd", [True, False], ids=["stack-requires-grad", "plain-stack"])
@@ -182,14 +193,26 @@ def test_gradient_accumulates_into_caller_buffer(target, dtype, grad_dtype, stac
     torch.autograd.backward([out1, out2], [d1.to(device), d2.to(device)])
     assert stack.grad is None
     assert m1.grad is not None and m2.grad is not None
-    ref = initial.double().reshape(W_total + 2, -1).clone()
-    ref[:9] += m1.detach().double().cpu().t() @ d1.double().reshape(19, -1)
-    ref[:21] += m2.detach().double().cpu().t() @ d2.double().reshape(1, -1)
-    plain = initial.clone().reshape(W_total + 2, -1)
-    plain[:9] += (m1.detach().cpu().to(dtype).t() @ d1.reshape(19, -1)).to(buf_dtype)
-    plain[:21] += (m2.detach().cpu().to(dtype).t() @ d2.reshape(1, -1)).to(buf_dtype)
-    assert_matches_reference(buf.cpu().reshape(W_total + 2, -1), ref, plain, buf_dtype,
-                             f"{backend} accumulated stack gradient")
+    # Two read-modify-writes, each rounded once to the buffer's dtype; the
+    # second call's addend is the first call's result, error included.
+    # Autograd picks the order of the two calls, so both orders are bounded.
+    c = claim(backend, device, dtype, "d_stack", result_dtype=buf_dtype)
+    calls = [(9, m1.detach().double().cpu().t(), d1.double().reshape(19, -1)),
+             (21, m2.detach().double().cpu().t(), d2.double().reshape(1, -1))]
+    start = initial.double().reshape(W_total + 2, -1)
+
+    def bound_in_order(order):
+        value, bound = start.clone(), torch.zeros_like(start)
+        for rows, p, q in order:
+            addend = value[:rows].abs() + bound[:rows]
+            value[:rows] += p @ q
+            bound[:rows] += sum_bound(p, q, addend, c, value[:rows])
+        return value, bound
+
+    ref, bound12 = bound_in_order(calls)
+    _, bound21 = bound_in_order(calls[::-1])
+    assert_within(buf.reshape(W_total + 2, -1), ref, torch.maximum(bound12, bound21),
+                  f"{backend} accumulated stack gradient {DT_ID[dtype]} into {DT_ID[buf_dtype]}")
     assert torch.equal(buf[21:].cpu(), initial[21:]), "rows beyond every prefix were touched"
 
 

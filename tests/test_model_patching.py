@@ -202,7 +202,7 @@ def test_precision_fast_rounds_the_masks_on_the_triton_backend(dtype, monkeypatc
     full, fast = logits("full"), logits("fast")
     scale = full.abs().max().item()
     assert not torch.equal(full, fast), "precision='fast' did not change the arithmetic"
-    # one rounding of each mask (2^-9 in bf16; fp32: mask and stack to tf32,
+    # one rounding of each mask (2^-8 in bf16; fp32: mask and stack to tf32,
     # 2^-11 each) against up to two, through a 3-layer model
     tol = {torch.float32: 1e-3, torch.bfloat16: 2e-2}[dtype]
     assert (full - fast).abs().max().item() <= tol * scale

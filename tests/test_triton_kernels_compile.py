@@ -299,8 +299,37 @@ def hard_concrete_jobs():
     return jobs
 
 
+# The readers' norms (kernels/norms.py): (name, rows, D, dtype, kind) at GPT-2
+# small (36 attention readers x 32 x 64 rows of 768, fp32, LayerNorm) and
+# CodeLlama-13B (120 x 8 x 72 rows of 5,120, bf16, RMSNorm) shapes, each
+# dtype with the other kind too, and the widest row the kernels take.
+NORM_SHAPES = [
+    ("gpt2-layer", 36 * 32 * 64, 768, torch.float32, "layer"),
+    ("gpt2-rms", 36 * 32 * 64, 768, torch.float32, "rms"),
+    ("llama13b-rms", 120 * 8 * 72, 5120, torch.bfloat16, "rms"),
+    ("llama13b-layer", 120 * 8 * 72, 5120, torch.bfloat16, "layer"),
+    ("d8192-rms", 64 * 8 * 72, 8192, torch.bfloat16, "rms"),
+]
+
+
+def norm_jobs():
+    from fastedge.kernels import norms as kn
+    jobs = []
+    for name, M, D, dt, kind in NORM_SHAPES:
+        cfg = kn.norm_config(D, M)
+        blocks = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"])
+        scal = dict(M=M, D=D, stride_x=D, eps=1e-5, row_blocks=cfg["ROW_BLOCKS"])
+        jobs.append((f"norm_fwd-{name}", "vector", _key(
+            "norms", "_norm_fwd_kernel", dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, y_ptr=dt), scal,
+            dict(RMS=kind == "rms", HAS_BIAS=kind == "layer", **blocks), cfg)))
+        jobs.append((f"norm_bwd-{name}", "vector", _key(
+            "norms", "_norm_bwd_kernel", dict(x_ptr=dt, w_ptr=dt, dy_ptr=dt, dx_ptr=dt), scal,
+            dict(RMS=kind == "rms", **blocks), cfg)))
+    return jobs
+
+
 # (job, compute capability): the heuristics may pick other block sizes per target
-JOBS = [(job, cc) for cc in CCS for job in masked_sum_jobs(cc) + hard_concrete_jobs()]
+JOBS = [(job, cc) for cc in CCS for job in masked_sum_jobs(cc) + hard_concrete_jobs() + norm_jobs()]
 
 
 def _job_id(name, cc):

@@ -3,6 +3,8 @@
 * `masked_writer_sum(stack, mask, base=None, base_index=None, *, grad_stack=None)`
 * `sampled_masked_writer_sum(stack, edge_log_alpha, node_log_alpha=None, ..., seed=...)`
   (the fused form: masks sampled from a seed inside the op)
+* `fused_norm(x, weight, bias=None, *, eps, kind)`: a reader norm (RMSNorm or
+  LayerNorm) in one kernel each way (`fastedge.ops.norm`)
 * `hard_concrete(log_alpha, *, training, u=None, generator=None)`,
   `hard_concrete_l0(log_alpha)`, `hard_concrete_deterministic(log_alpha)`
 
@@ -20,14 +22,16 @@ from fastedge import constants
 from fastedge.kernels.reference import EPS_HIGH, EPS_LOW, clamp_noise, edge_noise, node_noise
 from fastedge.ops import _checks
 from fastedge.ops.hard_concrete import hard_concrete_op
+from fastedge.ops import norm
 from fastedge.ops.masked_sum import (masked_writer_sum_op, sample_masks_op,
                                      sampled_masked_writer_sum_op)
+from fastedge.ops.norm import fused_norm
 from fastedge.ops.philox import edge_uniform, node_uniform
 
 __all__ = [
     "masked_writer_sum", "sampled_masked_writer_sum", "sample_masks", "hard_concrete",
     "hard_concrete_l0", "hard_concrete_deterministic", "draw_noise", "edge_noise", "node_noise",
-    "edge_uniform", "node_uniform", "init_log_alpha", "constants", "PRECISIONS",
+    "edge_uniform", "node_uniform", "init_log_alpha", "constants", "PRECISIONS", "fused_norm",
 ]
 
 
@@ -74,12 +78,12 @@ def masked_writer_sum(stack: Tensor, mask: Tensor, base: Optional[Tensor] = None
         backend: force a backend (``reference``, ``torch``, ``triton``,
             ``cuda``); default: ``FASTEDGE_BACKEND`` or the automatic choice.
         precision: ``"full"`` (default): the fp32 mask is carried to about
-            2^-17 relative per term in a bf16 product (2^-22 in fp16, 2^-21
-            for fp32 stacks), then accumulated in fp32. ``"fast"``: one
-            tensor-core product, with the mask rounded once to the stack's
-            dtype (2^-9 relative in bf16, as in the authors' bf16 code; 2^-12
-            in fp16), and for fp32 stacks mask and stack rounded to tf32
-            (2^-11 each). Applies to the forward and the stack's gradient on
+            2^-16 relative per term in a bf16 product (two roundings; 2^-22
+            in fp16, about 2^-20 for fp32 stacks), then accumulated in fp32.
+            ``"fast"``: one tensor-core product, with the mask rounded once
+            to the stack's dtype (2^-8 relative in bf16, as in the authors'
+            bf16 code; 2^-11 in fp16), and for fp32 stacks mask and stack
+            rounded to tf32 (2^-11 each). Applies to the forward and the stack's gradient on
             the ``triton`` backend; the others always compute at full
             precision. The mask's gradient is always exact products reduced
             in fp32.
