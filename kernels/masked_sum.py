@@ -72,10 +72,18 @@ def _narrow(v, dtype: tl.constexpr):
     or for fp32 a tf32 value kept in fp32."""
     if dtype == tl.float32:
         return _round_low_bits(v, 13)
-    elif dtype == tl.bfloat16:
+    return _to_storage(v, dtype)
+
+
+@triton.jit
+def _to_storage(v, dtype: tl.constexpr):
+    """fp32 `v` rounded to nearest in `dtype` (what a compiled kernel's
+    conversion does). bf16 is rounded on the bits first: the interpreter's
+    own fp32-to-bf16 conversion truncates, a bias toward zero that a
+    gradient buffer rounded up to 2L + 1 times per row would accumulate."""
+    if dtype == tl.bfloat16:
         return _round_low_bits(v, 16).to(dtype)
-    else:
-        return v.to(dtype)
+    return v.to(dtype)
 
 
 @triton.jit
@@ -259,7 +267,7 @@ def _masked_sum_fwd_kernel(x_ptr, m_ptr, hi_ptr, lo_ptr, flag_ptr, cols_ptr, cou
                     other=0.0)
         acc += b.to(tl.float32)
     out_offs = offs_r[:, None].to(tl.int64) * N + offs_n[None, :]
-    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=valid)
+    tl.store(out_ptr + out_offs, _to_storage(acc, out_ptr.dtype.element_ty), mask=valid)
 
 
 # -- backward: stack -----------------------------------------------------------------
@@ -314,7 +322,7 @@ def _masked_sum_bwd_stack_kernel(m_ptr, hi_ptr, lo_ptr, flag_ptr, cols_ptr, coun
     valid = w_valid[:, None] & n_valid[None, :]
     dx_ptrs = dx_ptr + rows[:, None].to(tl.int64) * stride_dx + offs_n[None, :]
     dx = tl.load(dx_ptrs, mask=valid, other=0.0).to(tl.float32)
-    tl.store(dx_ptrs, (dx + acc).to(dx_ptr.dtype.element_ty), mask=valid)
+    tl.store(dx_ptrs, _to_storage(dx + acc, dx_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -353,7 +361,7 @@ def _masked_sum_bwd_stack_by_columns_kernel(hi_ptr, lo_ptr, flag_ptr, cols_ptr, 
         valid = w_valid[:, None] & n_valid[None, :]
         dx_ptrs = dx_ptr + rows[:, None].to(tl.int64) * stride_dx + offs_n[None, :]
         dx = tl.load(dx_ptrs, mask=valid, other=0.0).to(tl.float32)
-        tl.store(dx_ptrs, (dx + acc).to(dx_ptr.dtype.element_ty), mask=valid)
+        tl.store(dx_ptrs, _to_storage(dx + acc, dx_ptr.dtype.element_ty), mask=valid)
 
 
 # -- backward: mask --------------------------------------------------------------------

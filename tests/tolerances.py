@@ -69,8 +69,10 @@ SPLIT_GROWTH = 1.0 + 2.0 ** -6
 _PRECISION = {torch.bfloat16: 8, torch.float16: 11}
 # The Triton interpreter converts fp32 to bf16 by truncation (stores and
 # .to() alike); fp16 conversions round to nearest. (STYLE.md; measured.) The
-# kernels' mask split rounds on the bits, so only their stores truncate.
-_INTERPRETER_TRUNCATES = (torch.bfloat16,)
+# masked-sum kernels round bf16 on the bits before they narrow (the mask
+# split, `_to_storage` for every store), so nothing of theirs truncates: the
+# interpreter is held to the half ulp a GPU gives.
+_INTERPRETER_TRUNCATES = ()
 
 
 @dataclass(frozen=True)
