@@ -487,7 +487,9 @@ def markdown(res: dict) -> str:
         if kind == "fastedge" and res["measured_notes"]:
             L.append("")
             L.append("Measured masked-sum rows: the H200 ops cells (bench/results/ops.csv, 2026-11-25: masked op, "
-                     "the tiles of that run, 128-column forward, fp32 gradient buffer) interpolated in W at each "
+                     "the kernels and tiles of that run, before the split mask, live columns and the stack "
+                     "backward by columns (a4a47e4 and later), so for comparison only; 128-column forward, "
+                     "fp32 gradient buffer) interpolated in W at each "
                      "traced call with the readers, columns and dtype of a family of cells, x micro-batches; "
                      "calls of other shapes are left out ("
                      + "; ".join(res["measured_notes"]) + ").")
