@@ -25,8 +25,9 @@ from fastedge.kernels import masked_sum as kms  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DT_ID = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-# (R, W, N): the dot path (R >= 16) and the vector path (R < 16)
-SHAPES = [(37, 70, 300), (3, 45, 257), (16, 33, 130)]
+# (R, W, N): the dot path (R >= 16; the stack backward by writer tiles at 37
+# readers, by columns at 16 and 25) and the vector path (R < 16)
+SHAPES = [(37, 70, 300), (3, 45, 257), (16, 33, 130), (25, 50, 130)]
 
 
 def _sparse_mask(R, W, g, dead_frac=0.6):

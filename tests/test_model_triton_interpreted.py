@@ -1,6 +1,6 @@
 """The patched model on the Triton backend without a GPU (TRITON_INTERPRET=1,
 set by tests/conftest.py): fp32 on the CPU against the same model in float64
-(`model_vs_float64`), for the 17-reader Llama (the kernels' dot path, split
+(`model_vs_float64`), for the 25-reader Llama (the kernels' dot path, split
 mask halves) and GPT-2 (the vector path), in training and evaluation. Many
 writers are node-pruned in training, so the live-column skipping runs inside
 a real model's forward and backward."""

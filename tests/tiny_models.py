@@ -29,10 +29,11 @@ def _configs():
                                                               hidden_size=20, intermediate_size=19,
                                                               vocab_size=VOCAB, rotary_pct=0.4,
                                                               use_parallel_residual=False)),
-        # 8 + 4 + 4 + 1 = 17 readers per layer call: the Triton kernels' dot
-        # path (16 or more readers); the others take the vector path
+        # 8 + 8 + 8 + 1 = 25 readers per layer call: the Triton kernels' dot
+        # path (16 or more readers) and the stack backward by columns (a
+        # reader tile of 32 at least 3/4 full); the others take the vector path
         WIDE: (LlamaForCausalLM, LlamaConfig(num_hidden_layers=2, num_attention_heads=8,
-                                             num_key_value_heads=4, hidden_size=32,
+                                             num_key_value_heads=8, hidden_size=32,
                                              intermediate_size=27, vocab_size=VOCAB)),
     }
 
