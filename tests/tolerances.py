@@ -198,3 +198,32 @@ def bound_ratio(got: torch.Tensor, ref64: torch.Tensor, bound: torch.Tensor) -> 
 
 __all__ = ["Claim", "claim", "gamma", "sum_bound", "assert_within", "bound_ratio", "max_error",
            "rounding_unit", "replace"]
+
+
+# -- ops without a derived claim (the fused norm): flash-attention's rule ----------------------
+
+# floor, as a multiple of max(1, max |reference|)
+PLAIN_FLOOR = {
+    torch.float64: 1e-12,
+    torch.float32: 4e-6,
+    torch.bfloat16: 8e-3,
+    torch.float16: 1e-3,
+}
+PLAIN_RATIO = 2.0
+
+
+def assert_matches_reference(got: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor,
+                             dtype: torch.dtype, what: str = "") -> None:
+    """The error of `got` against float64 is at most twice the error of plain
+    PyTorch computing the same thing in the same dtype, plus a floor of a few
+    ulps of the result's scale (a lucky plain result cannot make the bound 0).
+    For ops whose every rounding is the plain computation's own (the fused
+    norm reproduces Hugging Face's), where no accumulation claim applies."""
+    assert got.shape == ref64.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(got).all(), f"{what}: non-finite values (an element was not written?)"
+    scale = max(1.0, ref64.abs().max().item())
+    err = max_error(got, ref64)
+    err_plain = max_error(plain, ref64)
+    bound = PLAIN_RATIO * err_plain + PLAIN_FLOOR[dtype] * scale
+    assert err <= bound, (f"{what}: error {err:.3g} > bound {bound:.3g} "
+                          f"(plain PyTorch {dtype} error {err_plain:.3g}, scale {scale:.3g})")
