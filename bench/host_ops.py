@@ -158,13 +158,10 @@ def per_layer(shallow: Counter, deep: Counter, layers: int) -> dict[str, float]:
 
 
 def small_llama_config(n_layers: Optional[int] = None):
-    """A small Llama (grouped k/v heads) whose arithmetic is negligible on a CPU."""
-    from transformers import LlamaConfig
-    cfg = LlamaConfig(vocab_size=503, hidden_size=128, intermediate_size=344,
-                      num_hidden_layers=n_layers or 4, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=4096, tie_word_embeddings=False)
-    cfg._attn_implementation = "sdpa"
-    return cfg
+    """A small Llama (grouped k/v heads) whose arithmetic is negligible on a CPU:
+    bench/memory.py's tiny Llama with 2 k/v heads, 4 layers by default."""
+    import memory
+    return memory.tiny_llama_config(n_layers or 4, n_kv_heads=2)
 
 
 def _gpt2_small_config(n_layers: Optional[int] = None):

@@ -80,11 +80,12 @@ DESIGNS = {"fastedge": ("fastedge", True), "fastedge-norecompute": ("fastedge", 
 DEFAULT_GRID = (64, 72, 128, 256, 512, 1024, 2048)
 
 
-def tiny_llama_config(n_layers: Optional[int] = None):
-    """--quick: a 2-layer Llama small enough to trace in a second."""
+def tiny_llama_config(n_layers: Optional[int] = None, n_kv_heads: int = 4):
+    """--quick: a 2-layer Llama small enough to trace in a second (hidden 128,
+    4 heads; `n_kv_heads` < 4 for grouped k/v heads)."""
     from transformers import LlamaConfig
     cfg = LlamaConfig(vocab_size=503, hidden_size=128, intermediate_size=344,
-                      num_hidden_layers=n_layers or 2, num_attention_heads=4, num_key_value_heads=4,
+                      num_hidden_layers=n_layers or 2, num_attention_heads=4, num_key_value_heads=n_kv_heads,
                       max_position_embeddings=4096, tie_word_embeddings=False)
     cfg._attn_implementation = "sdpa"
     return cfg

@@ -112,6 +112,16 @@ def _live(W: int, live_fraction: float) -> int:
     return min(W, max(1, math.ceil(W * live_fraction))) if W else 0
 
 
+def _mask_bytes(R: int, Wl: int, e: int, cfg: dict, split: bool, lo_fraction: float,
+                legacy: bool) -> float:
+    """Bytes of the mask one program loads for Wl writers: the fp32 mask (the
+    vector path, or `legacy`), else its hi half in the product dtype and the
+    lo half for the flagged share of the tiles."""
+    if legacy or not cfg["USE_DOT"]:
+        return R * Wl * 4
+    return R * Wl * e * (1 + (lo_fraction if split else 0))
+
+
 # Plain-PyTorch launches of `masked_sum.live_columns` (ne, any, sum, not,
 # to int8, argsort, to int32), each over the [R, W] mask or a [W] vector.
 LIVE_COLUMNS_LAUNCHES = 7
@@ -168,10 +178,7 @@ def masked_sum_forward(R: int, W: int, N: int, dtype: torch.dtype, arch: int = 9
     r_tiles, n_tiles = _cdiv(R, BR), _cdiv(N, BN)
     programs = r_tiles * n_tiles
     w_steps = _cdiv(Wl, BW)
-    if legacy or not cfg["USE_DOT"]:
-        mask_bytes = R * Wl * 4
-    else:
-        mask_bytes = R * Wl * e * (1 + (lo_fraction if split else 0))
+    mask_bytes = _mask_bytes(R, Wl, e, cfg, split, lo_fraction, legacy)
     c.dram_read = Wl * N * e + mask_bytes + base_rows * N * e + (R * 8 if has_index else 0)
     c.dram_write = R * N * e
     c.l2_read = ((r_tiles - 1) * Wl * N * e                 # stack again for each further reader tile
@@ -216,10 +223,7 @@ def masked_sum_backward_stack(R: int, W: int, N: int, dtype: torch.dtype,
     w_tiles, n_tiles = _cdiv(Wl, BW), _cdiv(N, BN)
     programs = w_tiles * n_tiles
     r_steps = _cdiv(R, BR)
-    if legacy or not cfg["USE_DOT"]:
-        mask_bytes = R * Wl * 4
-    else:
-        mask_bytes = R * Wl * e * (1 + (lo_fraction if split else 0))
+    mask_bytes = _mask_bytes(R, Wl, e, cfg, split, lo_fraction, legacy)
     c.dram_read = R * N * e + mask_bytes + Wl * N * g
     c.dram_write = Wl * N * g
     # by columns (`_masked_sum_bwd_stack_by_columns_kernel`): each program

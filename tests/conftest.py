@@ -60,3 +60,13 @@ def poison_fresh_memory():
     yield
     det.fill_uninitialized_memory = old_flag
     torch.use_deterministic_algorithms(old_mode, warn_only=old_warn)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test, then back: tiny CPU steps, where a busy
+    shared CPU makes OpenMP's worker threads spin."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

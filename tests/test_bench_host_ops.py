@@ -17,12 +17,7 @@ from host_ops import OpCounter  # noqa: E402
 from fastedge import ops  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_counts_aten_ops_once_each():

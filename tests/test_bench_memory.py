@@ -15,13 +15,7 @@ from memtrack import LiveTensorTracker  # noqa: E402
 MB = 2 ** 20
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny CPU steps: one thread (a busy shared CPU makes OpenMP spin)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny CPU steps
 
 
 def _fake_or_not(fake):
