@@ -204,6 +204,8 @@ def scenario_overrides(live_writers: float = 1.0, lo_tiles: float = 1.0) -> dict
             "masked_sum_backward_stack": dict(live, lo_fraction=lo_tiles),
             "masked_sum_backward_mask": dict(live)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The H200's device-to-device copy, read + write (tune-*.log, gpu-run-*.log: 4.24-4.26 TB/s)
+H200_COPY_TB_S = 4.25
 
 
 def measured_steps(path: Path = RESULTS / "step.csv") -> dict:
@@ -368,6 +370,71 @@ def calibration_points(cal: dict, step_points: Optional[list] = None) -> list:
         ms = sum(launch_time(x, card, cal) for x in launches) * 1e3
         pts.append(CalPoint(f"tune {row['op']} {row['shape']} {row['knobs']}", ms, row["ms"]))
     return pts
+
+
+# -- the masked sum's kernels alone ------------------------------------------------------------------
+
+# (name, readers, writers, columns, dtype): the layer calls of bench/tune.py
+KERNEL_SHAPES = [("cl13b-b8-L39", 121, 1640, 8 * 72 * 5120, torch.bfloat16),
+                 ("cl13b-b8-L20", 121, 861, 8 * 72 * 5120, torch.bfloat16),
+                 ("gpt2-L11", 37, 157, 32 * 64 * 768, torch.float32)]
+# (name, contract knobs, live share): the kernels of the committed H200 runs,
+# and today's under each state of the masks
+KERNEL_STATES = [("before (legacy kernels)", dict(legacy=True), 1.0),
+                 ("fractional masks", {}, 1.0),
+                 ("0/1 masks", dict(lo_fraction=0.0), 1.0),
+                 ("precision fast", dict(split=False), 1.0),
+                 ("90% writers dead", dict(lo_fraction=0.0), 0.1),
+                 ("99% writers dead", dict(lo_fraction=0.0), 0.01)]
+
+
+def kernel_table(card: dict, cal: dict, copy_tb_s: float) -> list:
+    """Modeled time of the masked sum's forward and backward (stack gradient
+    into a buffer in the stack's dtype, plus the fused op's mask gradient) at
+    real layer shapes, and the fraction of the card's copy bandwidth their
+    necessary bytes (forward: the stack prefix and the outputs; backward:
+    dout twice, the buffer read and written, the stack once; dead writers'
+    rows not counted) reach: SPEC section 5's measure, modeled."""
+    rows = []
+    for shape, R, W, N, dtype in KERNEL_SHAPES:
+        e = torch.empty((), dtype=dtype).element_size()
+        for state, knobs, live in KERNEL_STATES:
+            legacy = knobs.get("legacy", False)
+            kw = dict(knobs) if legacy else dict(knobs, live_fraction=live)
+            fwd = [costs.masked_sum_forward(R, W, N, dtype, card["arch"], **kw)]
+            bwd = ([costs.masked_sum_backward_stack(R, W, N, dtype, dtype, card["arch"], **kw)]
+                   + costs.masked_sum_backward_mask(R, W, N, dtype, card["arch"], legacy=legacy,
+                                                    live_fraction=None if legacy else live))
+            if not legacy:   # what each launch makes of the mask first
+                fwd = costs.mask_prep(R, W, dtype, fwd[0].config, split=kw.get("split", True)) + fwd
+                bwd = costs.mask_prep(R, W, dtype, bwd[0].config, split=kw.get("split", True)) + bwd
+            Wl = W if legacy else max(1, math.ceil(W * live))
+            need = {"fwd": Wl * N * e + R * N * e, "bwd": 2 * R * N * e + 3 * Wl * N * e}
+            for mode, launches in (("fwd", fwd), ("bwd", bwd)):
+                s = sum(launch_time(Launch(dram=c.dram_bytes, l2=c.l2_read, flops=c.flops, fastedge=True),
+                                    card, cal) + cal["launch_s"] * c.launches for c in launches)
+                rows.append(dict(shape=shape, state=state, mode=mode, ms=s * 1e3,
+                                 copy_fraction=need[mode] / s / (copy_tb_s * 1e12)))
+    return rows
+
+
+def kernel_markdown(rows: list, card: dict, copy_tb_s: float, rev: str) -> str:
+    states = [s for s, _, _ in KERNEL_STATES]
+    L = [f"# The masked sum's kernels on {card['name']} (modeled)", "",
+         f"- {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%dT%H:%MZ')}; git {rev}; `bench/roofline.py "
+         f"--kernels`: each launch from kernels/costs.py at CALIBRATION's efficiencies, plus the launch gap",
+         f"- % of copy: the bytes the op must move (forward: the live stack rows and the outputs; backward: "
+         f"dout twice, the gradient buffer read and written and the stack, in the stack's dtype) over the "
+         f"modeled time, against a {copy_tb_s:.2f} TB/s copy (measured on the H200, read + write)", "",
+         "| shape | pass | " + " | ".join(states) + " |", "|---|---|" + "--:|" * len(states)]
+    for shape, *_ in KERNEL_SHAPES:
+        for mode in ("fwd", "bwd"):
+            cells = []
+            for st in states:
+                r = next(x for x in rows if x["shape"] == shape and x["mode"] == mode and x["state"] == st)
+                cells.append(f"{r['ms']:.2f} ms ({r['copy_fraction']:.0%})")
+            L.append(f"| {shape} | {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(L) + "\n"
 
 
 # -- the report ----------------------------------------------------------------------------------
@@ -564,12 +631,25 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="write the tables, floor_ms and fastedge_ms here")
     p.add_argument("--out", default=None, help="results folder (default $OUT, else bench/results)")
     p.add_argument("--no-save", action="store_true", help="print only")
+    p.add_argument("--kernels", action="store_true",
+                   help="instead of a step: the masked sum's kernels alone at layer shapes, per state of "
+                        "the masks, with their fraction of the copy bandwidth")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
+    if args.kernels:
+        card = CARDS[args.card]
+        copy = H200_COPY_TB_S if args.card == "h200" else card["hbm_tb_s"] * CALIBRATION["bw_eff"]
+        md = kernel_markdown(kernel_table(card, CALIBRATION, copy), card, copy, results_csv.git_revision())
+        print(md)
+        if not args.no_save:
+            out = Path(args.out or os.environ.get("OUT") or RESULTS)
+            stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            (out / f"roofline-kernels-{args.card}-{stamp}.md").write_text(md)
+        return 0
     res = run(args)
     print(res["markdown"])
     if args.json:

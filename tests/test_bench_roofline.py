@@ -200,3 +200,18 @@ def test_stack_backward_by_columns_reads_dout_once():
     w_tiles = -(-W // grid["BLOCK_W"])
     assert by_writers.l2_read - by_cols.l2_read == (w_tiles - 1) * R * N * 2
     assert by_writers.dram_bytes == by_cols.dram_bytes
+
+
+def test_kernel_table_orders_the_mask_states():
+    """--kernels: the masked sum alone at layer shapes. 0/1 masks (one product,
+    no lo halves) are faster than fractional ones, dead writers faster still,
+    and no state beats the card's copy bandwidth on the bytes it must move."""
+    rows = rl.kernel_table(rl.CARDS["h200"], rl.CALIBRATION, rl.H200_COPY_TB_S)
+    get = {(r["shape"], r["mode"], r["state"]): r for r in rows}
+    for mode in ("fwd", "bwd"):
+        frac = get[("cl13b-b8-L39", mode, "fractional masks")]["ms"]
+        binary = get[("cl13b-b8-L39", mode, "0/1 masks")]["ms"]
+        dead = get[("cl13b-b8-L39", mode, "99% writers dead")]["ms"]
+        assert dead < binary < frac
+    assert all(0 < r["copy_fraction"] <= 1 for r in rows)
+    assert len(rows) == len(rl.KERNEL_SHAPES) * len(rl.KERNEL_STATES) * 2
