@@ -11,19 +11,30 @@ launchers.
 
 Design
 ------
+* Mask preparation, once per call (`_split_mask`, `live_columns`): the fp32
+  mask is split into its halves in the product dtype with one flag per tile
+  (is its lo half all zero?), and the live writers (a nonzero mask for some
+  reader) are listed first, on the device, without a host sync. The dot
+  kernels walk only the live writers (a dead writer would add exact zeros:
+  skipping it only regroups the fp32 sums) and load a tile's lo half only
+  where its flag is set.
 * Forward: a 1-D grid over column tiles of N. Each program holds every reader
   of the call (BLOCK_R >= R, up to `MAX_BLOCK_R`; beyond that the readers are
-  tiled too) and walks the writers in chunks of BLOCK_W, so each element of
-  the stack prefix is read exactly once per call. R >= 16 uses `tl.dot`
+  tiled too) and walks the live writers in chunks of BLOCK_W, so each live
+  row of the stack prefix is read once per call. R >= 16 uses `tl.dot`
   (tensor cores); R < 16 (the MLP / resid_post reader alone) uses a
-  broadcast multiply-add over BLOCK_W rows unrolled per step, in fp32.
-* Backward stack: a 1-D grid over (writer tile, column tile); each program
-  owns its dx tile (no atomics), sums over all readers and then does one
-  read-modify-write of dx in fp32.
+  broadcast multiply-add over BLOCK_W rows unrolled per step, in fp32 with
+  the fp32 mask itself.
+* Backward stack, 16 to 128 readers filling 3/4 of their tile: one program
+  per column tile holds every reader's dout and walks the live writer tiles
+  (`_masked_sum_bwd_stack_by_columns_kernel`: dout read once). Otherwise a
+  grid over (writer tile, column tile) that sums the readers 16 at a time.
+  Each dx tile has one owner (no atomics) and one read-modify-write.
 * Backward mask: the N axis is cut into a fixed number S of slices (chosen
   from the shapes only, never the device); each program reduces one slice of
   one [BLOCK_R, BLOCK_W] tile into a scratch [S, R, W], and a second kernel
-  adds the slices in order s = 0..S-1. Bit-identical run to run.
+  adds the slices in order s = 0..S-1. Bit-identical run to run. Given the
+  mask (the fused op), dead writers are not read and get 0.
 
 Precision
 ---------
@@ -31,15 +42,18 @@ Accumulation is always fp32. The mask is fp32 while the stack may be bf16 or
 fp16, so a plain tensor-core dot would round the mask to 8 (or 11) bits.
 Instead it is split, m = hi + lo with hi = m rounded to the storage dtype and
 lo = (m - hi) rounded again, and two dots are accumulated: the products of
-storage-dtype values are exact in fp32, so the result carries about 16 (bf16)
-or 22 (fp16) bits of the mask. fp32 stacks use `input_precision="tf32x3"`
-(three tf32 products, fp32-accurate). The fp16 split assumes masks within
-fp16 range (masks are in [0, 1]).
+storage-dtype values are exact in fp32, so the result carries the mask to two
+roundings (2^-16 relative in bf16, 2^-22 in fp16). fp32 stacks split the
+stack tile into two tf32 halves by hand and take hi x both, plus lo x high
+(about 2^-20). Tiles whose lo is all zero (0/1 masks) skip the lo product;
+`split=False` (``precision="fast"``) never takes it. The fp16 split assumes
+masks within fp16 range (masks are in [0, 1]). Every narrowing to bf16
+rounds to nearest on the bits (`_round_low_bits`), so interpreted and
+compiled kernels round alike.
 
 Under TRITON_INTERPRET=1 bf16 arithmetic and bf16 `tl.dot` are unreliable, so
-the launchers pass DOT_IN_FP32=True there: the same hi/lo split is formed
-(rounded to the storage dtype, then widened) and the dots run in fp32, which
-gives the same products as the tensor cores.
+the launchers pass DOT_IN_FP32=True there: the same halves are formed and
+the dots run in fp32, which gives the same products as the tensor cores.
 """
 from __future__ import annotations
 
