@@ -48,7 +48,7 @@ stack tile into two tf32 halves by hand and take hi x both, plus lo x high
 (about 2^-20). Tiles whose lo is all zero (0/1 masks) skip the lo product;
 `split=False` (``precision="fast"``) never takes it. The fp16 split assumes
 masks within fp16 range (masks are in [0, 1]). Every narrowing to bf16
-rounds to nearest on the bits (`_round_low_bits`), so interpreted and
+rounds to nearest on the bits (`rounding.round_low_bits`), so interpreted and
 compiled kernels round alike.
 
 Under TRITON_INTERPRET=1 bf16 arithmetic and bf16 `tl.dot` are unreliable, so
@@ -63,21 +63,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .rounding import round_low_bits, to_storage
+
 # -- jit helpers -------------------------------------------------------------------
-
-
-@triton.jit
-def _round_low_bits(v, LOW_BITS: tl.constexpr):
-    """fp32 `v` rounded to nearest (ties to even) with its LOW_BITS lowest
-    mantissa bits cleared: 16 gives a bfloat16 value, 13 a tf32 value, exactly
-    representable in the narrower format (so a later narrowing, or a tensor
-    core reading only the top bits, is exact). Done on the bits, so compiled
-    and interpreted kernels round alike (the interpreter truncates its
-    fp32-to-bf16 conversions)."""
-    bits = v.to(tl.uint32, bitcast=True)
-    bits = bits + ((1 << (LOW_BITS - 1)) - 1) + ((bits >> LOW_BITS) & 1)
-    bits = bits & (0xFFFFFFFF ^ ((1 << LOW_BITS) - 1))
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -85,19 +73,8 @@ def _narrow(v, dtype: tl.constexpr):
     """fp32 `v` rounded to nearest in `dtype`'s precision: a bf16/fp16 tensor,
     or for fp32 a tf32 value kept in fp32."""
     if dtype == tl.float32:
-        return _round_low_bits(v, 13)
-    return _to_storage(v, dtype)
-
-
-@triton.jit
-def _to_storage(v, dtype: tl.constexpr):
-    """fp32 `v` rounded to nearest in `dtype` (what a compiled kernel's
-    conversion does). bf16 is rounded on the bits first: the interpreter's
-    own fp32-to-bf16 conversion truncates, a bias toward zero that a
-    gradient buffer rounded up to 2L + 1 times per row would accumulate."""
-    if dtype == tl.bfloat16:
-        return _round_low_bits(v, 16).to(dtype)
-    return v.to(dtype)
+        return round_low_bits(v, 13)
+    return to_storage(v, dtype)
 
 
 @triton.jit
@@ -138,8 +115,8 @@ def _split_operand(b):
     tf32 values held in fp32 (b = b_hi + b_lo to about 2^-22), a 16-bit tile
     as itself (b_lo unused)."""
     if b.dtype == tl.float32:
-        b_hi = _round_low_bits(b, 13)
-        return b_hi, _round_low_bits(b - b_hi, 13)
+        b_hi = round_low_bits(b, 13)
+        return b_hi, round_low_bits(b - b_hi, 13)
     return b, b
 
 
@@ -281,7 +258,7 @@ def _masked_sum_fwd_kernel(x_ptr, m_ptr, hi_ptr, lo_ptr, flag_ptr, cols_ptr, cou
                     other=0.0)
         acc += b.to(tl.float32)
     out_offs = offs_r[:, None].to(tl.int64) * N + offs_n[None, :]
-    tl.store(out_ptr + out_offs, _to_storage(acc, out_ptr.dtype.element_ty), mask=valid)
+    tl.store(out_ptr + out_offs, to_storage(acc, out_ptr.dtype.element_ty), mask=valid)
 
 
 # -- backward: stack -----------------------------------------------------------------
@@ -336,7 +313,7 @@ def _masked_sum_bwd_stack_kernel(m_ptr, hi_ptr, lo_ptr, flag_ptr, cols_ptr, coun
     valid = w_valid[:, None] & n_valid[None, :]
     dx_ptrs = dx_ptr + rows[:, None].to(tl.int64) * stride_dx + offs_n[None, :]
     dx = tl.load(dx_ptrs, mask=valid, other=0.0).to(tl.float32)
-    tl.store(dx_ptrs, _to_storage(dx + acc, dx_ptr.dtype.element_ty), mask=valid)
+    tl.store(dx_ptrs, to_storage(dx + acc, dx_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -375,7 +352,7 @@ def _masked_sum_bwd_stack_by_columns_kernel(hi_ptr, lo_ptr, flag_ptr, cols_ptr, 
         valid = w_valid[:, None] & n_valid[None, :]
         dx_ptrs = dx_ptr + rows[:, None].to(tl.int64) * stride_dx + offs_n[None, :]
         dx = tl.load(dx_ptrs, mask=valid, other=0.0).to(tl.float32)
-        tl.store(dx_ptrs, _to_storage(dx + acc, dx_ptr.dtype.element_ty), mask=valid)
+        tl.store(dx_ptrs, to_storage(dx + acc, dx_ptr.dtype.element_ty), mask=valid)
 
 
 # -- backward: mask --------------------------------------------------------------------

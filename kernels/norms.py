@@ -58,6 +58,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .rounding import round_to
+
 MAX_D = 8192                # the widest row held in one block (Llama-70B's hidden size)
 ELEMENTS_PER_BLOCK = 4096  # narrow rows are batched up to this many elements per block
 MAX_ROW_BLOCKS = 16          # blocks of rows one program walks (the weight from L2 once)
@@ -65,22 +67,6 @@ MIN_PROGRAMS = 1024          # ... as long as the grid keeps this many programs 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # -- jit helpers -------------------------------------------------------------------
-
-
-@triton.jit
-def _round_to(v, dtype: tl.constexpr):
-    """fp32 `v` rounded to nearest in `dtype` and kept in fp32 (exactly
-    representable in `dtype`, so storing it is exact). bfloat16 on the bits,
-    ties to even: the interpreter truncates its own conversion."""
-    if dtype == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        bits = bits & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
-    elif dtype == tl.float16:
-        return v.to(tl.float16).to(tl.float32)
-    else:
-        return v
 
 
 @triton.jit
@@ -95,6 +81,20 @@ def _row_stats(x, mask, D, eps, RMS: tl.constexpr):
         xc = tl.where(mask, x - mean[:, None], 0.0)
     var = tl.sum(xc * xc, axis=1) / D
     return xc, tl.rsqrt(var + eps)
+
+
+@triton.jit
+def _row_block(x_ptr, w_ptr, i, row_blocks, M, D, stride_x, BLOCK_M: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """(rows, mask, x, w) of this program's i-th block of BLOCK_M rows: x in
+    fp32 (masked lanes 0) and the weight, loaded again per block (from L1)."""
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    rows = (tl.program_id(0).to(tl.int64) * row_blocks + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    return rows, mask, x, w
 
 
 # -- kernels -------------------------------------------------------------------------
@@ -112,20 +112,16 @@ def _norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, D, stride_x, eps, row_blocks
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
     for i in range(0, row_blocks):
-        rows = (tl.program_id(0).to(tl.int64) * row_blocks + i) * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask = (rows < M)[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        rows, mask, x, w = _row_block(x_ptr, w_ptr, i, row_blocks, M, D, stride_x, BLOCK_M, BLOCK_D)
         xc, rstd = _row_stats(x, mask, D, eps, RMS)
         if RMS:
             # Hugging Face: weight * (x * rstd).to(input_dtype)
-            y = w[None, :] * _round_to(xc * rstd[:, None], dtype)
+            y = w[None, :] * round_to(xc * rstd[:, None], dtype)
         else:
             y = xc * rstd[:, None] * w[None, :]
             if HAS_BIAS:
                 y += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        y = _round_to(y, dtype)
+        y = round_to(y, dtype)
         tl.store(y_ptr + rows[:, None] * D + cols[None, :], y.to(dtype), mask=mask)
 
 
@@ -141,25 +137,20 @@ def _norm_bwd_kernel(x_ptr, w_ptr, dy_ptr, dx_ptr, M, D, stride_x, eps, row_bloc
     """
     dtype = dx_ptr.dtype.element_ty
     cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < D
     for i in range(0, row_blocks):
-        rows = (tl.program_id(0).to(tl.int64) * row_blocks + i) * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask = (rows < M)[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
+        rows, mask, x, w = _row_block(x_ptr, w_ptr, i, row_blocks, M, D, stride_x, BLOCK_M, BLOCK_D)
         dy = tl.load(dy_ptr + rows[:, None] * D + cols[None, :], mask=mask,
                      other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         xc, rstd = _row_stats(x, mask, D, eps, RMS)
         g = dy * w[None, :]
         if RMS:
             # autograd through `weight * n16` forms dL/dn16 in the input dtype
-            g = _round_to(g, dtype)
+            g = round_to(g, dtype)
         n = xc * rstd[:, None]
         inner = g - n * (tl.sum(g * n, axis=1) / D)[:, None]
         if not RMS:
             inner -= (tl.sum(g, axis=1) / D)[:, None]
-        dx = _round_to(inner * rstd[:, None], dtype)
+        dx = round_to(inner * rstd[:, None], dtype)
         tl.store(dx_ptr + rows[:, None] * D + cols[None, :], dx.to(dtype), mask=mask)
 
 

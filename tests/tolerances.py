@@ -70,7 +70,7 @@ _PRECISION = {torch.bfloat16: 8, torch.float16: 11}
 # The Triton interpreter converts fp32 to bf16 by truncation (stores and
 # .to() alike); fp16 conversions round to nearest. (STYLE.md; measured.) The
 # masked-sum kernels round bf16 on the bits before they narrow (the mask
-# split, `_to_storage` for every store), so nothing of theirs truncates: the
+# split, `rounding.to_storage` for every store), so nothing of theirs truncates: the
 # interpreter is held to the half ulp a GPU gives.
 _INTERPRETER_TRUNCATES = ()
 
