@@ -251,12 +251,17 @@ def measured_tune_rows(paths=None) -> list:
     import tune
     rows = []
     for p in paths or sorted(RESULTS.glob("tune-nvidia-h200-*.log")):
+        # logs before 2026-11-30 timed the kernels before a4a47e4 (`legacy`)
+        stamp = re.search(r"(\d{8})T", p.name)
+        legacy = stamp is None or stamp.group(1) < "20261130"
         for line in p.read_text().splitlines():
             m = _TUNE_LINE.match(line)
             if not m or m.group(2) not in tune.SHAPES:
                 continue
             op, shape, knobs, ms = m.group(1), m.group(2), m.group(3), float(m.group(4))
             kv = dict(re.findall(r"(\w+)=(\d+)", knobs))
+            if "BN" not in kv:   # a --variants line (mask states, not tiles)
+                continue
             R, W, N, dtype = tune.SHAPES[shape]
             if op == "fwd":
                 cfg = dict(costs.kms.forward_config(R, W, N, dtype, arch=90))
@@ -265,8 +270,10 @@ def measured_tune_rows(paths=None) -> list:
             else:
                 cfg = dict(costs.kms.backward_stack_config(R, W, N, dtype, torch.float32))
                 cfg.update(BLOCK_R=int(kv["BR"]), BLOCK_W=int(kv["BW"]), BLOCK_N=int(kv["BN"]),
-                           num_warps=int(kv["warps"]), num_stages=int(kv["stages"]))
-            rows.append(dict(op=op, shape=shape, R=R, W=W, N=N, dtype=dtype, config=cfg, knobs=knobs.strip(), ms=ms))
+                           num_warps=int(kv["warps"]), num_stages=int(kv["stages"]),
+                           BY_COLUMNS=knobs.strip().endswith("cols"))
+            rows.append(dict(op=op, shape=shape, R=R, W=W, N=N, dtype=dtype, config=cfg, knobs=knobs.strip(), ms=ms,
+                             legacy=legacy))
     return rows
 
 
@@ -362,10 +369,10 @@ def calibration_points(cal: dict, step_points: Optional[list] = None) -> list:
     for row in measured_tune_rows():
         R, W, N, dtype = row["R"], row["W"], row["N"], row["dtype"]
         if row["op"] == "fwd":
-            c = [costs.masked_sum_forward(R, W, N, dtype, 90, config=row["config"], legacy=True)]
+            c = [costs.masked_sum_forward(R, W, N, dtype, 90, config=row["config"], legacy=row["legacy"])]
         else:
             c = [costs.masked_sum_backward_stack(R, W, N, dtype, torch.float32, 90, config=row["config"],
-                                                 legacy=True)]
+                                                 legacy=row["legacy"])]
         launches = [Launch(dram=x.dram_bytes, l2=x.l2_read, flops=x.flops, fastedge=True) for x in c]
         ms = sum(launch_time(x, card, cal) for x in launches) * 1e3
         pts.append(CalPoint(f"tune {row['op']} {row['shape']} {row['knobs']}", ms, row["ms"]))

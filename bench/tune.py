@@ -69,8 +69,13 @@ def bwd_candidates(R, W, N, dtype):
                 for bw, bn, nw, ns in grid]
     grid = [(16, 128, 128, 8, 3), (32, 128, 128, 8, 3), (16, 128, 256, 8, 3), (16, 64, 128, 4, 3),
             (32, 64, 256, 8, 3), (16, 256, 64, 8, 3)]
-    return [dict(USE_DOT=True, BLOCK_R=br, BLOCK_W=bw, BLOCK_N=bn, num_warps=nw, num_stages=ns)
-            for br, bw, bn, nw, ns in grid]
+    out = [dict(USE_DOT=True, BY_COLUMNS=False, BLOCK_R=br, BLOCK_W=bw, BLOCK_N=bn, num_warps=nw,
+                num_stages=ns) for br, bw, bn, nw, ns in grid]
+    if R <= kms.MAX_BLOCK_R:  # by column tiles: every reader in one tile
+        out += [dict(USE_DOT=True, BY_COLUMNS=True, BLOCK_R=kms._pow2(R), BLOCK_W=bw, BLOCK_N=bn,
+                     num_warps=nw, num_stages=ns)
+                for bw, bn, nw, ns in [(64, 128, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (32, 128, 8, 3)]]
+    return out
 
 
 def copy_bandwidth(device) -> float:
@@ -131,7 +136,8 @@ def run(shapes, ops) -> None:
             for cfg in bwd_candidates(R, W, N, dtype):
                 tag = "*" if all(current.get(k) == v for k, v in cfg.items()) else " "
                 label = (f"bwd {name:>13} {tag} BR={cfg['BLOCK_R']:<3} BW={cfg['BLOCK_W']:<3} "
-                         f"BN={cfg['BLOCK_N']:<3} warps={cfg['num_warps']} stages={cfg['num_stages']}")
+                         f"BN={cfg['BLOCK_N']:<3} warps={cfg['num_warps']} stages={cfg['num_stages']}"
+                         + (" cols" if cfg.get("BY_COLUMNS") else ""))
                 try:
                     dx.zero_()
                     kms.masked_sum_bwd_stack(m, dout, dx, config=cfg)
