@@ -248,7 +248,7 @@ def masked_sum_backward_stack(R: int, W: int, N: int, dtype: torch.dtype,
 
 def masked_sum_backward_mask(R: int, W: int, N: int, dtype: torch.dtype, arch: int = 90, *,
                              config: Optional[dict] = None, live_fraction: Optional[float] = None,
-                             legacy: bool = False) -> list[Cost]:
+                             legacy: bool = False, split: bool = True) -> list[Cost]:
     """`masked_sum_bwd_mask`: dm [R, W] = dout [R, N] @ x [W, N]^T, as S slices
     of N into an fp32 scratch [S, R, W] and, when S > 1, a second launch that
     adds the slices in order. One product per tile step (both operands in
@@ -272,8 +272,12 @@ def masked_sum_backward_mask(R: int, W: int, N: int, dtype: torch.dtype, arch: i
     main.dram_read = Wl * N * e + R * N * e
     main.dram_write = S * R * Wl * 4
     main.l2_read = (r_tiles - 1) * Wl * N * e + (w_tiles - 1) * R * N * e
-    # 16 bits: one exact product; fp32: tf32x3 (`masked_sum._dot_storage`)
-    kind, products = ("tf32", 3) if dtype == torch.float32 else ("tc16", 1)
+    # 16 bits: one exact product; fp32: tf32x3, or one in precision fast
+    # (`masked_sum._dot_storage`)
+    if dtype == torch.float32:
+        kind, products = "tf32", (3 if split or legacy else 1)
+    else:
+        kind, products = "tc16", 1
     main.add_flops(kind, products * 2 * BW * BR * BK * k_steps * r_tiles * w_tiles)
     if dtype == torch.float32:
         main.add_flops("fp32", SPLIT_OPS_PER_ELEMENT * (BW + BR) * BK * k_steps * r_tiles * w_tiles)
@@ -426,6 +430,7 @@ def custom_op_costs(name: str, args: tuple, kwargs: Optional[dict] = None, arch:
         stack, dout, live_mask = arg(0, "stack"), arg(1, "dout"), arg(4, "live_mask")
         W, N = _rows_cols(stack)
         kw = dict(ov.get("masked_sum_backward_mask", {}))
+        kw.setdefault("split", not bool(arg(5, "fast")))
         if live_mask is None:
             kw.pop("live_fraction", None)
         elif not kw.get("legacy"):

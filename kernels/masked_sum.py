@@ -163,11 +163,16 @@ def _dot_exact(a, b, acc, DOT_IN_FP32: tl.constexpr):
 
 
 @triton.jit
-def _dot_storage(a, b, acc, DOT_IN_FP32: tl.constexpr):
+def _dot_storage(a, b, acc, DOT_IN_FP32: tl.constexpr, ONE_PRODUCT: tl.constexpr):
     """acc + a @ b for two storage-dtype tiles: their products are exact in
-    fp32 for bf16/fp16; fp32 tiles use tf32x3."""
+    fp32 for bf16/fp16; fp32 tiles use tf32x3 (about fp32-accurate), or with
+    ONE_PRODUCT (``precision="fast"``) one product of both tiles rounded to
+    tf32 (2^-11 relative in each)."""
     if a.dtype == tl.float32:
-        acc = tl.dot(a, b, acc, input_precision="tf32x3")
+        if ONE_PRODUCT:
+            acc = _dot_exact(round_low_bits(a, 13), round_low_bits(b, 13), acc, DOT_IN_FP32)
+        else:
+            acc = tl.dot(a, b, acc, input_precision="tf32x3")
     elif DOT_IN_FP32:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
@@ -360,7 +365,7 @@ def _masked_sum_bwd_stack_by_columns_kernel(hi_ptr, lo_ptr, flag_ptr, cols_ptr, 
 
 @triton.jit
 def _masked_sum_bwd_mask_kernel(x_ptr, dout_ptr, part_ptr, cols_ptr, count_ptr, R, W, N,
-                                stride_x, slice_len, HAS_COLS: tl.constexpr,
+                                stride_x, slice_len, HAS_COLS: tl.constexpr, FAST: tl.constexpr,
                                 DOT_IN_FP32: tl.constexpr, BLOCK_R: tl.constexpr,
                                 BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr):
     """part[s, r, w] = sum over n in slice s of dout[r, n] * x[w, n].
@@ -401,7 +406,7 @@ def _masked_sum_bwd_mask_kernel(x_ptr, dout_ptr, part_ptr, cols_ptr, count_ptr, 
         if DOT_IN_FP32:
             x = x.to(tl.float32)
             d = d.to(tl.float32)
-        acc = _dot_storage(x, tl.trans(d), acc, DOT_IN_FP32)
+        acc = _dot_storage(x, tl.trans(d), acc, DOT_IN_FP32, FAST)
     offs = (_block1(pid_s, tl.int64) * R * W + offs_r[None, :] * W + offs_w[:, None])
     tl.store(part_ptr + offs, acc, mask=w_valid[:, None] & r_valid[None, :])
 
@@ -714,14 +719,16 @@ def masked_sum_bwd_stack(m: torch.Tensor, dout: torch.Tensor, dx: torch.Tensor,
 
 
 def masked_sum_bwd_mask(x: torch.Tensor, dout: torch.Tensor,
-                        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        mask: Optional[torch.Tensor] = None, split: bool = True) -> torch.Tensor:
     """dm [R, W] fp32 = dout @ x^T, reduced over N in fp32 in a fixed order
     (bit-identical run to run). x [W, N] (unit inner stride, any row stride),
     dout [R, N] contiguous in x's dtype.
 
     With `mask` ([R, W]), the writers whose mask is 0 for every reader are
     not read and get dm = 0: for callers whose gradient through such a mask
-    is 0 whatever dm is (the hard-concrete sampler at a clamped 0)."""
+    is 0 whatever dm is (the hard-concrete sampler at a clamped 0).
+    `split` False (``precision="fast"``): fp32 stacks take one tf32 product
+    instead of tf32x3; 16-bit products are exact either way."""
     W, N = _check_x(x)
     if dout.dim() != 2 or dout.shape[1] != N:
         raise ValueError(f"dout must be [R, {N}], got {tuple(dout.shape)}")
@@ -746,7 +753,8 @@ def masked_sum_bwd_mask(x: torch.Tensor, dout: torch.Tensor,
     tiles = triton.cdiv(R, cfg["BLOCK_R"]) * triton.cdiv(W, cfg["BLOCK_W"])
     _masked_sum_bwd_mask_kernel[(tiles * S,)](
         x, dout, part, *(live or (dm, dm)), R, W, N, _row_stride(x), cfg["SLICE_LEN"],
-        HAS_COLS=live is not None, DOT_IN_FP32=_interpreted(_masked_sum_bwd_mask_kernel),
+        HAS_COLS=live is not None, FAST=not split,
+        DOT_IN_FP32=_interpreted(_masked_sum_bwd_mask_kernel),
         BLOCK_R=cfg["BLOCK_R"], BLOCK_W=cfg["BLOCK_W"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if S > 1:

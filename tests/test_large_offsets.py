@@ -92,7 +92,7 @@ def test_mask_backward_slice_past_2_31_is_empty():
     part = torch.full((slices, R, Wm), float("nan"))
     assert R <= cfg["BLOCK_R"] and Wm <= cfg["BLOCK_W"]  # one tile: one program per slice
     ms._masked_sum_bwd_mask_kernel[(slices,)](
-        x, dout, part, part, part, R, Wm, Nm, Nm, slice_len, HAS_COLS=False, DOT_IN_FP32=True,
+        x, dout, part, part, part, R, Wm, Nm, Nm, slice_len, HAS_COLS=False, FAST=False, DOT_IN_FP32=True,
         BLOCK_R=cfg["BLOCK_R"], BLOCK_W=cfg["BLOCK_W"], BLOCK_K=cfg["BLOCK_K"])
     want = dout.double() @ x.double().t()
     assert torch.allclose(part[0].double(), want, rtol=1e-5, atol=1e-5), "the first slice holds every column"

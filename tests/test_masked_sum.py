@@ -84,12 +84,12 @@ def base_rows64(base, base_index, R):
     return b[base_index.cpu()] if base_index is not None else b.expand(R, -1)
 
 
-def forward_bound(backend, device, dtype, stack, mask, base, base_index, ref):
+def forward_bound(backend, device, dtype, stack, mask, base, base_index, ref, precision="full"):
     """The claimed bound of the forward, per element of ref [R, N]."""
     W, R = mask.shape[1], mask.shape[0]
     x = stack.detach()[:W].reshape(W, -1)
     return sum_bound(mask.detach(), x, base_rows64(base, base_index, R),
-                     claim(backend, device, dtype, "forward"), ref)
+                     claim(backend, device, dtype, "forward", precision=precision), ref)
 
 
 def _skip_unsupported(backend, dtype):
@@ -274,3 +274,38 @@ def test_grad_stack_kept_with_retain_graph_and_released_without(fused):
     torch.autograd.grad(out, [la], dout)  # released now
     with pytest.raises(RuntimeError, match="second time"):
         torch.autograd.grad(out, [la], dout)
+
+
+# the dot path with the stack backward by writer tiles (37 readers) and by columns (16)
+FAST_CASES = [c for c in CASES if c[2] in (37, 16)][:2]
+
+
+@pytest.mark.parametrize("case", FAST_CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DT_ID[d])
+@pytest.mark.parametrize("target", backend_targets())
+def test_precision_fast_within_its_claim(target, dtype, case, poison_fresh_memory):
+    """precision="fast": forward, stack and mask gradients within the
+    one-product claim (the mask, and for fp32 both operands, rounded once);
+    backends without a one-product path stay within it by computing in full."""
+    backend, device = target
+    stack, mask, base, base_index = make_inputs(case, dtype, device, seed=3 + zlib.crc32(case_id(case).encode()),
+                                                requires_grad=True)
+    out = fastedge.masked_writer_sum(stack, mask, base, base_index, backend=backend, precision="fast")
+    W, R = mask.shape[1], mask.shape[0]
+    ref = reference64(stack, mask, base, base_index).reshape(R, -1)
+    assert_within(out.reshape(R, -1), ref,
+                  forward_bound(backend, device, dtype, stack, mask, base, base_index, ref, "fast"),
+                  f"{backend} fast forward {DT_ID[dtype]}")
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    out.backward(dout.to(device))
+    d2 = dout.double().reshape(R, -1)
+    x64 = stack.detach()[:W].double().cpu().reshape(W, -1)
+    m64 = mask.detach().double().cpu()
+    dstack_ref = m64.t() @ d2
+    assert_within(stack.grad[:W].reshape(W, -1), dstack_ref,
+                  sum_bound(m64.t(), d2, None, claim(backend, device, dtype, "d_stack", precision="fast"),
+                            dstack_ref), f"{backend} fast d stack {DT_ID[dtype]}")
+    dmask_ref = d2 @ x64.t()
+    assert_within(mask.grad, dmask_ref,
+                  sum_bound(d2, x64.t(), None, claim(backend, device, dtype, "d_mask", precision="fast"),
+                            dmask_ref), f"{backend} fast d mask {DT_ID[dtype]}")

@@ -189,3 +189,26 @@ def test_sampled_op_skips_pruned_writers_in_every_pass(backend, training):
     for name, a, b in zip(("out", "d_edge", "d_node"), got, want):
         assert torch.isfinite(a).all(), f"{name}: a pruned writer was read"
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{name} differs")
+
+
+def test_fast_mask_gradient_takes_one_tf32_product_in_fp32():
+    """fp32 stacks: the mask gradient in precision "fast" is one tf32 product
+    (both operands rounded to 11 bits), within that claim and visibly less
+    precise than tf32x3; 16-bit stacks are exact products either way."""
+    g = torch.Generator().manual_seed(12)
+    R, W, N = 21, 40, 600
+    x = torch.randn(W, N, generator=g)
+    dout = torch.randn(R, N, generator=g)
+    ref = dout.double() @ x.double().t()
+    terms = dout.double().abs() @ x.double().abs().t()
+    errs = {}
+    for split in (True, False):
+        dm = kms.masked_sum_bwd_mask(x.to(DEVICE), dout.to(DEVICE), split=split).cpu()
+        errs[split] = ((dm.double() - ref).abs() / terms).max().item()
+    fp32_acc = N * 2.0 ** -23
+    assert errs[False] <= (1 + 2.0 ** -11) ** 2 - 1 + fp32_acc, errs
+    assert errs[True] <= 2.0 ** -20 + fp32_acc, errs
+    assert errs[False] > 4 * errs[True], errs
+    x16, d16 = x.to(torch.bfloat16).to(DEVICE), dout.to(torch.bfloat16).to(DEVICE)
+    assert torch.equal(kms.masked_sum_bwd_mask(x16, d16, split=False),
+                       kms.masked_sum_bwd_mask(x16, d16, split=True))

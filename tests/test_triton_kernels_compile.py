@@ -244,12 +244,13 @@ def masked_sum_jobs(cc: int):
         cfg = kms.backward_mask_config(R, W, N, dt)
         ptrs = dict(x_ptr=dt, dout_ptr=dt, part_ptr=torch.float32, cols_ptr=torch.int32,
                     count_ptr=torch.int32)
-        consts = dict(DOT_IN_FP32=False, HAS_COLS=True,
-                      **{k: cfg[k] for k in ("BLOCK_R", "BLOCK_W", "BLOCK_K")})
-        jobs.append((f"bwd_mask-{name}", "dot",
-                     _key("masked_sum", "_masked_sum_bwd_mask_kernel", ptrs,
-                          dict(R=R, W=W, N=N, stride_x=N, slice_len=cfg["SLICE_LEN"]), consts,
-                          cfg)))
+        for fast in ((False, True) if dt == torch.float32 else (False,)):  # fast: one tf32 product
+            consts = dict(DOT_IN_FP32=False, HAS_COLS=True, FAST=fast,
+                          **{k: cfg[k] for k in ("BLOCK_R", "BLOCK_W", "BLOCK_K")})
+            jobs.append((f"bwd_mask-{name}" + ("-one_product" if fast else ""), "dot",
+                         _key("masked_sum", "_masked_sum_bwd_mask_kernel", ptrs,
+                              dict(R=R, W=W, N=N, stride_x=N, slice_len=cfg["SLICE_LEN"]), consts,
+                              cfg)))
     jobs.append(("sum_slices", "vector",
                  _key("masked_sum", "_sum_slices_kernel",
                       dict(part_ptr=torch.float32, out_ptr=torch.float32),

@@ -68,11 +68,12 @@ class Backend:
         """dx[w] += sum_r m[r, w] * dout[r] (in place, accumulated in fp32)."""
         raise NotImplementedError
 
-    def masked_sum_backward_mask(self, x, dout, live_mask=None) -> torch.Tensor:
+    def masked_sum_backward_mask(self, x, dout, live_mask=None, fast: bool = False) -> torch.Tensor:
         """[R, W] float32: dm[r, w] = sum_n dout[r, n] * x[w, n], reduced in
         fp32, bit-identical run to run. With ``live_mask`` ([R, W]) the
         backend may skip the writers whose mask is 0 for every reader and
-        give them dm = 0 (the caller's gradient through them is 0 anyway)."""
+        give them dm = 0 (the caller's gradient through them is 0 anyway).
+        ``fast``: an fp32 stack's products may be tf32 ones."""
         raise NotImplementedError
 
     # -- hard concrete (elementwise) ---------------------------------------

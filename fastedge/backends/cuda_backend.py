@@ -179,7 +179,7 @@ class CudaBackend(Backend):
     def masked_sum_backward_stack(self, m, dout, dx, fast=False) -> None:
         _ops().masked_sum_backward_stack(m, dout, dx)
 
-    def masked_sum_backward_mask(self, x, dout, live_mask=None) -> torch.Tensor:
+    def masked_sum_backward_mask(self, x, dout, live_mask=None, fast=False) -> torch.Tensor:
         return _ops().masked_sum_backward_mask(x, dout)
 
     # -- hard concrete (elementwise) ---------------------------------------

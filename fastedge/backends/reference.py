@@ -24,7 +24,7 @@ class ReferenceBackend(Backend):
     def masked_sum_backward_stack(self, m, dout, dx, fast=False):
         ref.masked_sum_backward_stack(m, dout, dx)
 
-    def masked_sum_backward_mask(self, x, dout, live_mask=None):
+    def masked_sum_backward_mask(self, x, dout, live_mask=None, fast=False):
         return ref.masked_sum_backward_mask(x, dout)
 
     def hard_concrete_forward(self, log_alpha, u, training):

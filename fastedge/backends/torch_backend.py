@@ -81,7 +81,7 @@ class TorchBackend(ReferenceBackend):
             else:
                 dx[:, cols].copy_(torch.addmm(dx[:, cols].to(acc_dtype), mt, dout[:, cols].to(acc_dtype)))
 
-    def masked_sum_backward_mask(self, x, dout, live_mask=None):
+    def masked_sum_backward_mask(self, x, dout, live_mask=None, fast=False):
         acc_dtype = ref.accumulation_dtype(x.dtype)
         dm = torch.zeros(dout.shape[0], x.shape[0], dtype=acc_dtype, device=x.device)
         live = None if live_mask is None else _live_writers(live_mask)

@@ -128,9 +128,9 @@ class TritonBackend(Backend):
         with _on_device(dout):
             self._ms().masked_sum_bwd_stack(m, dout, dx, split=not fast)
 
-    def masked_sum_backward_mask(self, x, dout, live_mask=None) -> torch.Tensor:
+    def masked_sum_backward_mask(self, x, dout, live_mask=None, fast: bool = False) -> torch.Tensor:
         with _on_device(x):
-            return self._ms().masked_sum_bwd_mask(x, dout, mask=live_mask)
+            return self._ms().masked_sum_bwd_mask(x, dout, mask=live_mask, split=not fast)
 
     # -- hard concrete ---------------------------------------------------------------
 

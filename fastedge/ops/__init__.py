@@ -85,8 +85,9 @@ def masked_writer_sum(stack: Tensor, mask: Tensor, base: Optional[Tensor] = None
             bf16 code; 2^-11 in fp16), and for fp32 stacks mask and stack
             rounded to tf32 (2^-11 each). Applies to the forward and the stack's gradient on
             the ``triton`` backend; the others always compute at full
-            precision. The mask's gradient is always exact products reduced
-            in fp32.
+            precision. The mask's gradient is exact products reduced in
+            fp32 for 16-bit stacks; for fp32 stacks tf32x3 in full, one
+            tf32 product (2^-11 in each operand) in fast.
 
     Returns:
         ``[R, *T]`` in the stack's dtype. Differentiable in ``stack``,

@@ -110,18 +110,18 @@ def _(grad_stack, mask, dout, backend, fast=False):
 
 @torch.library.custom_op("fastedge::masked_writer_sum_backward_mask", mutates_args=())
 def backward_mask_op(stack: Tensor, dout: Tensor, mask_like: Tensor, backend: str,
-                     live_mask: Optional[Tensor] = None) -> Tensor:
+                     live_mask: Optional[Tensor] = None, fast: bool = False) -> Tensor:
     """dmask [R, W] (dtype of mask_like) = dout @ stack^T, reduced in fp32.
     With `live_mask`, columns where it is 0 for every reader may be skipped
     and given 0 (`Backend.masked_sum_backward_mask`)."""
     x = flat_rows(stack)
     d2 = flat_rows(dout.contiguous())
     impl = masked_sum_backend(x, d2.shape[0], backend)
-    return impl.masked_sum_backward_mask(x, d2, live_mask=live_mask).to(mask_like.dtype)
+    return impl.masked_sum_backward_mask(x, d2, live_mask=live_mask, fast=fast).to(mask_like.dtype)
 
 
 @backward_mask_op.register_fake
-def _(stack, dout, mask_like, backend, live_mask=None):
+def _(stack, dout, mask_like, backend, live_mask=None, fast=False):
     return mask_like.new_empty(mask_like.shape)
 
 
@@ -208,7 +208,7 @@ def _backward(ctx, dout):
     if ctx.needs_input_grad[0] or ctx.has_grad_buffer:  # the buffer is filled even for a stack outside autograd
         dstack = _stack_grad(ctx, mask, dout, stack)
     if ctx.needs_input_grad[1]:
-        dmask = backward_mask_op(stack, dout, mask, ctx.backend)
+        dmask = backward_mask_op(stack, dout, mask, ctx.backend, None, ctx.fast)
     if ctx.has_base and ctx.needs_input_grad[2]:
         dbase = _base_grad(ctx, dout, base_index)
     _release(ctx)
@@ -330,7 +330,7 @@ def _fused_backward(ctx, dout, dedge_sum):
         # 0 through a clamp (training: hard-concrete's gradient is 0 outside
         # (0, 1)) or a sigmoid that underflowed (eval: its derivative is 0
         # too). So the backends may skip reading it (live_mask).
-        dmask = backward_mask_op(stack, dout, edge_log_alpha, backend, live_mask=mask)
+        dmask = backward_mask_op(stack, dout, edge_log_alpha, backend, live_mask=mask, fast=ctx.fast)
         d_edge, d_node = sample_masks_backward_op(edge_log_alpha, node_log_alpha, seed,
                                                   reader_offset, training, dmask, dedge_sum,
                                                   backend)
