@@ -411,7 +411,8 @@ def kernel_table(card: dict, cal: dict, copy_tb_s: float) -> list:
             fwd = [costs.masked_sum_forward(R, W, N, dtype, card["arch"], **kw)]
             bwd = ([costs.masked_sum_backward_stack(R, W, N, dtype, dtype, card["arch"], **kw)]
                    + costs.masked_sum_backward_mask(R, W, N, dtype, card["arch"], legacy=legacy,
-                                                    live_fraction=None if legacy else live))
+                                                    live_fraction=None if legacy else live,
+                                                    split=knobs.get("split", True)))
             if not legacy:   # what each launch makes of the mask first
                 fwd = costs.mask_prep(R, W, dtype, fwd[0].config, split=kw.get("split", True)) + fwd
                 bwd = costs.mask_prep(R, W, dtype, bwd[0].config, split=kw.get("split", True)) + bwd
