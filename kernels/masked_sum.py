@@ -69,6 +69,25 @@ from .rounding import round_low_bits, to_storage
 
 
 @triton.jit
+def _live_rows(cols_ptr, offs, valid, HAS_COLS: tl.constexpr):
+    """The writers at positions `offs` of a call's walk: cols[offs] (the live
+    writers first, `live_columns`) with HAS_COLS, else `offs` itself; in
+    offs's dtype either way."""
+    if HAS_COLS:
+        return tl.load(cols_ptr + offs, mask=valid, other=0).to(offs.dtype)
+    return offs
+
+
+@triton.jit
+def _add_into(dx_ptr, rows, offs_n, valid, stride_dx, acc):
+    """dx[rows, offs_n] += acc: one read-modify-write, the sum in fp32, then
+    rounded once to dx's dtype."""
+    dx_ptrs = dx_ptr + rows[:, None].to(tl.int64) * stride_dx + offs_n[None, :]
+    dx = tl.load(dx_ptrs, mask=valid, other=0.0).to(tl.float32)
+    tl.store(dx_ptrs, to_storage(dx + acc, dx_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
 def _narrow(v, dtype: tl.constexpr):
     """fp32 `v` rounded to nearest in `dtype`'s precision: a bf16/fp16 tensor,
     or for fp32 a tf32 value kept in fp32."""
@@ -96,7 +115,7 @@ def _split_mask_kernel(m_ptr, hi_ptr, lo_ptr, flag_ptr, cols_ptr, count_ptr, R, 
     offs_w = (pid % n_w_tiles) * BLOCK_W + tl.arange(0, BLOCK_W)
     n_cols = tl.load(count_ptr) if HAS_COLS else W
     w_valid = offs_w < n_cols
-    src_w = tl.load(cols_ptr + offs_w, mask=w_valid, other=0) if HAS_COLS else offs_w
+    src_w = _live_rows(cols_ptr, offs_w, w_valid, HAS_COLS)
     valid = (offs_r < R)[:, None] & w_valid[None, :]
     offs = offs_r[:, None].to(tl.int64) * W + offs_w[None, :]
     m = tl.load(m_ptr + offs_r[:, None].to(tl.int64) * W + src_w[None, :], mask=valid, other=0.0)
@@ -168,16 +187,11 @@ def _dot_storage(a, b, acc, DOT_IN_FP32: tl.constexpr, ONE_PRODUCT: tl.constexpr
     fp32 for bf16/fp16; fp32 tiles use tf32x3 (about fp32-accurate), or with
     ONE_PRODUCT (``precision="fast"``) one product of both tiles rounded to
     tf32 (2^-11 relative in each)."""
-    if a.dtype == tl.float32:
-        if ONE_PRODUCT:
-            acc = _dot_exact(round_low_bits(a, 13), round_low_bits(b, 13), acc, DOT_IN_FP32)
-        else:
-            acc = tl.dot(a, b, acc, input_precision="tf32x3")
-    elif DOT_IN_FP32:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
+    if a.dtype != tl.float32:
+        return _dot_exact(a, b, acc, DOT_IN_FP32)
+    if ONE_PRODUCT:
+        return _dot_exact(round_low_bits(a, 13), round_low_bits(b, 13), acc, DOT_IN_FP32)
+    return tl.dot(a, b, acc, input_precision="tf32x3")
 
 
 @triton.jit
@@ -226,7 +240,7 @@ def _masked_sum_fwd_kernel(x_ptr, m_ptr, hi_ptr, lo_ptr, flag_ptr, cols_ptr, cou
             w_valid = offs_w < n_cols
             # Rows w >= W of a prefix view exist in memory but are not ours
             # (they may hold NaN): mask them, never multiply them by 0.
-            rows = tl.load(cols_ptr + offs_w, mask=w_valid, other=0) if HAS_COLS else offs_w
+            rows = _live_rows(cols_ptr, offs_w, w_valid, HAS_COLS)
             m_offs = offs_r[:, None] * W + offs_w[None, :]
             m_valid = r_valid[:, None] & w_valid[None, :]
             m_hi = tl.load(hi_ptr + m_offs, mask=m_valid, other=0.0)
@@ -244,10 +258,7 @@ def _masked_sum_fwd_kernel(x_ptr, m_ptr, hi_ptr, lo_ptr, flag_ptr, cols_ptr, cou
             for k in tl.static_range(BLOCK_W):
                 j = _block1(w0 + k, tl.int64)
                 w_ok = j < n_cols
-                if HAS_COLS:
-                    w = tl.load(cols_ptr + j, mask=w_ok, other=0).to(tl.int64)
-                else:
-                    w = j
+                w = _live_rows(cols_ptr, j, w_ok, HAS_COLS)
                 m_col = tl.load(m_ptr + offs_r * W + w, mask=r_valid & w_ok, other=0.0)
                 x_row = tl.load(x_ptr + w * stride_x + offs_n, mask=n_valid & w_ok,
                                 other=0.0).to(tl.float32)
@@ -289,7 +300,7 @@ def _masked_sum_bwd_stack_kernel(m_ptr, hi_ptr, lo_ptr, flag_ptr, cols_ptr, coun
     offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     w_valid = offs_w < n_cols
-    rows = tl.load(cols_ptr + offs_w, mask=w_valid, other=0) if HAS_COLS else offs_w
+    rows = _live_rows(cols_ptr, offs_w, w_valid, HAS_COLS)
     n_valid = offs_n < N
     acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
 
@@ -315,10 +326,7 @@ def _masked_sum_bwd_stack_kernel(m_ptr, hi_ptr, lo_ptr, flag_ptr, cols_ptr, coun
             d_row = tl.load(dout_ptr + r * N + offs_n, mask=n_valid, other=0.0).to(tl.float32)
             acc += m_row[:, None] * d_row[None, :]
 
-    valid = w_valid[:, None] & n_valid[None, :]
-    dx_ptrs = dx_ptr + rows[:, None].to(tl.int64) * stride_dx + offs_n[None, :]
-    dx = tl.load(dx_ptrs, mask=valid, other=0.0).to(tl.float32)
-    tl.store(dx_ptrs, to_storage(dx + acc, dx_ptr.dtype.element_ty), mask=valid)
+    _add_into(dx_ptr, rows, offs_n, w_valid[:, None] & n_valid[None, :], stride_dx, acc)
 
 
 @triton.jit
@@ -346,7 +354,7 @@ def _masked_sum_bwd_stack_by_columns_kernel(hi_ptr, lo_ptr, flag_ptr, cols_ptr, 
     for w0 in range(0, n_cols, BLOCK_W):
         offs_w = w0 + tl.arange(0, BLOCK_W)
         w_valid = offs_w < n_cols
-        rows = tl.load(cols_ptr + offs_w, mask=w_valid, other=0) if HAS_COLS else offs_w
+        rows = _live_rows(cols_ptr, offs_w, w_valid, HAS_COLS)
         # loaded transposed, [BLOCK_W, BLOCK_R]: the writers are the rows of the product
         m_offs = offs_r[None, :] * W + offs_w[:, None]
         m_valid = r_valid[None, :] & w_valid[:, None]
@@ -354,10 +362,7 @@ def _masked_sum_bwd_stack_by_columns_kernel(hi_ptr, lo_ptr, flag_ptr, cols_ptr, 
         flag = tl.load(flag_ptr + w0 // BLOCK_W) if SPLIT else 0
         acc = tl.zeros([BLOCK_W, BLOCK_N], dtype=tl.float32)
         acc = _dot_halves(m_hi, lo_ptr + m_offs, m_valid, flag, d_hi, d_lo, acc, SPLIT, DOT_IN_FP32)
-        valid = w_valid[:, None] & n_valid[None, :]
-        dx_ptrs = dx_ptr + rows[:, None].to(tl.int64) * stride_dx + offs_n[None, :]
-        dx = tl.load(dx_ptrs, mask=valid, other=0.0).to(tl.float32)
-        tl.store(dx_ptrs, to_storage(dx + acc, dx_ptr.dtype.element_ty), mask=valid)
+        _add_into(dx_ptr, rows, offs_n, w_valid[:, None] & n_valid[None, :], stride_dx, acc)
 
 
 # -- backward: mask --------------------------------------------------------------------
@@ -391,7 +396,7 @@ def _masked_sum_bwd_mask_kernel(x_ptr, dout_ptr, part_ptr, cols_ptr, count_ptr, 
     offs_j = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
     r_valid = offs_r < R
     w_valid = offs_j < n_cols
-    offs_w = tl.load(cols_ptr + offs_j, mask=w_valid, other=0) if HAS_COLS else offs_j
+    offs_w = _live_rows(cols_ptr, offs_j, w_valid, HAS_COLS)
     # 64-bit: start + slice_len passes 2**31 for N near it (tests/test_large_offsets.py)
     start = pid_s.to(tl.int64) * slice_len
     end = tl.minimum(start + slice_len, N)
@@ -403,9 +408,6 @@ def _masked_sum_bwd_mask_kernel(x_ptr, dout_ptr, part_ptr, cols_ptr, count_ptr, 
                     mask=w_valid[:, None] & k_valid[None, :], other=0.0)
         d = tl.load(dout_ptr + offs_r[:, None].to(tl.int64) * N + offs_k[None, :],
                     mask=r_valid[:, None] & k_valid[None, :], other=0.0)
-        if DOT_IN_FP32:
-            x = x.to(tl.float32)
-            d = d.to(tl.float32)
         acc = _dot_storage(x, tl.trans(d), acc, DOT_IN_FP32, FAST)
     offs = (_block1(pid_s, tl.int64) * R * W + offs_r[None, :] * W + offs_w[:, None])
     tl.store(part_ptr + offs, acc, mask=w_valid[:, None] & r_valid[None, :])
