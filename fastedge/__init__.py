@@ -9,6 +9,7 @@ from fastedge.circuit import Circuit, compare_circuits, extract_circuit
 from fastedge.evaluate import evaluate
 from fastedge.prune import PruneConfig, PruneResult, prune  # the function shadows the module name
 from fastedge import model  # noqa: F401  (fastedge.model.position_ids_from_attention_mask)
+from fastedge import tracr  # noqa: F401  (registers model_type "tracr" with transformers' Auto classes)
 from fastedge.ops import (hard_concrete, hard_concrete_deterministic, hard_concrete_l0,
                           masked_writer_sum, sampled_masked_writer_sum)
 

@@ -397,7 +397,7 @@ class EdgeModel(nn.Module):
         for layer in range(len(a.blocks)):
             window = a.sliding_window(layer)
             if window not in masks_by_window:
-                masks_by_window[window] = _attention_mask(attention_mask, window)
+                masks_by_window[window] = _attention_mask(attention_mask, window, causal=a.causal)
             attn_bias = masks_by_window[window]
             attn_group, mlp_group = g.groups[2 * layer], g.groups[2 * layer + 1]
             first_head = attn_group.n_writers
@@ -750,12 +750,14 @@ class Rotary(NamedTuple):
         return torch.addcmul(t * self.cos, swapped, self.sin)
 
 
-def _attention_mask(attention_mask: Tensor, window: Optional[int] = None) -> Tensor:
-    """[B, 1, S, S] boolean: causal, not padding, and within the sliding
-    window (i - j < window) if any; a query always sees itself, so a padded
-    row never becomes all -inf (its output is unused)."""
+def _attention_mask(attention_mask: Tensor, window: Optional[int] = None, causal: bool = True) -> Tensor:
+    """[B, 1, S, S] boolean: causal (unless `causal` is False), not padding,
+    and within the sliding window (i - j < window) if any; a query always
+    sees itself, so a padded row never becomes all -inf (its output is
+    unused)."""
     S = attention_mask.shape[1]
-    causal = torch.ones(S, S, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = torch.ones(S, S, dtype=torch.bool, device=attention_mask.device)
+    causal = allowed.tril() if causal else allowed
     if window is not None:
         causal = causal.triu(-(window - 1))
     keys = attention_mask.bool()[:, None, None, :]
