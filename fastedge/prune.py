@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastedge import distributed
+from fastedge import distributed, objectives
 from fastedge.model import EdgeModel, patch
 
 CHECKPOINT_FORMAT = "fastedge.checkpoint/1"
@@ -135,10 +135,11 @@ class _Multipliers(nn.Module):
 
 
 class _FullModelCache:
-    """log p_full at the target positions, per example, computed once."""
+    """The full model at the target positions, per example, computed once:
+    log p_full (objective ``kl``), or its outputs (``mse``; `fastedge.objectives`)."""
 
-    def __init__(self, em: EdgeModel, examples, device):
-        self.em, self.examples, self.device = em, examples, device
+    def __init__(self, em: EdgeModel, examples, device, objective: objectives.Objective = objectives.Objective()):
+        self.em, self.examples, self.device, self.objective = em, examples, device, objective
         self.cache: dict[int, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -151,7 +152,7 @@ class _FullModelCache:
                                  batch.attention_mask.to(self.device)).float()
             for row, i in enumerate(missing):
                 targets = batch.target_mask[row].to(self.device)
-                self.cache[i] = F.log_softmax(logits[row][targets], dim=-1)
+                self.cache[i] = self.objective.reference(logits[row][targets])
         return torch.cat([self.cache[i] for i in indices])
 
 
@@ -238,7 +239,8 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
             start = state["step"]
 
     trainer = _Trainer(cfg=cfg, em=em, multipliers=multipliers, optimizer=optimizer, scheduler=scheduler,
-                       cache=_FullModelCache(em, train.examples, device), examples=train.examples,
+                       cache=_FullModelCache(em, train.examples, device, objectives.objective_of(data)),
+                       examples=train.examples,
                        device=device, micro=micro, n_micro=n_micro, group=group, latest=latest)
     writes = out_dir is not None and group.is_main  # only rank 0 writes files
     bar = _progress(cfg, start) if group.is_main else None
@@ -408,8 +410,8 @@ def _micro_batch_loss(t: _Trainer, step: int, j: int, chunk: list[int], target: 
     full = t.cache.get(chunk, collate)
     out = em(batch.input_ids.to(device), batch.corrupted_input_ids.to(device),
              attention_mask=batch.attention_mask.to(device), seed=_noise_seed(em.seed, step, t.n_micro, j))
-    circuit_lp = F.log_softmax(out.logits[batch.target_mask.to(device)].float(), dim=-1)
-    kl = (full.exp() * (full - circuit_lp)).sum(-1).mean()
+    # the objective (KL, or MSE for tasks that ask for it), logged as "kl"
+    kl = t.cache.objective.divergence(full, out.logits[batch.target_mask.to(device)])
     sparsity = out.edge_sparsity if cfg.sparsity_estimate == "sampled" else _expected_sparsity(em)
     loss = kl + multipliers.penalty(multipliers.edge, sparsity, target)
     if multipliers.node is not None:
