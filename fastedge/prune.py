@@ -64,7 +64,9 @@ class PruneConfig:
     sparsity_warmup_steps: Optional[int] = None  # default: 5/6 of the steps (2,500 of 3,000)
     node_masks: bool = True
     node_target_sparsity: Optional[float] = None  # None: no node sparsity term
-    circuit_sparsity: Optional[float] = None   # sparsity of the extracted circuit; default min(target, 1)
+    # sparsity of the extracted circuit; default: the target when below 1, else the
+    # circuit of the deterministic masks above 0.5 (extract_circuit_by_threshold)
+    circuit_sparsity: Optional[float] = None
     ablation: str = "interchange"
     seed: int = 0
     bf16: bool = False                         # run the frozen model in bf16 (masks stay fp32)
@@ -272,15 +274,13 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
         if log_file:
             log_file.close()
 
-    from fastedge.circuit import extract_circuit
     from fastedge.evaluate import evaluate
     if writes:  # the learned masks, for sweeps over other sparsities (fastedge eval --masks)
         torch.save({"format": "fastedge.masks/1", "graph": em.graph.to_dict(), "edge_model": em.state_dict()},
                    Path(out_dir) / "masks.pt")
     distributed.barrier(group)  # rank 0's files exist when any rank returns
     em.eval()
-    sparsity = cfg.circuit_sparsity if cfg.circuit_sparsity is not None else min(cfg.target_sparsity, 1.0)
-    circuit = extract_circuit(em, sparsity)
+    circuit = _extract(em, cfg)
     circuit.model_name = model_name or getattr(em.model.config, "_name_or_path", "") or ""
     circuit.task = task_name or getattr(data, "name", "")
     circuit.ablation = em.ablation
@@ -290,6 +290,19 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
     circuit.metrics = dict(metrics)
     return PruneResult(circuit=circuit, metrics=metrics, history=history, edge_model=em,
                        wall_seconds=time.time() - started)
+
+
+def _extract(em: EdgeModel, cfg: PruneConfig):
+    """The run's circuit: at ``circuit_sparsity`` when given; else at the
+    training target when it is below 1; else (targets at or above 1, where an
+    edge count would be 0 or negative) the edges whose deterministic mask
+    passes 0.5 (`fastedge.circuit.extract_circuit_by_threshold`)."""
+    from fastedge.circuit import extract_circuit, extract_circuit_by_threshold
+    if cfg.circuit_sparsity is not None:
+        return extract_circuit(em, cfg.circuit_sparsity)
+    if cfg.target_sparsity >= 1.0:
+        return extract_circuit_by_threshold(em, 0.5)
+    return extract_circuit(em, cfg.target_sparsity)
 
 
 def _micro_batches(cfg: PruneConfig, group: distributed.Group) -> tuple[int, int]:
