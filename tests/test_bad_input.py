@@ -101,3 +101,165 @@ def test_extract_circuit_above_one_points_to_the_threshold_extraction():
     em = fastedge.patch(_model())
     with pytest.raises(ValueError, match="extract_circuit_by_threshold"):
         extract_circuit(em, 1.2)
+
+
+# -- 4. NaN masks: NaN in gives NaN out on every backend; noise must lie in (0, 1) -----------------
+
+from conftest import backend_targets  # noqa: E402
+from fastedge import ops  # noqa: E402
+from fastedge.backends import get_backend  # noqa: E402
+
+NAN = float("nan")
+
+
+def _nan_log_alpha(n=37, seed=11):
+    """Random log_alphas (float64 source) with NaN at known places, and the
+    structural zero / saturation cases beside them."""
+    la = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float() * 3
+    la[[0, 5, n - 1]] = NAN
+    la[7], la[8] = float("-inf"), float("inf")
+    return la
+
+
+def _assert_nan_exactly_where(got, where):
+    got = got.detach().cpu()
+    assert torch.equal(torch.isnan(got), where), f"NaN at {torch.isnan(got).nonzero().flatten().tolist()}, " \
+                                                 f"expected at {where.nonzero().flatten().tolist()}"
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("target", backend_targets())
+def test_nan_log_alpha_gives_nan_masks_on_every_backend(target, training):
+    backend, device = target
+    la = _nan_log_alpha().to(device).requires_grad_(True)
+    u = ops.draw_noise(la.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    z = fastedge.hard_concrete(la, training=training, u=u if training else None, backend=backend)
+    _assert_nan_exactly_where(z, torch.isnan(la.detach().cpu()))
+    assert z[7].item() == 0.0 and z[8].item() == 1.0   # -inf and +inf stay exact
+    # values and gradients agree with the float64 reference backend, NaN for NaN
+    la64 = la.detach().cpu().double().requires_grad_(True)
+    u64 = u.cpu().double() if training else None
+    z64 = fastedge.hard_concrete(la64, training=training, u=u64, backend="reference")
+    assert torch.allclose(z.detach().cpu().double(), z64.detach(), atol=2e-6, rtol=0, equal_nan=True)
+    dz = torch.randn(la.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    (g,) = torch.autograd.grad(z, la, dz.float().to(device))
+    (g64,) = torch.autograd.grad(z64, la64, dz)
+    assert torch.allclose(g.cpu().double(), g64, atol=2e-5, rtol=1e-4, equal_nan=True)
+
+
+@pytest.mark.parametrize("target", backend_targets())
+def test_backends_given_noise_outside_the_interval_agree_on_nan(target):
+    """Below the public op's check, a backend handed u outside (0, 1) (or NaN)
+    gives NaN, not a clamped 0 (the Triton kernels did)."""
+    backend, device = target
+    la = torch.tensor([0.5, -1.0, 2.0, 1.0], device=device)
+    u = torch.tensor([1.5, -0.25, NAN, 0.5], device=device)
+    z = get_backend(backend).hard_concrete_forward(la, u, True)
+    _assert_nan_exactly_where(z, torch.tensor([True, True, True, False]))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("target", backend_targets())
+def test_nan_log_alpha_gives_nan_in_sampled_masks_and_the_fused_sum(target, training):
+    backend, device = target
+    g = torch.Generator().manual_seed(4)
+    R, W = 6, 9
+    edge = (torch.randn(R, W, generator=g, dtype=torch.float64) * 3).float()
+    node = (torch.randn(W, generator=g, dtype=torch.float64) * 3).float()
+    edge[1, 2] = NAN
+    node[5] = NAN
+    edge, node = edge.to(device), node.to(device)
+    m, edge_sum = ops.sample_masks(edge, node, seed=7, training=training, backend=backend)
+    want = torch.zeros(R, W, dtype=torch.bool)
+    want[1, 2] = True
+    want[:, 5] = True
+    _assert_nan_exactly_where(m, want)
+    assert math.isnan(edge_sum.item())
+    stack = torch.randn(W + 2, 3, 8, generator=g).to(device)
+    out, fused_sum = ops.sampled_masked_writer_sum(stack, edge, node, seed=7, training=training,
+                                                   backend=backend)
+    assert math.isnan(fused_sum.item())
+    # node 5 feeds every reader: every reader's input is NaN
+    assert torch.isnan(out.detach().cpu()).all(dim=(1, 2)).tolist() == [True] * R
+    # without the NaNs, the same call is finite (the NaN comes from the input, not the op)
+    clean_out, clean_sum = ops.sampled_masked_writer_sum(stack, edge.nan_to_num(0.5), node.nan_to_num(0.5),
+                                                         seed=7, training=training, backend=backend)
+    assert torch.isfinite(clean_out).all() and math.isfinite(clean_sum.item())
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, 1.5, -0.25, NAN, float("inf")])
+@pytest.mark.parametrize("target", backend_targets())
+def test_hard_concrete_refuses_noise_outside_the_open_interval(target, bad):
+    backend, device = target
+    la = torch.zeros(2, 3, device=device)
+    u = torch.full((2, 3), 0.5, device=device)
+    u[1, 2] = bad
+    with pytest.raises(ValueError, match=r"u must lie in the open interval \(0, 1\), got "
+                                         + (r"nan" if bad != bad else repr(bad).replace(".", r"\.")) + r" at index \(1, 2\)"):
+        fastedge.hard_concrete(la, training=True, u=u, backend=backend)
+    # the nearest legal values pass
+    u[1, 2] = 1e-7 if bad <= 0 else 1 - 1e-7
+    assert torch.isfinite(fastedge.hard_concrete(la, training=True, u=u, backend=backend)).all()
+
+
+# -- 9. EdgeModel after unpatch; patching twice; weights never get gradients ------------------------
+
+from fastedge.model import UnpatchedError  # noqa: E402
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 23, (2, 7), generator=g), torch.randint(1, 23, (2, 7), generator=g)
+
+
+def _flags(model):
+    return {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def test_unpatched_edge_model_refuses_to_run_and_gives_the_model_back():
+    model = _model()
+    model.train()
+    model.transformer.wte.weight.requires_grad_(False)   # a user's own frozen weight
+    before = _flags(model)
+    em = fastedge.patch(model)
+    ids, corrupted = _inputs()
+    em(ids, corrupted).logits.sum().backward()
+    assert all(p.grad is None for p in model.parameters())     # weights never get gradients
+    assert all(p.grad is not None for p in em.parameters())
+    assert em.unpatch() is model
+    assert _flags(model) == before and model.training
+    with pytest.raises(UnpatchedError, match="unpatched.*fastedge.patch"):
+        em(ids, corrupted)
+    with pytest.raises(UnpatchedError):
+        em.compute_mean_outputs(ids)
+    assert em.unpatch() is model and _flags(model) == before   # a second unpatch changes nothing
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_patching_twice_then_unpatching_restores_the_original_flags():
+    import gc
+    model = _model()
+    before = _flags(model)
+    assert all(before.values())
+    ids, corrupted = _inputs(1)
+    first = fastedge.patch(model)
+    second = fastedge.patch(model)
+    second.unpatch()
+    # the first patch is still live: it keeps the weights frozen and runs without touching them
+    assert not any(_flags(model).values())
+    first(ids, corrupted).logits.sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    first.unpatch()
+    assert _flags(model) == before          # not the frozen state the second patch found
+    # in the other order, and with the first patch dropped instead of unpatched
+    a, b = fastedge.patch(model), fastedge.patch(model)
+    a.unpatch()
+    assert not any(_flags(model).values())
+    b.unpatch()
+    assert _flags(model) == before
+    dropped = fastedge.patch(model)
+    kept = fastedge.patch(model)
+    del dropped
+    gc.collect()
+    kept.unpatch()
+    assert _flags(model) == before
