@@ -263,3 +263,108 @@ def test_patching_twice_then_unpatching_restores_the_original_flags():
     gc.collect()
     kept.unpatch()
     assert _flags(model) == before
+
+
+# -- 1. resuming across tasks; 8. resuming a checkpoint with NaN masks ----------------------------
+
+from fastedge.prune import task_fingerprint  # noqa: E402
+from fastedge.tasks.base import Example, TaskData  # noqa: E402
+
+
+def _checkpoint(out):
+    return out / "checkpoints" / "latest.pt"
+
+
+def _interrupted_run(out, task=None):
+    """A 6-step run whose checkpoint says it stopped after step 3; returns the
+    checkpoint's state."""
+    prune(_model(), task or _task(), target_sparsity=0.5, steps=6, out_dir=str(out), **OPTS)
+    state = torch.load(_checkpoint(out), weights_only=False)
+    state["step"], state["history"] = 3, state["history"][:3]
+    torch.save(state, _checkpoint(out))
+    return state
+
+
+def test_task_fingerprint_sees_every_part_of_the_examples():
+    task = _task()
+    fp = task_fingerprint(task, "induction")
+    assert fp == task_fingerprint(_task(), "induction")          # deterministic
+    assert fp["n_train"] + fp["n_validation"] == len(task)
+
+    def changed(**kw):
+        e = task.examples[3]
+        fields = dict(clean_ids=list(e.clean_ids), corrupted_ids=list(e.corrupted_ids),
+                      target_positions=list(e.target_positions), split=e.split)
+        fields.update(kw)
+        fields["clean_answer"] = [fields["clean_ids"][p + 1] for p in fields["target_positions"]]
+        fields["corrupted_answer"] = [fields["corrupted_ids"][p + 1] for p in fields["target_positions"]]
+        examples = list(task.examples)
+        examples[3] = Example(**fields)
+        return task_fingerprint(TaskData(task.name, examples), "induction")["sha256"]
+
+    e = task.examples[3]
+    assert changed()  == fp["sha256"]
+    assert changed(clean_ids=[e.clean_ids[0] % 22 + 1] + list(e.clean_ids[1:])) != fp["sha256"]
+    assert changed(corrupted_ids=list(e.corrupted_ids[:-1]) + [e.corrupted_ids[-1] % 22 + 1]) != fp["sha256"]
+    assert changed(target_positions=list(e.target_positions[1:])) != fp["sha256"]
+    assert changed(split="validation" if e.split == "train" else "train") != fp["sha256"]
+    swapped = list(task.examples)
+    swapped[0], swapped[1] = swapped[1], swapped[0]
+    assert task_fingerprint(TaskData(task.name, swapped))["sha256"] != fp["sha256"]
+
+
+def test_resume_refuses_a_checkpoint_of_another_task(tmp_path):
+    _interrupted_run(tmp_path, _task(seed=1))
+    other = _task(seed=2)
+    other.name = "other-data"
+    with pytest.raises(ValueError, match=r"cannot resume: .*latest\.pt was written for task 'induction' "
+                                         r"\(\d+ train and \d+ validation examples.*this run's data is "
+                                         r"task 'other-data'"):
+        prune(_model(), other, target_sparsity=0.5, steps=6, out_dir=str(tmp_path), resume=True, **OPTS)
+    # the same data under another name resumes (the examples decide)
+    same = _task(seed=1)
+    same.name = "renamed"
+    r = prune(_model(), same, target_sparsity=0.5, steps=6, out_dir=str(tmp_path), resume=True, **OPTS)
+    assert len(r.history) == 6
+
+
+def test_resume_of_an_old_checkpoint_without_a_task_warns(tmp_path):
+    state = _interrupted_run(tmp_path)
+    del state["task"]
+    torch.save(state, _checkpoint(tmp_path))
+    with pytest.warns(UserWarning, match=r"latest\.pt records no task .*without checking"):
+        r = prune(_model(), _task(), target_sparsity=0.5, steps=6, out_dir=str(tmp_path), resume=True, **OPTS)
+    assert len(r.history) == 6
+    assert torch.load(_checkpoint(tmp_path), weights_only=False)["task"] == task_fingerprint(_task(), "induction")
+
+
+@pytest.mark.parametrize("where", ["edge", "node", "multiplier", "optimizer", "posinf"])
+def test_resume_refuses_a_checkpoint_with_non_finite_state(tmp_path, where):
+    state = _interrupted_run(tmp_path)
+    if where == "edge":
+        state["edge_model"]["edge_log_alpha.1"][0, 2] = NAN
+        name = r"edge_model\.edge_log_alpha\.1"
+    elif where == "node":
+        state["edge_model"]["node_log_alpha"][3] = NAN
+        name = r"edge_model\.node_log_alpha"
+    elif where == "posinf":
+        state["edge_model"]["edge_log_alpha.0"][0, 0] = float("inf")
+        name = r"edge_model\.edge_log_alpha\.0"
+    elif where == "multiplier":
+        state["multipliers"]["edge"][1] = float("-inf")
+        name = r"multipliers\.edge"
+    else:
+        state["optimizer"]["state"][0]["exp_avg_sq"].view(-1)[0] = NAN
+        name = r"optimizer\.state\.0\.exp_avg_sq"
+    torch.save(state, _checkpoint(tmp_path))
+    with pytest.raises(ValueError, match=r"cannot resume: .*latest\.pt holds 1 non-finite value\(s\) in " + name):
+        prune(_model(), _task(), target_sparsity=0.5, steps=6, out_dir=str(tmp_path), resume=True, **OPTS)
+
+
+def test_resume_accepts_structural_zeros(tmp_path):
+    """-inf log_alphas are structural zeros (mask exactly 0), not damage."""
+    state = _interrupted_run(tmp_path)
+    state["edge_model"]["edge_log_alpha.0"][0, 0] = float("-inf")
+    torch.save(state, _checkpoint(tmp_path))
+    r = prune(_model(), _task(), target_sparsity=0.5, steps=6, out_dir=str(tmp_path), resume=True, **OPTS)
+    assert r.edge_model.edge_log_alpha[0][0, 0].item() == float("-inf")
