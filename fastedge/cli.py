@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "circuit extracted at 0.9)")
     p.add_argument("--steps", type=int, default=None, help="optimisation steps (default 3000; 1000 for the shipped model)")
     p.add_argument("--circuit-sparsity", type=float, default=None,
-                   help="edge sparsity of the extracted circuit (default: the target, at most 1)")
+                   help="edge sparsity of the extracted circuit (default: the target when below 1; for "
+                        "targets of 1 or more, the edges whose deterministic mask exceeds 0.5)")
     p.add_argument("--batch-size", type=int, default=None, help="examples per step (default 32)")
     p.add_argument("--micro-batch-size", type=int, default=None,
                    help="examples per forward pass; gradients accumulate over the batch "
