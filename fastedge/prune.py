@@ -30,10 +30,13 @@ with the same micro-batch size.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -50,6 +53,24 @@ CHECKPOINT_FORMAT = "fastedge.checkpoint/1"
 
 class NonFiniteLossError(RuntimeError):
     """The loss (or a gradient) became NaN or infinite; the run stopped."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (or masks file) that cannot be read or does not belong
+    to this run; the message names the file."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, most often); the
+    message names the path and the free space, and the previous checkpoint
+    is kept."""
+
+    def __init__(self, message: str, err: Optional[int] = None):
+        super().__init__(err, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass
@@ -200,6 +221,10 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
             model = model.to(torch.bfloat16)
         em = patch(model, ablation=cfg.ablation, node_masks=cfg.node_masks, seed=cfg.seed,
                    recompute_readers=cfg.recompute_readers, precision=cfg.precision)
+    if hasattr(data, "check_fits"):
+        from fastedge.adapters import input_limits
+        vocab, positions = input_limits(em.model)
+        data.check_fits(vocab_size=vocab, max_positions=positions, model_name=model_name or "the model")
     device = _model_device(em.model)
     torch.manual_seed(cfg.seed)
     em.reset_masks(generator=torch.Generator(device="cpu").manual_seed(cfg.seed), mean=cfg.init_log_alpha)
@@ -227,8 +252,11 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
         if latest is None:
             raise ValueError("resume needs out_dir (where the checkpoints are)")
         if latest.exists():  # every rank loads it: the state is replicated
-            state = torch.load(latest, map_location=device, weights_only=False)
-            _check_resumable(state, cfg, em)
+            state = load_checkpoint_file(latest, "checkpoint", map_location=device)
+            try:
+                _check_resumable(state, cfg, em)
+            except (ValueError, KeyError) as exc:
+                raise CheckpointError(f"{latest}: {exc.args[0] if exc.args else exc}") from None
             em.load_state_dict(state["edge_model"])
             multipliers.load_state_dict(state["multipliers"])
             optimizer.load_state_dict(state["optimizer"])
@@ -236,6 +264,8 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
             sampler.set_state(state["sampler"])
             history = state["history"]
             start = state["step"]
+        elif group.is_main:
+            warnings.warn(f"resume: no checkpoint at {latest}; the run starts fresh from step 1")
 
     trainer = _Trainer(cfg=cfg, em=em, multipliers=multipliers, optimizer=optimizer, scheduler=scheduler,
                        cache=_FullModelCache(em, train.examples, device), examples=train.examples,
@@ -366,7 +396,7 @@ def _train_step(t: _Trainer, step: int, indices: list[int]) -> dict:
         weight = len(chunk) / cfg.batch_size
         kl, sparsity, loss = _micro_batch_loss(t, step, j, chunk, target)
         if not torch.isfinite(loss):
-            failure = _non_finite_message(step, kl, sparsity, loss, t.latest)
+            failure = _non_finite_message(step, kl, sparsity, loss, t.latest, cfg.checkpoint_every)
             break
         (loss * weight).backward()
         totals["loss"] += loss.item() * weight
@@ -379,8 +409,9 @@ def _train_step(t: _Trainer, step: int, indices: list[int]) -> dict:
         totals = dict(zip(totals, summed[:len(totals)]))
         failed = [r for r, f in enumerate(summed[len(totals):]) if f]
         if failed and failure is None:
-            failure = (f"step {step}: non-finite loss on rank{'s' if len(failed) > 1 else ''} "
-                       f"{', '.join(map(str, failed))}; stopped. " + _last_good(t.latest))
+            failure = (f"step {step + 1}: non-finite loss on rank{'s' if len(failed) > 1 else ''} "
+                       f"{', '.join(map(str, failed))}; stopped. "
+                       + _last_good(t.latest, cfg.checkpoint_every))
     if failure is not None:
         raise NonFiniteLossError(failure)
     distributed.all_reduce_gradients([p for _, p in _named_trainables(em, multipliers)], t.group)
@@ -391,8 +422,9 @@ def _train_step(t: _Trainer, step: int, indices: list[int]) -> dict:
     bad = [name for name, p in _named_trainables(em, multipliers)
            if p.grad is not None and not torch.isfinite(p.grad).all()]
     if bad:
-        raise NonFiniteLossError(f"step {step}: non-finite gradient in {', '.join(bad)} "
-                                 f"(loss {totals['loss']:.4g}); " + _last_good(t.latest))
+        raise NonFiniteLossError(f"step {step + 1}: non-finite gradient in {', '.join(bad)} "
+                                 f"(loss {totals['loss']:.4g}); "
+                                 + _last_good(t.latest, cfg.checkpoint_every))
     lr_used = t.optimizer.param_groups[0]["lr"]
     t.optimizer.step()
     t.scheduler.step()
@@ -430,21 +462,26 @@ def _named_trainables(em, multipliers):
     yield from (("lagrange multiplier " + n, p) for n, p in multipliers.named_parameters())
 
 
-def _last_good(latest: Optional[Path]) -> str:
-    if latest is None or not latest.exists():
-        return "no checkpoint was written (pass out_dir and checkpoint_every to keep one)"
-    step = torch.load(latest, map_location="cpu", weights_only=False)["step"]
-    return f"the last good checkpoint is {latest} (step {step})"
+def _last_good(latest: Optional[Path], checkpoint_every: int) -> str:
+    """The sentence about checkpoints in a stopped run's message (steps are
+    1-based, as in log.jsonl)."""
+    if latest is None:
+        return "no checkpoint was written (pass out_dir to keep one)"
+    step = checkpoint_step(latest)
+    if step is None:
+        return (f"no checkpoint had been written yet (the first comes after step {checkpoint_every}; "
+                f"a smaller checkpoint_every / --checkpoint-every keeps one sooner)")
+    return f"the last good checkpoint is {latest} (after step {step})"
 
 
-def _non_finite_message(step, kl, sparsity, loss, latest) -> str:
+def _non_finite_message(step, kl, sparsity, loss, latest, checkpoint_every) -> str:
     parts = []
     for name, value in (("KL", kl), ("edge sparsity", sparsity), ("loss", loss)):
         v = value.item()
         if not math.isfinite(v):
             parts.append(f"{name} is {v}")
     what = ", ".join(parts) or f"loss is {loss.item()}"
-    return f"step {step}: {what}; stopped. " + _last_good(latest)
+    return f"step {step + 1}: {what}; stopped. " + _last_good(latest, checkpoint_every)
 
 
 def _progress(cfg: PruneConfig, start: int):
@@ -461,8 +498,80 @@ def _save_checkpoint(path: Path, step, cfg, em, multipliers, optimizer, schedule
              "multipliers": multipliers.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "sampler": sampler.get_state(), "history": history}
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a run killed mid-save keeps the previous checkpoint
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic: a run killed mid-save keeps the previous checkpoint
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)  # no partial file left behind, whatever stopped the write
+        if not isinstance(exc, (OSError, RuntimeError)):
+            raise
+        # torch.save reports a full disk as a RuntimeError of its zip writer
+        # ("unexpected pos 64 vs 0"): say what happened instead
+        raise CheckpointWriteError(_write_failure(path, step, exc),
+                                   errno.ENOSPC if _disk_full(exc, path) else getattr(exc, "errno", None)
+                                   ) from exc
+
+
+def _free_bytes(folder: Path) -> Optional[int]:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _disk_full(exc: BaseException, path: Path) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return True
+    free = _free_bytes(path.parent)
+    return free is not None and free < 1 << 20
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _write_failure(path: Path, step: int, exc: BaseException) -> str:
+    free = _free_bytes(path.parent)
+    reason = (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)).strip()
+    kept = checkpoint_step(path)
+    return (f"cannot write the checkpoint of step {step} to {path} ({reason}); "
+            f"{'free space unknown' if free is None else _bytes(free) + ' free'} in {path.parent}; "
+            + (f"the checkpoint of step {kept} is kept: " if kept is not None else "")
+            + "free some space and run again with --resume")
+
+
+def load_checkpoint_file(path, what: str = "checkpoint", map_location="cpu") -> dict:
+    """A checkpoint or masks file as a dict; a corrupt, truncated or foreign
+    file gives a `CheckpointError` that names it."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except (OSError, FileNotFoundError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - unpickling fails in many ways on a damaged file
+        detail = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise CheckpointError(f"{path}: cannot read this {what}, it is corrupt or truncated ({detail}); "
+                              f"delete it to start fresh, or restore a good copy") from None
+    if not isinstance(state, dict) or "format" not in state:
+        raise CheckpointError(f"{path}: not a fastedge {what} (it holds {type(state).__name__}"
+                              f"{'' if not isinstance(state, dict) else ' without a format'}); "
+                              f"point to the file fastedge wrote")
+    return state
+
+
+def checkpoint_step(path) -> Optional[int]:
+    """The step a checkpoint was written after, or None when there is no
+    readable checkpoint at `path`."""
+    try:
+        if not Path(path).exists():
+            return None
+        return int(torch.load(path, map_location="cpu", weights_only=False)["step"])
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint has no step
+        return None
 
 
 _RESUME_KEYS = ("target_sparsity", "steps", "batch_size", "micro_batch_size", "lr", "lambda_lr",
