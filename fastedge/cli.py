@@ -314,7 +314,7 @@ def cmd_eval(args) -> int:
     if args.sweep:
         from fastedge.evaluate import sweep
         from fastedge.prune import load_checkpoint_file
-        state = load_checkpoint_file(args.masks, "masks file")
+        state = load_checkpoint_file(args.masks, "masks file")  # masks.pt or a checkpoint
         if state.get("graph") != em.graph.to_dict():
             raise CliError(f"{args.masks} was learned on another model than {name}; "
                            f"give the --model it was pruned on")

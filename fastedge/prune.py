@@ -252,7 +252,8 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
         if latest is None:
             raise ValueError("resume needs out_dir (where the checkpoints are)")
         if latest.exists():  # every rank loads it: the state is replicated
-            state = load_checkpoint_file(latest, "checkpoint", map_location=device)
+            state = load_checkpoint_file(latest, "checkpoint", map_location=device,
+                                         expected_format=CHECKPOINT_FORMAT)
             try:
                 _check_resumable(state, cfg, em)
             except (ValueError, KeyError) as exc:
@@ -544,22 +545,29 @@ def _write_failure(path: Path, step: int, exc: BaseException) -> str:
             + "free some space and run again with --resume")
 
 
-def load_checkpoint_file(path, what: str = "checkpoint", map_location="cpu") -> dict:
+def load_checkpoint_file(path, what: str = "checkpoint", map_location="cpu",
+                         expected_format: Optional[str] = None) -> dict:
     """A checkpoint or masks file as a dict; a corrupt, truncated or foreign
-    file gives a `CheckpointError` that names it."""
+    file (or one of another format than `expected_format`) gives a
+    `CheckpointError` that names it and what to do."""
     path = Path(path)
+    remedy = ("delete it to start fresh, or restore a good copy" if what == "checkpoint"
+              else "run prune again to rewrite it")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
-    except (OSError, FileNotFoundError):
+    except OSError:
         raise
     except Exception as exc:  # noqa: BLE001 - unpickling fails in many ways on a damaged file
-        detail = " ".join(str(exc).split())[:160] or type(exc).__name__
-        raise CheckpointError(f"{path}: cannot read this {what}, it is corrupt or truncated ({detail}); "
-                              f"delete it to start fresh, or restore a good copy") from None
-    if not isinstance(state, dict) or "format" not in state:
-        raise CheckpointError(f"{path}: not a fastedge {what} (it holds {type(state).__name__}"
-                              f"{'' if not isinstance(state, dict) else ' without a format'}); "
-                              f"point to the file fastedge wrote")
+        detail = " ".join(str(exc).split()).split(". ")[0][:120] or type(exc).__name__
+        raise CheckpointError(f"{path}: cannot read this {what}: it is corrupt or truncated ({detail}); "
+                              f"{remedy}") from None
+    found = state.get("format") if isinstance(state, dict) else None
+    if not isinstance(found, str) or not found.startswith("fastedge.") or (
+            expected_format is not None and found != expected_format):
+        held = f"format {found!r}" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise CheckpointError(f"{path}: not a fastedge {what} (it holds {held}"
+                              + (f", expected {expected_format!r}" if expected_format else "")
+                              + f"); {remedy}")
     return state
 
 
