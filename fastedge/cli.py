@@ -321,7 +321,7 @@ def cmd_eval(args) -> int:
         em.load_state_dict(state["edge_model"])
         sparsities = [float(x) for x in args.sweep.split(",") if x.strip()]
         result = sweep(em, data, sparsities, batch_size=args.batch_size)
-        _check_full_model_finite(result["points"][0] if result.get("points") else {}, model, name)
+        _check_full_model_finite(result["points"][0] if result.get("points") else {}, model)
         _emit(result, args.out)
         return 0
     if circuit is not None:
@@ -329,7 +329,7 @@ def cmd_eval(args) -> int:
     else:
         em.set_circuit(em.graph.edges())
     metrics = evaluate(em, data, circuit, batch_size=args.batch_size)
-    _check_full_model_finite(metrics, model, name)
+    _check_full_model_finite(metrics, model)
     _emit(metrics, args.out)
     return 0
 
@@ -343,18 +343,13 @@ def _check_same_model(circuit, em, path: str, model_name: str) -> None:
                        f"it was found on")
 
 
-def _check_full_model_finite(metrics: dict, model, name: str) -> None:
+def _check_full_model_finite(metrics: dict, model) -> None:
     """A model whose own logits are NaN or infinite gives NaN metrics that
-    mean nothing: fail (status 1) and name the non-finite weights."""
-    values = [metrics.get(k) for k in ("full_logit_diff", "kl")]
-    if all(v is None or math.isfinite(v) for v in values):
+    mean nothing: fail (status 1) and say why."""
+    if all(v is None or math.isfinite(v) for v in (metrics.get("full_logit_diff"), metrics.get("kl"))):
         return
-    import torch
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-    where = (f"{len(bad)} of its weight tensors hold NaN or inf (first: {bad[0]})" if bad
-             else "its weights are finite, so it overflows in its dtype; try without --bf16")
-    raise CliError(f"the model {name} itself gives non-finite logits on this task, so every metric "
-                   f"would be NaN: {where}", status=EXIT_FAILED)
+    from fastedge.prune import non_finite_model_message
+    raise CliError(non_finite_model_message(model) + "; its metrics would all be NaN", status=EXIT_FAILED)
 
 
 def _emit(result: dict, out: Optional[str]) -> None:

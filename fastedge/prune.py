@@ -170,6 +170,8 @@ class _FullModelCache:
             batch = collate([self.examples[i] for i in missing])
             logits = full_logits(self.em, batch.input_ids.to(self.device),
                                  batch.attention_mask.to(self.device)).float()
+            if not torch.isfinite(logits).all():  # no mask can fix the model's own output
+                raise NonFiniteLossError(non_finite_model_message(self.em.model))
             for row, i in enumerate(missing):
                 targets = batch.target_mask[row].to(self.device)
                 self.cache[i] = F.log_softmax(logits[row][targets], dim=-1)
@@ -470,9 +472,18 @@ def _last_good(latest: Optional[Path], checkpoint_every: int) -> str:
         return "no checkpoint was written (pass out_dir to keep one)"
     step = checkpoint_step(latest)
     if step is None:
-        return (f"no checkpoint had been written yet (the first comes after step {checkpoint_every}; "
-                f"a smaller checkpoint_every / --checkpoint-every keeps one sooner)")
+        return (f"no checkpoint had been written yet (the first comes after step {checkpoint_every}"
+                + ("; a smaller checkpoint_every / --checkpoint-every keeps one sooner)"
+                   if checkpoint_every > 1 else ")"))
     return f"the last good checkpoint is {latest} (after step {step})"
+
+
+def non_finite_model_message(model) -> str:
+    """Why a model's own logits are NaN or infinite: its non-finite weights, or an overflow."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    where = (f"{len(bad)} of its weight tensors hold NaN or inf (first: {bad[0]})" if bad
+             else "its weights are finite, so it overflows in its dtype (try float32, without bf16)")
+    return f"the unpruned model's own logits are not finite on this task, so nothing can be learned: {where}"
 
 
 def _non_finite_message(step, kl, sparsity, loss, latest, checkpoint_every) -> str:
