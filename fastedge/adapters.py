@@ -151,6 +151,14 @@ SPECS = {
 assert tuple(sorted(SPECS)) == SUPPORTED_MODEL_TYPES
 
 
+def input_limits(model: nn.Module) -> tuple[int, Optional[int]]:
+    """(token ids the model's embedding holds, positions its learned position
+    embedding holds; None for rotary positions, which have no table)."""
+    a = Adapter(model)
+    positions = a.position_embedding.num_embeddings if a.position_embedding is not None else None
+    return a.token_embedding.num_embeddings, positions
+
+
 class Adapter:
     """A model and its ArchSpec: the pieces the edge model calls."""
 

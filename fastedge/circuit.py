@@ -94,6 +94,8 @@ from torch import Tensor
 
 from fastedge import constants
 from fastedge.graph import EdgeGraph
+from fastedge.graph import edge_indices as _edge_indices
+from fastedge.graph import writer_indices as _writer_indices
 
 __all__ = ["Circuit", "extract_circuit", "extract_circuit_by_threshold", "compare_circuits", "CIRCUIT_FORMAT",
            "prune_dead_edges", "deterministic_edge_masks"]
@@ -122,47 +124,6 @@ def _edge_endpoints(graph: EdgeGraph) -> tuple[Tensor, Tensor]:
         ws.append(torch.arange(g.n_writers).repeat(g.n_readers))
         rs.append(torch.arange(g.first_reader, g.first_reader + g.n_readers).repeat_interleave(g.n_writers))
     return torch.cat(ws), torch.cat(rs)
-
-
-def _pair(item, index: int, what: str) -> tuple[str, str]:
-    if (not isinstance(item, (list, tuple)) or len(item) != 2
-            or not all(isinstance(x, str) for x in item)):
-        raise ValueError(f"{what} {index} is {item!r}: expected a [writer, reader] pair of names")
-    return item[0], item[1]
-
-
-def _edge_indices(pairs: Iterable, graph: EdgeGraph, what: str = "edge") -> list[int]:
-    """Graph edge indices of (writer, reader) name pairs; a ValueError names the
-    first bad pair and its position."""
-    out = []
-    for i, item in enumerate(pairs):
-        w, r = _pair(item, i, what)
-        wi = graph.writer_index.get(w)
-        ri = graph.reader_index.get(r)
-        if wi is None:
-            raise ValueError(f"{what} {i} [{w!r}, {r!r}]: unknown writer {w!r} (writers are "
-                             f"{', '.join(graph.embeddings)}, a{{l}}.h{{i}}, m{{l}} for "
-                             f"{graph.n_layers} layers and {graph.n_heads} heads)")
-        if ri is None:
-            raise ValueError(f"{what} {i} [{w!r}, {r!r}]: unknown reader {r!r} (readers are "
-                             f"a{{l}}.h{{i}}.q, a{{l}}.h{{j}}.k/.v, m{{l}}, resid_post for "
-                             f"{graph.n_layers} layers, {graph.n_heads} query and "
-                             f"{graph.n_kv_heads} key/value heads)")
-        if wi >= graph.reader_prefix[ri]:
-            raise ValueError(f"{what} {i} [{w!r}, {r!r}]: not an edge of the graph: "
-                             f"{w} is not upstream of {r}")
-        out.append(graph.reader_edge_start[ri] + wi)
-    return out
-
-
-def _writer_indices(names: Iterable, graph: EdgeGraph, what: str = "node") -> list[int]:
-    out = []
-    for i, name in enumerate(names):
-        if not isinstance(name, str) or name not in graph.writer_index:
-            raise ValueError(f"{what} {i} {name!r}: not a writer of the graph (writers are "
-                             f"{', '.join(graph.embeddings)}, a{{l}}.h{{i}}, m{{l}})")
-        out.append(graph.writer_index[name])
-    return out
 
 
 def _heads_per_kv(graph: EdgeGraph) -> int:

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import shlex
 import sys
 import warnings
 from pathlib import Path
 from typing import Optional
 
+from fastedge.cli_errors import EXIT_FAILED, EXIT_INTERRUPTED, CliError, describe, one_line
+
 SHIPPED = "shipped"
+MAX_SEED = 2 ** 32  # --seed lies in [0, MAX_SEED)
 
 
 def _add_model_and_task(p: argparse.ArgumentParser, *, require_task: bool = False) -> None:
@@ -39,6 +44,8 @@ def _add_model_and_task(p: argparse.ArgumentParser, *, require_task: bool = Fals
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastedge", description="Find circuits in language models with Edge Pruning.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an error instead of a one-line message")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prune", help="learn edge masks and write the circuit, its metrics and a picture",
@@ -95,54 +102,121 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_and_task(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", default=None, metavar="FILE", help="also write the comparison to this JSON file")
+    for p in sub.choices.values():  # --debug after the command too (SUPPRESS keeps the global value)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the Python traceback of an error instead of a one-line message")
     return parser
 
 
 # -- loading ------------------------------------------------------------------------
 
+def check_seed(seed: int) -> None:
+    if not 0 <= seed < MAX_SEED:
+        raise CliError(f"--seed {seed}: a seed must be a whole number in [0, 2**32); "
+                       f"give a non-negative one, such as --seed 0")
+
+
+def resolve_device(requested: Optional[str]) -> str:
+    """The device to run on: `requested` when this machine has it, else a
+    refusal that names the device and what to use instead."""
+    import torch
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError):
+        raise CliError(f"--device {requested}: not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return str(device)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = ("this PyTorch is a CPU build" if torch.version.cuda is None
+                   else "no CUDA GPU is visible (check CUDA_VISIBLE_DEVICES and the driver)")
+            raise CliError(f"--device {requested}: {why}; use --device cpu, or leave --device out")
+        if device.index is not None and device.index >= count:
+            raise CliError(f"--device {requested}: this machine has {count} CUDA device(s), "
+                           f"cuda:0 to cuda:{count - 1}")
+        return str(device)
+    try:  # another accelerator (mps, xpu, ...): usable when a tensor can live there
+        torch.empty(0, device=device)
+    except Exception as exc:  # noqa: BLE001 - any failure means the device is unusable
+        raise CliError(f"--device {requested}: not available here ({one_line(str(exc))}); "
+                       f"use cpu or cuda") from None
+    return str(device)
+
+
+# tokenizer files that AutoTokenizer reads from a local folder
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model",
+                    "spiece.model", "vocab.txt")
+
+
+def _load_tokenizer(model: str):
+    """(tokenizer or None, why none). A local folder without tokenizer files
+    has no tokenizer, even where AutoTokenizer builds an empty one."""
+    from transformers import AutoTokenizer
+    folder = Path(model)
+    if folder.is_dir() and not any((folder / f).exists() for f in _TOKENIZER_FILES):
+        return None, (f"the model folder {model} has no tokenizer ({', '.join(_TOKENIZER_FILES[:2])}, ...): "
+                      f"save one beside the model with tokenizer.save_pretrained({model!r})")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        return None, f"no tokenizer could be loaded for {model} ({one_line(str(exc))[:200]})"
+    if len(tokenizer) == 0:
+        return None, f"the tokenizer of {model} is empty (no vocabulary)"
+    return tokenizer, ""
+
+
 def load_model_and_task(args):
     import torch
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = None
+    device = resolve_device(args.device)
+    tokenizer, no_tokenizer = None, "the shipped model has no text tokenizer"
     if args.model in (None, SHIPPED):
         from fastedge import shipped
         model = shipped.load_shipped_model()
         name = "fastedge/shipped/" + shipped.SHIPPED_MODEL_NAME
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
         try:
             model = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="eager")
-        except OSError as exc:
-            raise SystemExit(f"fastedge: cannot load model {args.model!r}: {exc}")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(args.model)
-        except (OSError, ValueError):
-            tokenizer = None
+        except (OSError, ValueError) as exc:
+            raise CliError(f"cannot load model {args.model!r}: {one_line(str(exc))}") from None
+        tokenizer, no_tokenizer = _load_tokenizer(args.model)
         name = args.model
     model = model.to(device).eval()
     if args.bf16:
         model = model.to(torch.bfloat16)
-    task = load_task(args, tokenizer, shipped_model=args.model in (None, SHIPPED))
+    task = load_task(args, tokenizer, shipped_model=args.model in (None, SHIPPED), no_tokenizer=no_tokenizer)
+    check_task_fits_model(task, model, name)
     return model, task, name
 
 
-def load_task(args, tokenizer, *, shipped_model: bool):
+def check_task_fits_model(task, model, name: str) -> None:
+    """Refuse a task whose token ids or lengths the model cannot take (an
+    IndexError deep inside the embedding otherwise)."""
+    from fastedge.adapters import input_limits
+    vocab, positions = input_limits(model)
+    task.check_fits(vocab_size=vocab, max_positions=positions, model_name=name)
+
+
+def load_task(args, tokenizer, *, shipped_model: bool, no_tokenizer: str = ""):
     from fastedge import tasks
     kw = {"seed": args.seed}
     if args.n_examples is not None:
         kw["n_examples"] = args.n_examples
     if args.data:
         if tokenizer is None:
-            raise SystemExit("fastedge: --data needs a model with a tokenizer")
+            raise CliError(f"--data needs a model with a tokenizer: {no_tokenizer}")
         return tasks.load_jsonl(args.data, tokenizer)
     name = args.task or ("induction" if shipped_model else None)
     if name is None:
-        raise SystemExit("fastedge: give --task or --data for this model")
+        raise CliError("give --task or --data for this model")
     if shipped_model and name == "induction":
         from fastedge.shipped.defaults import induction_task
         return induction_task(**kw)
     if tokenizer is None and name != "induction":
-        raise SystemExit(f"fastedge: task {name!r} needs a tokenizer, and none could be loaded for this model")
+        raise CliError(f"task {name!r} needs a tokenizer: {no_tokenizer}")
     return tasks.get_task(name, tokenizer, **kw)
 
 
@@ -232,31 +306,51 @@ def cmd_eval(args) -> int:
     from fastedge import patch
     from fastedge.circuit import Circuit
     from fastedge.evaluate import evaluate
+    if args.sweep and not args.masks:
+        raise CliError("--sweep needs --masks (the masks.pt that prune wrote)")
+    circuit = Circuit.load(args.circuit) if args.circuit else None
     model, task, name = load_model_and_task(args)
     em = patch(model)
     data = task.split("validation") if len(task.split("validation")) else task
     if args.sweep:
-        if not args.masks:
-            raise SystemExit("fastedge: --sweep needs --masks (the masks.pt that prune wrote)")
-        import torch
         from fastedge.evaluate import sweep
-        state = torch.load(args.masks, map_location="cpu", weights_only=False)
+        from fastedge.prune import load_checkpoint_file
+        state = load_checkpoint_file(args.masks, "masks file")  # masks.pt or a checkpoint
         if state.get("graph") != em.graph.to_dict():
-            raise SystemExit(f"fastedge: {args.masks} was learned on another model")
+            raise CliError(f"{args.masks} was learned on another model than {name}; "
+                           f"give the --model it was pruned on")
         em.load_state_dict(state["edge_model"])
         sparsities = [float(x) for x in args.sweep.split(",") if x.strip()]
-        _emit(sweep(em, data, sparsities, batch_size=args.batch_size), args.out)
+        result = sweep(em, data, sparsities, batch_size=args.batch_size)
+        _check_full_model_finite(result["points"][0] if result.get("points") else {}, model)
+        _emit(result, args.out)
         return 0
-    circuit = None
-    if args.circuit:
-        circuit = Circuit.load(args.circuit)
-        if circuit.graph != em.graph:
-            raise SystemExit(f"fastedge: {args.circuit} was found on another model "
-                             f"({circuit.graph.n_writers} writers; this model has {em.graph.n_writers})")
+    if circuit is not None:
+        _check_same_model(circuit, em, args.circuit, name)
     else:
         em.set_circuit(em.graph.edges())
-    _emit(evaluate(em, data, circuit, batch_size=args.batch_size), args.out)
+    metrics = evaluate(em, data, circuit, batch_size=args.batch_size)
+    _check_full_model_finite(metrics, model)
+    _emit(metrics, args.out)
     return 0
+
+
+def _check_same_model(circuit, em, path: str, model_name: str) -> None:
+    if circuit.graph != em.graph:
+        g = circuit.graph
+        raise CliError(f"{path} was found on another model ({g.n_layers} layers, {g.n_heads} heads, "
+                       f"{g.n_writers} writers; {model_name} has {em.graph.n_layers} layers, "
+                       f"{em.graph.n_heads} heads, {em.graph.n_writers} writers); give the --model "
+                       f"it was found on")
+
+
+def _check_full_model_finite(metrics: dict, model) -> None:
+    """A model whose own logits are NaN or infinite gives NaN metrics that
+    mean nothing: fail (status 1) and say why."""
+    if all(v is None or math.isfinite(v) for v in (metrics.get("full_logit_diff"), metrics.get("kl"))):
+        return
+    from fastedge.prune import non_finite_model_message
+    raise CliError(non_finite_model_message(model) + "; its metrics would all be NaN", status=EXIT_FAILED)
 
 
 def _emit(result: dict, out: Optional[str]) -> None:
@@ -275,7 +369,7 @@ def cmd_draw(args) -> int:
     try:
         draw_circuit(circuit, out)
     except GraphvizNotFoundError as exc:
-        raise SystemExit(f"fastedge: {exc}")
+        raise CliError(str(exc)) from None
     print(f"wrote {out}")
     return 0
 
@@ -289,8 +383,10 @@ def cmd_compare(args) -> int:
     if args.task or args.data or args.model:
         from fastedge import patch
         from fastedge.evaluate import evaluate
-        model, task, _ = load_model_and_task(args)
+        model, task, name = load_model_and_task(args)
         em = patch(model)
+        for path, circuit in ((args.first, a), (args.second, b)):
+            _check_same_model(circuit, em, path, name)
         data = task.split("validation") if len(task.split("validation")) else task
         for label, circuit in (("intersection", a.intersection(b)), ("union", a.union(b))):
             report[label] = {"n_edges": circuit.n_edges,
@@ -301,9 +397,56 @@ def cmd_compare(args) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """Run the command line; returns the exit status (module docstring of
+    `fastedge.cli_errors`). argparse's own usage errors exit 2 as usual."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     commands = {"prune": cmd_prune, "eval": cmd_eval, "draw": cmd_draw, "compare": cmd_compare}
-    return commands[args.command](args)
+    if args.debug:
+        _check_options(args)
+        return commands[args.command](args)
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_on_one_line
+        try:
+            _check_options(args)
+            return commands[args.command](args)
+        except KeyboardInterrupt:
+            print(f"fastedge: {_interrupted(args, argv)}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except Exception as exc:  # noqa: BLE001 - sorted by describe(); unknown ones re-raised
+            known = describe(exc)
+            if known is None:
+                raise
+            message, status = known
+            print(f"fastedge: {message}", file=sys.stderr)
+            return status
+
+
+def _check_options(args) -> None:
+    """Checks of options that argparse's types cannot make with a clear message."""
+    if getattr(args, "seed", None) is not None:
+        check_seed(args.seed)
+    if hasattr(args, "device"):
+        resolve_device(args.device)
+
+
+def _warning_on_one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"fastedge: warning: {one_line(str(message))}", file=sys.stderr if file is None else file)
+
+
+def _interrupted(args, argv: list[str]) -> str:
+    """What Ctrl-C leaves: for prune, the last checkpoint and the command that resumes from it."""
+    if args.command != "prune":
+        return "interrupted"
+    from fastedge.prune import checkpoint_step
+    latest = Path(args.out) / "checkpoints" / "latest.pt"
+    step = checkpoint_step(latest)
+    if step is None:
+        again = shlex.join(["fastedge", *[a for a in argv if a != "--resume"]])
+        return (f"interrupted before the first checkpoint was written (one every "
+                f"{args.checkpoint_every} steps); nothing to resume, start again with: {again}")
+    resume = shlex.join(["fastedge", *argv, *([] if "--resume" in argv else ["--resume"])])
+    return f"interrupted; the last checkpoint is {latest} (step {step}); resume with: {resume}"
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 
 @dataclass(frozen=True)
@@ -177,3 +177,52 @@ class EdgeGraph:
 
     def __eq__(self, other) -> bool:
         return isinstance(other, EdgeGraph) and self.to_dict() == other.to_dict()
+
+
+# -- checking edges and nodes given by name ---------------------------------------------
+
+def edge_pair(item, index: int, what: str = "edge") -> tuple[str, str]:
+    """(writer, reader) of a [writer, reader] pair of names; a ValueError
+    names the item and its position otherwise (a 3-tuple, a bare string)."""
+    if (not isinstance(item, (list, tuple)) or len(item) != 2
+            or not all(isinstance(x, str) for x in item)):
+        raise ValueError(f"{what} {index} is {item!r}: expected a [writer, reader] pair of names")
+    return item[0], item[1]
+
+
+def edge_indices(pairs: Iterable, graph: EdgeGraph, what: str = "edge") -> list[int]:
+    """Graph edge indices of (writer, reader) name pairs; a ValueError names the
+    first bad pair and its position."""
+    if isinstance(pairs, str):
+        raise ValueError(f"{what}s must be a list of [writer, reader] pairs, got the string {pairs!r}")
+    out = []
+    for i, item in enumerate(pairs):
+        w, r = edge_pair(item, i, what)
+        wi = graph.writer_index.get(w)
+        ri = graph.reader_index.get(r)
+        if wi is None:
+            raise ValueError(f"{what} {i} [{w!r}, {r!r}]: unknown writer {w!r} (writers are "
+                             f"{', '.join(graph.embeddings)}, a{{l}}.h{{i}}, m{{l}} for "
+                             f"{graph.n_layers} layers and {graph.n_heads} heads)")
+        if ri is None:
+            raise ValueError(f"{what} {i} [{w!r}, {r!r}]: unknown reader {r!r} (readers are "
+                             f"a{{l}}.h{{i}}.q, a{{l}}.h{{j}}.k/.v, m{{l}}, resid_post for "
+                             f"{graph.n_layers} layers, {graph.n_heads} query and "
+                             f"{graph.n_kv_heads} key/value heads)")
+        if wi >= graph.reader_prefix[ri]:
+            raise ValueError(f"{what} {i} [{w!r}, {r!r}]: not an edge of the graph: "
+                             f"{w} is not upstream of {r}")
+        out.append(graph.reader_edge_start[ri] + wi)
+    return out
+
+
+def writer_indices(names: Iterable, graph: EdgeGraph, what: str = "node") -> list[int]:
+    if isinstance(names, str):
+        raise ValueError(f"{what}s must be a list of writer names, got the string {names!r}")
+    out = []
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or name not in graph.writer_index:
+            raise ValueError(f"{what} {i} {name!r}: not a writer of the graph (writers are "
+                             f"{', '.join(graph.embeddings)}, a{{l}}.h{{i}}, m{{l}})")
+        out.append(graph.writer_index[name])
+    return out

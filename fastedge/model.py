@@ -291,6 +291,8 @@ class EdgeModel(nn.Module):
         self.node_log_alpha = (nn.Parameter(ops.init_log_alpha(self.graph.n_writers, **init))
                                if node_masks else None)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        if int(seed) < 0:  # the noise seeds derived from it must be non-negative
+            raise ValueError(f"seed must be non-negative, got {seed}")
         self.seed = int(seed)
         self._fixed_masks: Optional[list[Tensor]] = None
         self._mean_outputs: Optional[Tensor] = None
@@ -312,8 +314,17 @@ class EdgeModel(nn.Module):
 
     def set_circuit(self, edges: Iterable[tuple[str, str]], nodes: Optional[Iterable[str]] = None) -> None:
         """Fix the masks to a circuit: the listed (writer, reader) edges at 1,
-        every other edge at 0; with `nodes`, only those writers are kept."""
+        every other edge at 0; with `nodes`, only those writers are kept.
+        Something other than a list of (writer, reader) pairs of names (a
+        3-tuple, a bare string) is refused with a ValueError; an unknown name
+        or a pair that is not an edge with a KeyError."""
+        from fastedge.graph import edge_pair
         g = self.graph
+        if isinstance(edges, str):
+            raise ValueError(f"edges must be a list of (writer, reader) pairs, got the string {edges!r}")
+        if isinstance(nodes, str):
+            raise ValueError(f"nodes must be a list of writer names, got the string {nodes!r}")
+        edges = [edge_pair(item, i) for i, item in enumerate(edges)]  # before anything changes
         device = self.edge_log_alpha[0].device
         fixed = [torch.zeros(gr.n_readers, gr.n_writers, device=device, dtype=self.mask_dtype)
                  for gr in g.groups]
@@ -322,13 +333,13 @@ class EdgeModel(nn.Module):
             for r in gr.readers:
                 group_of_reader[r] = (gi, r - gr.first_reader)
         for writer, reader in edges:
-            g.edge_index(writer, reader)  # raises on a malformed edge
+            g.edge_index(writer, reader)  # raises on an unknown name or a pair that is not an edge
             gi, row = group_of_reader[g.reader_index[reader]]
             fixed[gi][row, g.writer_index[writer]] = 1.0
         if nodes is not None:
             keep = torch.zeros(g.n_writers, device=device, dtype=self.mask_dtype)
             for name in nodes:
-                if name not in g.writer_index:
+                if not isinstance(name, str) or name not in g.writer_index:
                     raise KeyError(f"unknown writer {name!r} in nodes")
                 keep[g.writer_index[name]] = 1.0
             fixed = [m * keep[: m.shape[1]] for m in fixed]

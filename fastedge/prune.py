@@ -30,10 +30,13 @@ with the same micro-batch size.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -50,6 +53,24 @@ CHECKPOINT_FORMAT = "fastedge.checkpoint/1"
 
 class NonFiniteLossError(RuntimeError):
     """The loss (or a gradient) became NaN or infinite; the run stopped."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (or masks file) that cannot be read or does not belong
+    to this run; the message names the file."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, most often); the
+    message names the path and the free space, and the previous checkpoint
+    is kept."""
+
+    def __init__(self, message: str, err: Optional[int] = None):
+        super().__init__(err, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 @dataclass
@@ -152,6 +173,8 @@ class _FullModelCache:
             batch = collate([self.examples[i] for i in missing])
             logits = full_logits(self.em, batch.input_ids.to(self.device),
                                  batch.attention_mask.to(self.device)).float()
+            if not torch.isfinite(logits).all():  # no mask can fix the model's own output
+                raise NonFiniteLossError(non_finite_model_message(self.em.model))
             for row, i in enumerate(missing):
                 targets = batch.target_mask[row].to(self.device)
                 self.cache[i] = self.objective.reference(logits[row][targets])
@@ -203,6 +226,10 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
             model = model.to(torch.bfloat16)
         em = patch(model, ablation=cfg.ablation, node_masks=cfg.node_masks, seed=cfg.seed,
                    recompute_readers=cfg.recompute_readers, precision=cfg.precision)
+    if hasattr(data, "check_fits"):
+        from fastedge.adapters import input_limits
+        vocab, positions = input_limits(em.model)
+        data.check_fits(vocab_size=vocab, max_positions=positions, model_name=model_name or "the model")
     device = _model_device(em.model)
     torch.manual_seed(cfg.seed)
     em.reset_masks(generator=torch.Generator(device="cpu").manual_seed(cfg.seed), mean=cfg.init_log_alpha)
@@ -231,8 +258,12 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
         if latest is None:
             raise ValueError("resume needs out_dir (where the checkpoints are)")
         if latest.exists():  # every rank loads it: the state is replicated
-            state = torch.load(latest, map_location=device, weights_only=False)
-            _check_resumable(state, cfg, em)
+            state = load_checkpoint_file(latest, "checkpoint", map_location=device,
+                                         expected_format=CHECKPOINT_FORMAT)
+            try:
+                _check_resumable(state, cfg, em)
+            except (ValueError, KeyError) as exc:
+                raise CheckpointError(f"{latest}: {exc.args[0] if exc.args else exc}") from None
             _check_same_task(state, task, latest)
             _check_finite_state(state, latest)
             em.load_state_dict(state["edge_model"])
@@ -242,6 +273,8 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
             sampler.set_state(state["sampler"])
             history = state["history"]
             start = state["step"]
+        elif group.is_main:
+            warnings.warn(f"resume: no checkpoint at {latest}; the run starts fresh from step 1")
 
     trainer = _Trainer(cfg=cfg, em=em, multipliers=multipliers, optimizer=optimizer, scheduler=scheduler,
                        cache=_FullModelCache(em, train.examples, device, objectives.objective_of(data)),
@@ -384,7 +417,7 @@ def _train_step(t: _Trainer, step: int, indices: list[int]) -> dict:
         weight = len(chunk) / cfg.batch_size
         kl, sparsity, loss = _micro_batch_loss(t, step, j, chunk, target)
         if not torch.isfinite(loss):
-            failure = _non_finite_message(step, kl, sparsity, loss, t.latest)
+            failure = _non_finite_message(step, kl, sparsity, loss, t.latest, cfg.checkpoint_every)
             break
         (loss * weight).backward()
         totals["loss"] += loss.item() * weight
@@ -397,8 +430,9 @@ def _train_step(t: _Trainer, step: int, indices: list[int]) -> dict:
         totals = dict(zip(totals, summed[:len(totals)]))
         failed = [r for r, f in enumerate(summed[len(totals):]) if f]
         if failed and failure is None:
-            failure = (f"step {step}: non-finite loss on rank{'s' if len(failed) > 1 else ''} "
-                       f"{', '.join(map(str, failed))}; stopped. " + _last_good(t.latest))
+            failure = (f"step {step + 1}: non-finite loss on rank{'s' if len(failed) > 1 else ''} "
+                       f"{', '.join(map(str, failed))}; stopped. "
+                       + _last_good(t.latest, cfg.checkpoint_every))
     if failure is not None:
         raise NonFiniteLossError(failure)
     distributed.all_reduce_gradients([p for _, p in _named_trainables(em, multipliers)], t.group)
@@ -409,8 +443,9 @@ def _train_step(t: _Trainer, step: int, indices: list[int]) -> dict:
     bad = [name for name, p in _named_trainables(em, multipliers)
            if p.grad is not None and not torch.isfinite(p.grad).all()]
     if bad:
-        raise NonFiniteLossError(f"step {step}: non-finite gradient in {', '.join(bad)} "
-                                 f"(loss {totals['loss']:.4g}); " + _last_good(t.latest))
+        raise NonFiniteLossError(f"step {step + 1}: non-finite gradient in {', '.join(bad)} "
+                                 f"(loss {totals['loss']:.4g}); "
+                                 + _last_good(t.latest, cfg.checkpoint_every))
     lr_used = t.optimizer.param_groups[0]["lr"]
     t.optimizer.step()
     t.scheduler.step()
@@ -448,21 +483,35 @@ def _named_trainables(em, multipliers):
     yield from (("lagrange multiplier " + n, p) for n, p in multipliers.named_parameters())
 
 
-def _last_good(latest: Optional[Path]) -> str:
-    if latest is None or not latest.exists():
-        return "no checkpoint was written (pass out_dir and checkpoint_every to keep one)"
-    step = torch.load(latest, map_location="cpu", weights_only=False)["step"]
-    return f"the last good checkpoint is {latest} (step {step})"
+def _last_good(latest: Optional[Path], checkpoint_every: int) -> str:
+    """The sentence about checkpoints in a stopped run's message (steps are
+    1-based, as in log.jsonl)."""
+    if latest is None:
+        return "no checkpoint was written (pass out_dir to keep one)"
+    step = checkpoint_step(latest)
+    if step is None:
+        return (f"no checkpoint had been written yet (the first comes after step {checkpoint_every}"
+                + ("; a smaller checkpoint_every / --checkpoint-every keeps one sooner)"
+                   if checkpoint_every > 1 else ")"))
+    return f"the last good checkpoint is {latest} (after step {step})"
 
 
-def _non_finite_message(step, kl, sparsity, loss, latest) -> str:
+def non_finite_model_message(model) -> str:
+    """Why a model's own logits are NaN or infinite: its non-finite weights, or an overflow."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    where = (f"{len(bad)} of its weight tensors hold NaN or inf (first: {bad[0]})" if bad
+             else "its weights are finite, so it overflows in its dtype (try float32, without bf16)")
+    return f"the unpruned model's own logits are not finite on this task, so nothing can be learned: {where}"
+
+
+def _non_finite_message(step, kl, sparsity, loss, latest, checkpoint_every) -> str:
     parts = []
     for name, value in (("KL", kl), ("edge sparsity", sparsity), ("loss", loss)):
         v = value.item()
         if not math.isfinite(v):
             parts.append(f"{name} is {v}")
     what = ", ".join(parts) or f"loss is {loss.item()}"
-    return f"step {step}: {what}; stopped. " + _last_good(latest)
+    return f"step {step + 1}: {what}; stopped. " + _last_good(latest, checkpoint_every)
 
 
 def _progress(cfg: PruneConfig, start: int):
@@ -480,8 +529,87 @@ def _save_checkpoint(path: Path, step, cfg, em, multipliers, optimizer, schedule
              "multipliers": multipliers.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "sampler": sampler.get_state(), "history": history}
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a run killed mid-save keeps the previous checkpoint
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic: a run killed mid-save keeps the previous checkpoint
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)  # no partial file left behind, whatever stopped the write
+        if not isinstance(exc, (OSError, RuntimeError)):
+            raise
+        # torch.save reports a full disk as a RuntimeError of its zip writer
+        # ("unexpected pos 64 vs 0"): say what happened instead
+        raise CheckpointWriteError(_write_failure(path, step, exc),
+                                   errno.ENOSPC if _disk_full(exc, path) else getattr(exc, "errno", None)
+                                   ) from exc
+
+
+def _free_bytes(folder: Path) -> Optional[int]:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _disk_full(exc: BaseException, path: Path) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return True
+    free = _free_bytes(path.parent)
+    return free is not None and free < 1 << 20
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _write_failure(path: Path, step: int, exc: BaseException) -> str:
+    free = _free_bytes(path.parent)
+    reason = (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)).strip()
+    kept = checkpoint_step(path)
+    return (f"cannot write the checkpoint of step {step} to {path} ({reason}); "
+            f"{'free space unknown' if free is None else _bytes(free) + ' free'} in {path.parent}; "
+            + (f"the checkpoint of step {kept} is kept: " if kept is not None else "")
+            + "free some space and run again with --resume")
+
+
+def load_checkpoint_file(path, what: str = "checkpoint", map_location="cpu",
+                         expected_format: Optional[str] = None) -> dict:
+    """A checkpoint or masks file as a dict; a corrupt, truncated or foreign
+    file (or one of another format than `expected_format`) gives a
+    `CheckpointError` that names it and what to do."""
+    path = Path(path)
+    remedy = ("delete it to start fresh, or restore a good copy" if what == "checkpoint"
+              else "run prune again to rewrite it")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - unpickling fails in many ways on a damaged file
+        detail = " ".join(str(exc).split()).split(". ")[0][:120] or type(exc).__name__
+        raise CheckpointError(f"{path}: cannot read this {what}: it is corrupt or truncated ({detail}); "
+                              f"{remedy}") from None
+    found = state.get("format") if isinstance(state, dict) else None
+    if not isinstance(found, str) or not found.startswith("fastedge.") or (
+            expected_format is not None and found != expected_format):
+        held = f"format {found!r}" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise CheckpointError(f"{path}: not a fastedge {what} (it holds {held}"
+                              + (f", expected {expected_format!r}" if expected_format else "")
+                              + f"); {remedy}")
+    return state
+
+
+def checkpoint_step(path) -> Optional[int]:
+    """The step a checkpoint was written after, or None when there is no
+    readable checkpoint at `path`."""
+    try:
+        if not Path(path).exists():
+            return None
+        return int(torch.load(path, map_location="cpu", weights_only=False)["step"])
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint has no step
+        return None
 
 
 _RESUME_KEYS = ("target_sparsity", "steps", "batch_size", "micro_batch_size", "lr", "lambda_lr",

@@ -44,6 +44,13 @@ class Call:
     n_writers: int = 0
     n_elements: int = 0       # N (trailing size) of the stack
     grad_dtype: Optional[torch.dtype] = None  # dtype of a caller-owned stack gradient
+    # the stack's row stride in elements (None: one row, or unknown); rows
+    # overlap when it is below n_elements (0: an expanded stack)
+    row_stride: Optional[int] = None
+    # the largest |mask| of a caller's mask on a float16 stack, measured
+    # because fp16 tensor-core products cannot take masks above 65504
+    # (None: not measured; masks the ops sample themselves lie in [0, 1])
+    mask_abs_max: Optional[float] = None
 
 
 class Backend:

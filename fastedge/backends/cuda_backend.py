@@ -156,6 +156,9 @@ class CudaBackend(Backend):
             elif call.grad_dtype is not None and call.grad_dtype not in (torch.float32, call.dtype):
                 reasons.append(f"stack gradient dtype {call.grad_dtype} must be float32 or "
                                f"{call.dtype}")
+            if call.row_stride is not None and call.row_stride < call.n_elements:
+                reasons.append(f"the stack's rows overlap in memory (row stride {call.row_stride} "
+                               f"< {call.n_elements} elements per writer, as in an expanded tensor)")
         elif call.op in ("hard_concrete", "sample_masks"):
             if call.dtype != torch.float32:
                 reasons.append(f"log_alpha dtype {call.dtype} is not supported (float32 only)")

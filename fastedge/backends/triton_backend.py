@@ -21,6 +21,7 @@ from fastedge.backends.base import Backend, Call
 
 _STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INT32_MAX = 2 ** 31 - 1
+_FP16_MAX = 65504.0  # the largest finite float16: the fp16 products' mask halves stop there
 
 
 def _triton_import_error() -> Optional[str]:
@@ -98,6 +99,14 @@ class TritonBackend(Backend):
             if call.n_elements > _INT32_MAX:
                 why.append(f"{call.n_elements} elements per writer: the kernels index a row "
                            f"with 32 bits (at most {_INT32_MAX})")
+            if call.row_stride is not None and call.row_stride < call.n_elements:
+                why.append(f"the stack's rows overlap in memory (row stride {call.row_stride} < "
+                           f"{call.n_elements} elements per writer, as in an expanded tensor); "
+                           f"the kernels need separate rows")
+            if (call.dtype == torch.float16 and call.mask_abs_max is not None
+                    and call.mask_abs_max > _FP16_MAX):
+                why.append(f"mask values up to {call.mask_abs_max:.6g} with a float16 stack: the "
+                           f"kernels multiply the mask in float16, whose largest value is 65504")
         elif call.op in ("hard_concrete", "sample_masks"):
             if call.dtype != torch.float32:
                 why.append(f"log_alpha dtype {call.dtype} is not float32")

@@ -1,9 +1,12 @@
 """Flattening and backend choice for the registered ops."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from fastedge.backends import Backend, Call, select
+from fastedge.ops._checks import _has_values
 
 
 def flat_rows(t: torch.Tensor) -> torch.Tensor:
@@ -18,11 +21,22 @@ def flat_rows(t: torch.Tensor) -> torch.Tensor:
     return flat
 
 
+def mask_abs_max(mask: torch.Tensor, stack_dtype: torch.dtype) -> Optional[float]:
+    """The largest |mask| of a caller's mask when a backend needs it to decide
+    (float16 stacks: the Triton kernels' fp16 products stop at 65504), else
+    None. Reading it back is a host sync, so only fp16 stacks pay it, and
+    only for masks the ops did not sample themselves; NaN masks give NaN."""
+    if stack_dtype != torch.float16 or mask.numel() == 0 or not _has_values(mask):
+        return None
+    return float(mask.detach().abs().amax())
+
+
 def masked_sum_backend(x: torch.Tensor, n_readers: int, backend: str,
-                       grad_dtype=None) -> Backend:
+                       grad_dtype=None, mask_max: Optional[float] = None) -> Backend:
     call = Call(op="masked_sum", device=x.device, dtype=x.dtype, n_readers=n_readers,
                 n_writers=x.shape[0], n_elements=x[0].numel() if x.shape[0] else 0,
-                grad_dtype=grad_dtype)
+                grad_dtype=grad_dtype, row_stride=x.stride(0) if x.shape[0] > 1 else None,
+                mask_abs_max=mask_max)
     return select(call, backend or None)
 
 

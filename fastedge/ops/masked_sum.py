@@ -39,16 +39,19 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastedge.ops._dispatch import (flat_rows, masked_sum_backend, sample_masks_backend)
+from fastedge.ops._dispatch import (flat_rows, mask_abs_max, masked_sum_backend, sample_masks_backend)
 
 # -- forward ------------------------------------------------------------------
 
 
 def _forward(stack: Tensor, mask: Tensor, base: Optional[Tensor], base_index: Optional[Tensor],
-             backend: str, fast: bool) -> Tensor:
+             backend: str, fast: bool, sampled: bool = False) -> Tensor:
+    """`sampled`: the mask comes from `sample_masks_op` (in [0, 1]), so its
+    range need not be measured."""
     n_readers = mask.shape[0]
     x = flat_rows(stack)
-    impl = masked_sum_backend(x, n_readers, backend)
+    impl = masked_sum_backend(x, n_readers, backend,
+                              mask_max=None if sampled else mask_abs_max(mask, x.dtype))
     out = torch.empty((n_readers, x.shape[1]), dtype=stack.dtype, device=stack.device)
     base2d = None
     index = None
@@ -77,34 +80,36 @@ def _(stack, mask, base, base_index, grad_stack, backend, fast=False):
 
 @torch.library.custom_op("fastedge::masked_writer_sum_backward_stack", mutates_args=())
 def backward_stack_op(mask: Tensor, dout: Tensor, n_writers_like: Tensor, backend: str,
-                      fast: bool = False) -> Tensor:
+                      fast: bool = False, sampled: bool = False) -> Tensor:
     """dstack [W, *T] (dtype of dout) = mask^T @ dout. `n_writers_like` is the
-    stack prefix itself; only its shape is used."""
+    stack prefix itself; only its shape is used. `sampled`: as in `_forward`."""
     dx = torch.zeros(n_writers_like.shape, dtype=dout.dtype, device=dout.device)
     d2 = flat_rows(dout.contiguous())
-    impl = masked_sum_backend(d2, mask.shape[0], backend, grad_dtype=dx.dtype)
+    impl = masked_sum_backend(d2, mask.shape[0], backend, grad_dtype=dx.dtype,
+                              mask_max=None if sampled else mask_abs_max(mask, d2.dtype))
     impl.masked_sum_backward_stack(mask.contiguous(), d2, dx.view(dx.shape[0], -1), fast=fast)
     return dx
 
 
 @backward_stack_op.register_fake
-def _(mask, dout, n_writers_like, backend, fast=False):
+def _(mask, dout, n_writers_like, backend, fast=False, sampled=False):
     return dout.new_empty(n_writers_like.shape)
 
 
 @torch.library.custom_op("fastedge::masked_writer_sum_accumulate_grad_",
                          mutates_args=("grad_stack",))
 def accumulate_grad_op(grad_stack: Tensor, mask: Tensor, dout: Tensor, backend: str,
-                       fast: bool = False) -> None:
+                       fast: bool = False, sampled: bool = False) -> None:
     """grad_stack[:W] += mask^T @ dout, in place (W = mask.shape[1])."""
     d2 = flat_rows(dout.contiguous())
     prefix = grad_stack[: mask.shape[1]].reshape(mask.shape[1], -1)
-    impl = masked_sum_backend(d2, mask.shape[0], backend, grad_dtype=grad_stack.dtype)
+    impl = masked_sum_backend(d2, mask.shape[0], backend, grad_dtype=grad_stack.dtype,
+                              mask_max=None if sampled else mask_abs_max(mask, d2.dtype))
     impl.masked_sum_backward_stack(mask.contiguous(), d2, prefix, fast=fast)
 
 
 @accumulate_grad_op.register_fake
-def _(grad_stack, mask, dout, backend, fast=False):
+def _(grad_stack, mask, dout, backend, fast=False, sampled=False):
     return None
 
 
@@ -142,11 +147,11 @@ def _base_grad(ctx, dout: Tensor, base_index: Optional[Tensor]) -> Tensor:
     return rows.to(ctx.base_dtype).reshape(ctx.base_shape)
 
 
-def _stack_grad(ctx, mask: Tensor, dout: Tensor, stack: Tensor):
+def _stack_grad(ctx, mask: Tensor, dout: Tensor, stack: Tensor, sampled: bool = False):
     if ctx.has_grad_buffer:
-        accumulate_grad_op(ctx.grad_stack, mask, dout, ctx.backend, ctx.fast)
+        accumulate_grad_op(ctx.grad_stack, mask, dout, ctx.backend, ctx.fast, sampled)
         return None
-    return backward_stack_op(mask, dout, stack, ctx.backend, ctx.fast)
+    return backward_stack_op(mask, dout, stack, ctx.backend, ctx.fast, sampled)
 
 
 def _setup_context(ctx, inputs, output):
@@ -288,7 +293,7 @@ def sampled_masked_writer_sum_op(stack: Tensor, edge_log_alpha: Tensor,
                                  backend: str, fast: bool = False) -> tuple[Tensor, Tensor]:
     mask, edge_sum = sample_masks_op(edge_log_alpha, node_log_alpha, seed, reader_offset,
                                      training, backend)
-    return _forward(stack, mask, base, base_index, backend, fast), edge_sum
+    return _forward(stack, mask, base, base_index, backend, fast, sampled=True), edge_sum
 
 
 @sampled_masked_writer_sum_op.register_fake
@@ -323,7 +328,7 @@ def _fused_backward(ctx, dout, dedge_sum):
         mask, _ = sample_masks_op(edge_log_alpha, node_log_alpha, seed, reader_offset, training,
                                   backend)
     if ctx.needs_input_grad[0] or ctx.has_grad_buffer:  # the buffer is filled even for a stack outside autograd
-        dstack = _stack_grad(ctx, mask, dout, stack)
+        dstack = _stack_grad(ctx, mask, dout, stack, sampled=True)
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         # A writer whose sampled mask is 0 for every reader gets no gradient
         # through this call whatever dmask is there: each of its masks z * s is

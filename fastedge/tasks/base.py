@@ -187,6 +187,25 @@ class TaskData:
     def max_length(self) -> int:
         return max((len(e.clean_ids) for e in self.examples), default=0)
 
+    def check_fits(self, *, vocab_size: int, max_positions: Optional[int] = None,
+                   model_name: str = "the model") -> None:
+        """Refuse, naming the first offending example, a task with a token id
+        outside [0, vocab_size) or a sequence longer than `max_positions`
+        (a learned position embedding's size; None: no limit). The model
+        would otherwise fail inside its embedding with an IndexError."""
+        for e in self.examples:
+            where = e.source or f"an example of {self.name}"
+            if max_positions is not None and len(e.clean_ids) > max_positions:
+                raise TaskDataError(
+                    f"{where}: {len(e.clean_ids)} tokens, but {model_name} has {max_positions} positions; "
+                    f"shorten the example or use a model with longer positions")
+            for which, ids in (("clean", e.clean_ids), ("corrupted", e.corrupted_ids)):
+                bad = [t for t in ids if not 0 <= t < vocab_size]
+                if bad:
+                    raise TaskDataError(
+                        f"{where}: {which} token id {bad[0]} lies outside the vocabulary of {model_name} "
+                        f"(ids 0 to {vocab_size - 1}); the task was tokenised for another model")
+
     def __len__(self) -> int:
         return len(self.examples)
 
@@ -456,12 +475,17 @@ def load_jsonl(path, tokenizer, *, name: Optional[str] = None, prepend_bos: bool
     enc = Encoder(tokenizer, prepend_bos=prepend_bos)
     examples: list[Example] = []
     unsplit: list[int] = []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    for line_no, line in enumerate(lines, start=1):
+    with open(path, "rb") as f:
+        raw_lines = f.read().split(b"\n")
+    for line_no, raw in enumerate(raw_lines, start=1):
+        where = f"{path}:{line_no}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TaskDataError(f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                f"save the file as UTF-8") from None
         if not line.strip():
             continue
-        where = f"{path}:{line_no}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
