@@ -406,7 +406,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         _check_options(args)
         return commands[args.command](args)
     with warnings.catch_warnings():
-        warnings.showwarning = _warning_on_one_line
+        warnings.showwarning = _one_line_warnings(warnings.showwarning)
         try:
             _check_options(args)
             return commands[args.command](args)
@@ -430,8 +430,18 @@ def _check_options(args) -> None:
         resolve_device(args.device)
 
 
-def _warning_on_one_line(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"fastedge: warning: {one_line(str(message))}", file=sys.stderr if file is None else file)
+_FASTEDGE_DIR = str(Path(__file__).resolve().parent)
+
+
+def _one_line_warnings(others):
+    """A `warnings.showwarning` that prints fastedge's own warnings as one
+    line and passes other libraries' to `others` (Python's usual form)."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if not str(Path(filename).resolve()).startswith(_FASTEDGE_DIR):
+            others(message, category, filename, lineno, file, line)
+            return
+        print(f"fastedge: warning: {one_line(str(message))}", file=sys.stderr if file is None else file)
+    return show
 
 
 def _interrupted(args, argv: list[str]) -> str:

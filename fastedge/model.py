@@ -656,10 +656,11 @@ class _Run:
         base = _full(partial, rows.shape[1:])
         if self.plain:
             mask = torch.ones(1, W_m - W_a, device=rows.device, dtype=em.mask_dtype)
-            return ops.masked_writer_sum(rows, mask, base)[0]
+            return ops.masked_writer_sum(rows, mask, base, unit_mask=True)[0]
         if em._fixed_masks is not None:  # (their edge sum is counted once per forward)
             mask = self._after_writes(em._fixed_masks[mlp.index][:, W_a:])
-            return ops.masked_writer_sum(rows, mask, base, grad_stack=grad_rows, precision=em.precision)[0]
+            return ops.masked_writer_sum(rows, mask, base, grad_stack=grad_rows, precision=em.precision,
+                                         unit_mask=True)[0]
         edge = self._after_writes(em.edge_log_alpha[mlp.index])
         # the whole row's masks (W_m values: cheap), so that the noise counters
         # are those of the MLP reader's own call; the prefix part is unused here
@@ -669,7 +670,8 @@ class _Run:
         self._count_edges(z.sum())
         if self.node_masks is not None:
             z = z * self.node_masks[W_a:W_m]
-        return ops.masked_writer_sum(rows, z, base, grad_stack=grad_rows, precision=em.precision)[0]
+        return ops.masked_writer_sum(rows, z, base, grad_stack=grad_rows, precision=em.precision,
+                                     unit_mask=True)[0]  # z: hard-concrete samples, in [0, 1]
 
     def read(self, group: ReaderGroup, base: Optional[Tensor]) -> Tensor:
         return self._read(group.index, group.first_reader, group.n_readers, group.n_writers, base)
@@ -684,7 +686,7 @@ class _Run:
             base = _full(base, self.stack.shape[1:])
         if self.plain:  # every mask 1: the unmasked model's writer outputs (for mean ablation)
             mask = torch.ones(n_readers, n_writers, device=self.stack.device, dtype=em.mask_dtype)
-            return ops.masked_writer_sum(self.stack, mask, base)
+            return ops.masked_writer_sum(self.stack, mask, base, unit_mask=True)
 
         def rows_of(per_group):  # this group's rows, plus the extra group's over the same writers
             if extra_group is None:
@@ -695,7 +697,7 @@ class _Run:
         if em._fixed_masks is not None:  # (their edge sum is counted once per forward)
             mask = self._after_writes(rows_of(em._fixed_masks))
             return ops.masked_writer_sum(self.stack, mask, base, grad_stack=grad_stack,
-                                         precision=em.precision)
+                                         precision=em.precision, unit_mask=True)  # 0s and 1s
         edge = self._after_writes(rows_of(em.edge_log_alpha))
         node = None if em.node_log_alpha is None else em.node_log_alpha[:n_writers]
         out, edge_sum = ops.sampled_masked_writer_sum(

@@ -62,7 +62,7 @@ def test_prune_eval_draw_compare_on_the_shipped_model(tmp_path, capsys):
     assert json.loads((out / "circuit.json").read_text())["edges"] == circuit["edges"]
 
 
-def test_local_model_folder_and_jsonl_data(tmp_path):
+def test_local_model_folder_and_jsonl_data(tmp_path, capsys):
     """The Hub code path, offline: a tiny model and tokenizer saved to a folder."""
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -88,8 +88,13 @@ def test_local_model_folder_and_jsonl_data(tmp_path):
     assert (out / "circuit.json").exists()
     bad = tmp_path / "bad.jsonl"
     bad.write_text(lines[0] + "\n{not json\n")
-    with pytest.raises(Exception, match="bad.jsonl:2"):
-        main(["prune", "--model", str(folder), "--data", str(bad), "--steps", "1", "--out", str(out)])
+    capsys.readouterr()
+    # bad data is refused with one line naming the line (exit status 2), not a traceback
+    assert main(["prune", "--model", str(folder), "--data", str(bad), "--steps", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [x for x in err.splitlines() if x.startswith("fastedge: ")][-1].startswith(
+        f"fastedge: {bad}:2: invalid JSON")
 
 
 def test_console_script_is_installed():

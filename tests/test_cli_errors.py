@@ -503,3 +503,29 @@ def test_fp16_large_masks_fall_back_from_triton_and_in_range_masks_stay(monkeypa
     out = fastedge.masked_writer_sum(stack.detach(), in_range)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), _float64_sum(stack.detach(), in_range), rtol=2e-3, atol=1e-2)
+
+
+def test_the_range_check_costs_only_callers_fp16_masks(monkeypatch):
+    """Reading the mask's range back is a host sync: fp16 stacks with a
+    caller's mask pay it (forward and stack backward); the edge model's own
+    masks (samples and circuits, in [0, 1]) and other dtypes never do."""
+    masked_sum = importlib.import_module("fastedge.ops.masked_sum")
+    real, measured = masked_sum.mask_abs_max, []
+    monkeypatch.setattr(masked_sum, "mask_abs_max", lambda m, dtype: measured.append(dtype) or real(m, dtype))
+    torch.manual_seed(7)
+    stack = torch.randn(9, 2, 8, dtype=torch.float16, requires_grad=True)
+    fastedge.masked_writer_sum(stack, torch.rand(5, 9)).float().sum().backward()
+    assert [d for d in measured if d == torch.float16] == [torch.float16, torch.float16]
+    measured.clear()
+    fastedge.masked_writer_sum(stack, torch.rand(5, 9), unit_mask=True).float().sum().backward()
+    assert measured == [] or all(d != torch.float16 for d in measured)
+    em = fastedge.patch(tiny_model("gpt2", dtype=torch.float16))
+    ids, corrupted = torch.randint(0, 37, (2, 6)), torch.randint(0, 37, (2, 6))
+    measured.clear()
+    em.train()
+    em(ids, corrupted).logits.float().sum().backward()
+    em.eval()
+    em.set_circuit([("tok_embeds", "a0.h0.q")])
+    with torch.no_grad():
+        em(ids, corrupted)
+    assert not any(d == torch.float16 for d in measured)

@@ -89,7 +89,7 @@ def _worker(out: Path) -> None:
     import fastedge
     forward, calls = fastedge.EdgeModel.forward, {"n": 0}
 
-    def poisoned(self, *args, **kwargs):  # rank 1's first micro-batch of step 1 (0-based) gives NaN
+    def poisoned(self, *args, **kwargs):  # rank 1's first micro-batch of step 2 (1-based, as in log.jsonl) gives NaN
         out = forward(self, *args, **kwargs)
         calls["n"] += 1
         if group.rank == 1 and calls["n"] == 3:
@@ -189,8 +189,8 @@ def test_killed_and_resumed_data_parallel_run_ends_like_one_process(run):
 
 def test_a_non_finite_loss_on_one_rank_stops_every_rank(run):
     _, ranks, _ = run
-    assert ranks[1]["non_finite"].startswith("step 1: KL is nan")
-    assert ranks[0]["non_finite"].startswith("step 1: non-finite loss on rank 1; stopped. no checkpoint")
+    assert ranks[1]["non_finite"].startswith("step 2: KL is nan")
+    assert ranks[0]["non_finite"].startswith("step 2: non-finite loss on rank 1; stopped. no checkpoint")
 
 
 def test_command_line_under_torchrun_prints_and_writes_once(run):

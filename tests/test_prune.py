@@ -106,13 +106,13 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path):
         return out
     fastedge.EdgeModel.forward = poisoned
     try:
-        with pytest.raises(NonFiniteLossError, match=r"step 4: KL is nan.*last good checkpoint .* \(step 3\)"):
+        with pytest.raises(NonFiniteLossError, match=r"step 5: KL is nan.*last good checkpoint .* \(after step 3\)"):
             prune(model, _task(), target_sparsity=0.5, steps=9, out_dir=str(tmp_path), **OPTS)
     finally:
         fastedge.EdgeModel.forward = original
     assert torch.load(tmp_path / "checkpoints" / "latest.pt", weights_only=False)["step"] == 3
     lines = (tmp_path / "log.jsonl").read_text().splitlines()
-    assert [json.loads(l)["step"] for l in lines] == [1, 2, 3, 4]
+    assert [json.loads(l)["step"] for l in lines] == [1, 2, 3, 4]  # the message's step 5 is the next
 
 
 def test_config_errors():

@@ -56,7 +56,8 @@ def _fast_arg(precision: str) -> bool:
 
 def masked_writer_sum(stack: Tensor, mask: Tensor, base: Optional[Tensor] = None,
                       base_index: Optional[Tensor] = None, *, grad_stack: Optional[Tensor] = None,
-                      backend: Optional[str] = None, precision: str = "full") -> Tensor:
+                      backend: Optional[str] = None, precision: str = "full",
+                      unit_mask: bool = False) -> Tensor:
     """Every reader's input as a masked sum of the writers it reads.
 
     ``out[r] = base[g(r)] + sum_{w < W} mask[r, w] * stack[w]``, accumulated in fp32.
@@ -88,6 +89,11 @@ def masked_writer_sum(stack: Tensor, mask: Tensor, base: Optional[Tensor] = None
             precision. The mask's gradient is exact products reduced in
             fp32 for 16-bit stacks; for fp32 stacks tf32x3 in full, one
             tf32 product (2^-11 in each operand) in fast.
+        unit_mask: the caller promises mask values in ``[0, 1]`` (hard-concrete
+            samples, a fixed circuit). With a float16 stack the call otherwise
+            reads the mask's largest magnitude back (a host sync), because
+            the ``triton`` backend's fp16 products cannot take masks above
+            65504 and must then leave the call to another backend.
 
     Returns:
         ``[R, *T]`` in the stack's dtype. Differentiable in ``stack``,
@@ -101,7 +107,7 @@ def masked_writer_sum(stack: Tensor, mask: Tensor, base: Optional[Tensor] = None
     _checks.check_same_device(stack=stack, mask=mask, base=base, base_index=base_index)
     prefix = stack[: mask.shape[1]]
     return masked_writer_sum_op(prefix, mask, base, base_index, grad_stack, _backend_arg(backend),
-                                _fast_arg(precision))
+                                _fast_arg(precision), bool(unit_mask))
 
 
 def sampled_masked_writer_sum(stack: Tensor, edge_log_alpha: Tensor,

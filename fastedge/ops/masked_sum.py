@@ -6,7 +6,7 @@ public functions in `fastedge.ops`.
 
 Registered ops (namespace `fastedge`):
 
-* `masked_writer_sum(stack, mask, base, base_index, grad_stack, backend, fast) -> out`
+* `masked_writer_sum(stack, mask, base, base_index, grad_stack, backend, fast, unit_mask) -> out`
 * `masked_writer_sum_backward_stack(mask, dout, backend, fast) -> dstack`
 * `masked_writer_sum_backward_mask(stack, dout, backend) -> dmask`
 * `masked_writer_sum_accumulate_grad_(grad_stack, mask, dout, backend, fast)` (in place)
@@ -45,13 +45,14 @@ from fastedge.ops._dispatch import (flat_rows, mask_abs_max, masked_sum_backend,
 
 
 def _forward(stack: Tensor, mask: Tensor, base: Optional[Tensor], base_index: Optional[Tensor],
-             backend: str, fast: bool, sampled: bool = False) -> Tensor:
-    """`sampled`: the mask comes from `sample_masks_op` (in [0, 1]), so its
-    range need not be measured."""
+             backend: str, fast: bool, unit_mask: bool = False) -> Tensor:
+    """`unit_mask`: the mask is known to lie in [0, 1] (sampled by
+    `sample_masks_op`, or promised by the caller), so its range need not be
+    measured (`mask_abs_max`)."""
     n_readers = mask.shape[0]
     x = flat_rows(stack)
     impl = masked_sum_backend(x, n_readers, backend,
-                              mask_max=None if sampled else mask_abs_max(mask, x.dtype))
+                              mask_max=None if unit_mask else mask_abs_max(mask, x.dtype))
     out = torch.empty((n_readers, x.shape[1]), dtype=stack.dtype, device=stack.device)
     base2d = None
     index = None
@@ -66,12 +67,12 @@ def _forward(stack: Tensor, mask: Tensor, base: Optional[Tensor], base_index: Op
 @torch.library.custom_op("fastedge::masked_writer_sum", mutates_args=())
 def masked_writer_sum_op(stack: Tensor, mask: Tensor, base: Optional[Tensor],
                          base_index: Optional[Tensor], grad_stack: Optional[Tensor],
-                         backend: str, fast: bool = False) -> Tensor:
-    return _forward(stack, mask, base, base_index, backend, fast)
+                         backend: str, fast: bool = False, unit_mask: bool = False) -> Tensor:
+    return _forward(stack, mask, base, base_index, backend, fast, unit_mask)
 
 
 @masked_writer_sum_op.register_fake
-def _(stack, mask, base, base_index, grad_stack, backend, fast=False):
+def _(stack, mask, base, base_index, grad_stack, backend, fast=False, unit_mask=False):
     return stack.new_empty((mask.shape[0],) + tuple(stack.shape[1:]))
 
 
@@ -80,36 +81,36 @@ def _(stack, mask, base, base_index, grad_stack, backend, fast=False):
 
 @torch.library.custom_op("fastedge::masked_writer_sum_backward_stack", mutates_args=())
 def backward_stack_op(mask: Tensor, dout: Tensor, n_writers_like: Tensor, backend: str,
-                      fast: bool = False, sampled: bool = False) -> Tensor:
+                      fast: bool = False, unit_mask: bool = False) -> Tensor:
     """dstack [W, *T] (dtype of dout) = mask^T @ dout. `n_writers_like` is the
-    stack prefix itself; only its shape is used. `sampled`: as in `_forward`."""
+    stack prefix itself; only its shape is used. `unit_mask`: as in `_forward`."""
     dx = torch.zeros(n_writers_like.shape, dtype=dout.dtype, device=dout.device)
     d2 = flat_rows(dout.contiguous())
     impl = masked_sum_backend(d2, mask.shape[0], backend, grad_dtype=dx.dtype,
-                              mask_max=None if sampled else mask_abs_max(mask, d2.dtype))
+                              mask_max=None if unit_mask else mask_abs_max(mask, d2.dtype))
     impl.masked_sum_backward_stack(mask.contiguous(), d2, dx.view(dx.shape[0], -1), fast=fast)
     return dx
 
 
 @backward_stack_op.register_fake
-def _(mask, dout, n_writers_like, backend, fast=False, sampled=False):
+def _(mask, dout, n_writers_like, backend, fast=False, unit_mask=False):
     return dout.new_empty(n_writers_like.shape)
 
 
 @torch.library.custom_op("fastedge::masked_writer_sum_accumulate_grad_",
                          mutates_args=("grad_stack",))
 def accumulate_grad_op(grad_stack: Tensor, mask: Tensor, dout: Tensor, backend: str,
-                       fast: bool = False, sampled: bool = False) -> None:
+                       fast: bool = False, unit_mask: bool = False) -> None:
     """grad_stack[:W] += mask^T @ dout, in place (W = mask.shape[1])."""
     d2 = flat_rows(dout.contiguous())
     prefix = grad_stack[: mask.shape[1]].reshape(mask.shape[1], -1)
     impl = masked_sum_backend(d2, mask.shape[0], backend, grad_dtype=grad_stack.dtype,
-                              mask_max=None if sampled else mask_abs_max(mask, d2.dtype))
+                              mask_max=None if unit_mask else mask_abs_max(mask, d2.dtype))
     impl.masked_sum_backward_stack(mask.contiguous(), d2, prefix, fast=fast)
 
 
 @accumulate_grad_op.register_fake
-def _(grad_stack, mask, dout, backend, fast=False, sampled=False):
+def _(grad_stack, mask, dout, backend, fast=False, unit_mask=False):
     return None
 
 
@@ -147,16 +148,16 @@ def _base_grad(ctx, dout: Tensor, base_index: Optional[Tensor]) -> Tensor:
     return rows.to(ctx.base_dtype).reshape(ctx.base_shape)
 
 
-def _stack_grad(ctx, mask: Tensor, dout: Tensor, stack: Tensor, sampled: bool = False):
+def _stack_grad(ctx, mask: Tensor, dout: Tensor, stack: Tensor, unit_mask: bool):
     if ctx.has_grad_buffer:
-        accumulate_grad_op(ctx.grad_stack, mask, dout, ctx.backend, ctx.fast, sampled)
+        accumulate_grad_op(ctx.grad_stack, mask, dout, ctx.backend, ctx.fast, unit_mask)
         return None
-    return backward_stack_op(mask, dout, stack, ctx.backend, ctx.fast, sampled)
+    return backward_stack_op(mask, dout, stack, ctx.backend, ctx.fast, unit_mask)
 
 
 def _setup_context(ctx, inputs, output):
-    stack, mask, base, base_index, grad_stack, backend, fast = inputs
-    ctx.backend, ctx.fast = backend, fast
+    stack, mask, base, base_index, grad_stack, backend, fast, unit_mask = inputs
+    ctx.backend, ctx.fast, ctx.unit_mask = backend, fast, unit_mask
     _record_base_and_buffer(ctx, base, grad_stack)
     _save(ctx, stack, mask, base_index)
 
@@ -211,13 +212,13 @@ def _backward(ctx, dout):
     dout = dout.contiguous()
     dstack = dmask = dbase = None
     if ctx.needs_input_grad[0] or ctx.has_grad_buffer:  # the buffer is filled even for a stack outside autograd
-        dstack = _stack_grad(ctx, mask, dout, stack)
+        dstack = _stack_grad(ctx, mask, dout, stack, ctx.unit_mask)
     if ctx.needs_input_grad[1]:
         dmask = backward_mask_op(stack, dout, mask, ctx.backend, None, ctx.fast)
     if ctx.has_base and ctx.needs_input_grad[2]:
         dbase = _base_grad(ctx, dout, base_index)
     _release(ctx)
-    return dstack, dmask, dbase, None, None, None, None
+    return dstack, dmask, dbase, None, None, None, None, None
 
 
 masked_writer_sum_op.register_autograd(_backward, setup_context=_setup_context)
@@ -293,7 +294,7 @@ def sampled_masked_writer_sum_op(stack: Tensor, edge_log_alpha: Tensor,
                                  backend: str, fast: bool = False) -> tuple[Tensor, Tensor]:
     mask, edge_sum = sample_masks_op(edge_log_alpha, node_log_alpha, seed, reader_offset,
                                      training, backend)
-    return _forward(stack, mask, base, base_index, backend, fast, sampled=True), edge_sum
+    return _forward(stack, mask, base, base_index, backend, fast, unit_mask=True), edge_sum
 
 
 @sampled_masked_writer_sum_op.register_fake
@@ -328,7 +329,7 @@ def _fused_backward(ctx, dout, dedge_sum):
         mask, _ = sample_masks_op(edge_log_alpha, node_log_alpha, seed, reader_offset, training,
                                   backend)
     if ctx.needs_input_grad[0] or ctx.has_grad_buffer:  # the buffer is filled even for a stack outside autograd
-        dstack = _stack_grad(ctx, mask, dout, stack, sampled=True)
+        dstack = _stack_grad(ctx, mask, dout, stack, unit_mask=True)
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         # A writer whose sampled mask is 0 for every reader gets no gradient
         # through this call whatever dmask is there: each of its masks z * s is
