@@ -144,7 +144,9 @@ class Circuit:
 
     Optional extras: ``scores`` (``[graph.n_edges]`` deterministic edge mask
     values, graph edge order), ``node_scores`` (``[graph.n_writers]``), and
-    ``info`` (how the circuit was extracted: threshold, target, ...).
+    ``info`` (how the circuit was extracted: threshold, target, ...), and
+    ``node_labels`` (writer name -> short texts that drawings show beside
+    it: for a Tracr model, the RASP operations the writer computes).
     """
     edges: list
     nodes: list
@@ -156,6 +158,7 @@ class Circuit:
     scores: Optional[Tensor] = field(default=None, repr=False)
     node_scores: Optional[Tensor] = field(default=None, repr=False)
     info: dict = field(default_factory=dict)
+    node_labels: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not isinstance(self.graph, EdgeGraph):
@@ -184,6 +187,13 @@ class Circuit:
                                  f"got shape {tuple(self.node_scores.shape)}")
         self.metrics = dict(self.metrics or {})
         self.info = dict(self.info or {})
+        self.node_labels = dict(self.node_labels or {})
+        for name, labels in self.node_labels.items():
+            if name not in g.writer_index:
+                raise ValueError(f"node_labels names {name!r}, which is not a writer of the graph")
+            if not isinstance(labels, (list, tuple)) or not all(isinstance(x, str) for x in labels):
+                raise ValueError(f"node_labels[{name!r}] must be a list of strings, got {labels!r}")
+            self.node_labels[name] = list(labels)
 
     # -- sizes ----------------------------------------------------------------------------------
 
@@ -245,6 +255,8 @@ class Circuit:
              "edge_sparsity": self.edge_sparsity, "node_sparsity": self.node_sparsity,
              "n_edges": self.n_edges, "metrics": _jsonable(self.metrics),
              "extraction": _jsonable(self.info)}
+        if self.node_labels:
+            d["node_labels"] = {k: list(v) for k, v in self.node_labels.items()}
         if include_scores:
             if self.scores is not None:
                 d["scores"] = self.scores.tolist()
@@ -303,8 +315,8 @@ class Circuit:
                        model_name=d.get("model", ""), task=d.get("task", ""),
                        ablation=d.get("ablation", "interchange"), metrics=d.get("metrics", {}),
                        scores=d.get("scores"), node_scores=d.get("node_scores"),
-                       info=d.get("extraction", {}))
-        except (TypeError, RuntimeError) as exc:   # e.g. scores that are not numbers
+                       info=d.get("extraction", {}), node_labels=d.get("node_labels", {}))
+        except (TypeError, RuntimeError, AttributeError) as exc:   # e.g. scores that are not numbers
             raise ValueError(f"malformed circuit: {exc}") from None
 
     @classmethod

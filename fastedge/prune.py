@@ -322,6 +322,8 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
     circuit.model_name = model_name or getattr(em.model.config, "_name_or_path", "") or ""
     circuit.task = task_name or getattr(data, "name", "")
     circuit.ablation = em.ablation
+    # what drawings show beside each writer, where the model knows it (Tracr: the RASP operations)
+    circuit.node_labels = dict(getattr(em.model.config, "writer_labels", None) or {})
     metrics = evaluate(em, validation, circuit, batch_size=cfg.eval_batch_size)
     metrics["steps"] = cfg.steps
     metrics["target_sparsity"] = cfg.target_sparsity
