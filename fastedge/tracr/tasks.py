@@ -35,11 +35,7 @@ from fastedge.tasks.base import Example, TaskData
 from fastedge.tracr.convert import TracrModel
 from fastedge.tracr.inputs import batch_ids, input_space
 
-# |circuit - full| at or below this counts as the same numerical output.
-# Edges outside the weight-composition circuit change the outputs by float
-# rounding only (about 1e-7); an edge that matters moves a fraction such as
-# xproportion's by 1/5 or more.
-NUMERICAL_TOLERANCE = 1e-3
+from fastedge.tracr.truth import NUMERICAL_TOLERANCE  # the same output, numerically
 
 # Tracr's outputs are 0/1 scores (categorical) or values in a small range
 # (numerical): divided by this before the softmax (KL) or the squared error,
