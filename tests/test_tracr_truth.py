@@ -251,6 +251,23 @@ def test_judge_rejects_bad_edges():
         truth.judge(Circuit(edges=[("tok_embeds", "resid_post")], nodes=["tok_embeds"], graph=other))
 
 
+def test_chunked_runs_and_samples(monkeypatch):
+    from fastedge.tracr import truth as truth_module
+    tm = tracr_synthetic.build(2)
+    whole = ground_truth(tm)
+    # 7 rows per forward (writers x S x D per row)
+    monkeypatch.setattr(truth_module, "_CHUNK_ELEMENTS", whole.graph.n_writers * 4 * 12 * 7)
+    chunked = ground_truth(tm)
+    assert chunked._outputs.chunk == 7 and chunked.n_inputs == whole.n_inputs == 84
+    assert (chunked.edges, chunked.necessary, chunked.effects) == (whole.edges, whole.necessary, whole.effects)
+    monkeypatch.setattr(truth_module, "MAX_INPUTS", 50)
+    with pytest.raises(ValueError, match="n_examples"):
+        ground_truth(tm)
+    sampled = ground_truth(tm, n_examples=20, seed=1)
+    assert sampled.n_inputs == 20 and sampled.edges == whole.edges
+    assert sampled.necessary <= whole.necessary   # fewer inputs can only show fewer changes
+
+
 def test_ground_truth_rejects_bad_arguments():
     tm = tracr_synthetic.build(0)
     with pytest.raises(TypeError, match="TracrModel"):

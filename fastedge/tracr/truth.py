@@ -38,7 +38,7 @@ import torch
 from fastedge.graph import EdgeGraph
 from fastedge.tracr import spaces
 from fastedge.tracr.convert import TracrModel
-from fastedge.tracr.inputs import batch_ids, input_space
+from fastedge.tracr.inputs import batch_ids, input_space, input_space_size
 
 # A numerical output counts as changed when it moves by more than this
 # (absolute). Measured on xproportion (float64 runs, all 1,364 inputs): its
@@ -53,11 +53,16 @@ from fastedge.tracr.inputs import batch_ids, input_space
 # of magnitude from both sides.
 NUMERICAL_TOLERANCE = 1e-4
 
+# Inputs the ground truth runs on at most (all of the space by default):
+# past this, pass n_examples (as for `fastedge.tracr.task`).
+MAX_INPUTS = 200_000
+_CHUNK_ELEMENTS = 1 << 25     # 256 MiB of float64 writer stack per forward
+
 
 @contextlib.contextmanager
 def _one_thread():
     """Run on one CPU thread, restoring the setting after. Tracr models are
-    tiny (a forward of all 1,364 xproportion inputs is ~1 MFLOP per layer):
+    tiny (a forward of all 1,364 xproportion inputs is tens of MFLOP):
     threads only add overhead, and on a loaded machine they make each
     forward tens of times slower (measured: 0.03 s on one thread, 0.3-1.1 s
     on two, for shuffle_dyck on a shared 2-core machine)."""
@@ -78,24 +83,33 @@ class _Outputs:
         model = copy.deepcopy(tm.model).to(torch.float64)
         self.categorical = tm.categorical
         self.tolerance = tolerance
-        self.ids, mask = batch_ids(tm, inputs)
-        self.mask = mask
+        self.ids, self.mask = batch_ids(tm, inputs)
         # every position but BOS, and no padding
-        self.scored = mask.bool().clone()
+        self.scored = self.mask.bool().clone()
         self.scored[:, 0] = False
-        with torch.no_grad():
-            self.reference = self._decode(model(self.ids, attention_mask=mask).logits)
         self.em = patch(model, ablation="zero", node_masks=False)
         self.graph = self.em.graph
+        # rows per forward: the edge model's writer stack (writers x rows x
+        # S x D float64) stays under _CHUNK_ELEMENTS
+        per_row = self.graph.n_writers * self.ids.shape[1] * model.config.hidden_size
+        self.chunk = max(1, _CHUNK_ELEMENTS // per_row)
+        with torch.no_grad():
+            self.reference = self._run(model)
 
-    def _decode(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.argmax(-1) if self.categorical else logits[..., 0]
+    def _run(self, fn) -> torch.Tensor:
+        """Decoded outputs [B, S] of `fn(ids, attention_mask=...)`, in chunks of rows."""
+        out = []
+        for start in range(0, self.ids.shape[0], self.chunk):
+            rows = slice(start, start + self.chunk)
+            logits = fn(self.ids[rows], attention_mask=self.mask[rows]).logits
+            out.append(logits.argmax(-1) if self.categorical else logits[..., 0])
+        return torch.cat(out)
 
     @torch.no_grad()
     def of(self, edges: Iterable[tuple[str, str]]) -> torch.Tensor:
         """Decoded outputs [B, S] of the circuit `edges` (zero ablation)."""
         self.em.set_circuit(list(edges))
-        return self._decode(self.em(self.ids, attention_mask=self.mask).logits)
+        return self._run(self.em)
 
     def compare(self, edges: Iterable[tuple[str, str]]) -> dict:
         """How the circuit's outputs differ from the full model's: the number
@@ -217,6 +231,10 @@ def ground_truth(tm: TracrModel, *, n_examples: Optional[int] = None, seed: int 
         tolerance = NUMERICAL_TOLERANCE
     if tolerance is not None and not tolerance >= 0:
         raise ValueError(f"tolerance must be a non-negative number, got {tolerance}")
+
+    if n_examples is None and input_space_size(tm) > MAX_INPUTS:
+        raise ValueError(f"this program's input space has {input_space_size(tm):,} inputs (more than "
+                         f"{MAX_INPUTS:,}): pass n_examples to judge necessity on a seeded sample")
 
     with _one_thread():
         outputs = _Outputs(tm, input_space(tm, n_examples, seed), tolerance or 0.0)
