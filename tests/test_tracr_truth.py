@@ -233,6 +233,8 @@ def test_judge(compiled, name):
     assert truth.judge(circuit)["recovered"]
     assert truth.judge(truth.edges, check_outputs=False)["outputs_reproduced"] is None
 
+    for w, r in truth.edges:
+        assert truth.via(w, r), (w, r)      # every edge meets on some named direction
     d = json.loads(json.dumps(truth.to_dict()))
     assert len(d["edges"]) == len(truth.edges)
     assert {tuple(e) for e in d["necessary"]} == truth.necessary
@@ -259,7 +261,8 @@ def test_chunked_runs_and_samples(monkeypatch):
     monkeypatch.setattr(truth_module, "_CHUNK_ELEMENTS", whole.graph.n_writers * 4 * 12 * 7)
     chunked = ground_truth(tm)
     assert chunked._outputs.chunk == 7 and chunked.n_inputs == whole.n_inputs == 84
-    assert (chunked.edges, chunked.necessary, chunked.effects) == (whole.edges, whole.necessary, whole.effects)
+    for attr in ("edges", "necessary", "effects"):
+        assert getattr(chunked, attr) == getattr(whole, attr), attr
     monkeypatch.setattr(truth_module, "MAX_INPUTS", 50)
     with pytest.raises(ValueError, match="n_examples"):
         ground_truth(tm)
@@ -275,3 +278,5 @@ def test_ground_truth_rejects_bad_arguments():
     with pytest.raises(ValueError, match="numerical"):
         ground_truth(tm, tolerance=1e-3)
     assert isinstance(ground_truth(tm), GroundTruth)
+    import fastedge.tracr
+    assert fastedge.tracr.ground_truth is ground_truth and fastedge.tracr.GroundTruth is GroundTruth

@@ -144,7 +144,14 @@ class GroundTruth:
     complete: bool = True                   # the circuit alone reproduces every output
     redundant_jointly_removable: bool = True
     name: str = ""
+    residual_labels: list = field(default_factory=list, repr=False)   # Tracr's names of the dims
     _outputs: Optional[_Outputs] = field(default=None, repr=False, compare=False)
+
+    def via(self, writer: str, reader: str) -> list[str]:
+        """The residual directions (Tracr's labels, e.g. ``"indices:3"``) where
+        `writer` writes and `reader` reads: why the edge is in the circuit."""
+        dims = np.intersect1d(self.write_dims[writer], self.read_dims[reader])
+        return [self.residual_labels[i] if i < len(self.residual_labels) else str(i) for i in dims]
 
     def _ordered(self, edges: Iterable) -> list[tuple[str, str]]:
         g = self.graph
@@ -201,6 +208,7 @@ class GroundTruth:
             "redundant": pairs(self.redundant), "complete": self.complete,
             "redundant_jointly_removable": self.redundant_jointly_removable,
             "effects": {f"{w} -> {r}": self.effects[(w, r)] for w, r in self._ordered(self.edges)},
+            "via": {f"{w} -> {r}": self.via(w, r) for w, r in self._ordered(self.edges)},
             "write_dims": {k: [int(i) for i in v] for k, v in self.write_dims.items()},
             "read_dims": {k: [int(i) for i in v] for k, v in self.read_dims.items()},
         }
@@ -210,8 +218,18 @@ class GroundTruth:
                  f"edges of {self.graph.n_edges} ({len(self.necessary)} necessary, {len(self.redundant)} "
                  f"redundant on {self.n_inputs} inputs)"]
         for w, r in self._ordered(self.edges):
-            lines.append(f"  {w} -> {r}  {'necessary' if (w, r) in self.necessary else 'redundant'}")
+            kind = "necessary" if (w, r) in self.necessary else "redundant"
+            lines.append(f"  {w} -> {r}  {kind}  via {_summarise(self.via(w, r))}")
         return "\n".join(lines)
+
+
+def _summarise(labels: list[str]) -> str:
+    """``["indices:0", "indices:1", "tokens:BOS"]`` -> ``"indices (2 dims), tokens:BOS"``."""
+    groups: dict[str, list[str]] = {}
+    for label in labels:
+        groups.setdefault(label.split(":", 1)[0], []).append(label)
+    return ", ".join(members[0] if len(members) == 1 else f"{name} ({len(members)} dims)"
+                     for name, members in groups.items())
 
 
 def ground_truth(tm: TracrModel, *, n_examples: Optional[int] = None, seed: int = 0,
@@ -254,4 +272,5 @@ def ground_truth(tm: TracrModel, *, n_examples: Optional[int] = None, seed: int 
                        write_dims=writes, read_dims=reads, effects=effects,
                        categorical=tm.categorical, tolerance=tolerance,
                        n_inputs=int(outputs.ids.shape[0]), complete=complete,
-                       redundant_jointly_removable=jointly, name=tm.name, _outputs=outputs)
+                       redundant_jointly_removable=jointly, name=tm.name,
+                       residual_labels=list(tm.config.residual_labels), _outputs=outputs)
