@@ -143,13 +143,12 @@ SEED_LIMIT = 2 ** 40     # seed * 1_000_003 + training forwards stays below 2**6
 TARGET_MAX = 2.0         # sparsity targets above 1 push harder (the authors use 1.02 and 1.2)
 
 
-def _check_int(name: str, value, *, low: int, high: Optional[int] = None) -> int:
+def _check_int(name: str, value, *, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     value = int(value)
-    if value < low or (high is not None and value > high):
-        bound = f"at least {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {bound}, got {value}")
+    if value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value}")
     return value
 
 
@@ -160,7 +159,9 @@ def _check_number(name: str, value, *, low: Optional[float] = None, high: Option
     if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{name} must lie in [{low:g}, {high:g}], got {value!r}")
+        bound = (f"lie in [{low:g}, {high:g}]" if low is not None and high is not None
+                 else f"be at least {low:g}" if low is not None else f"be at most {high:g}")
+        raise ValueError(f"{name} must {bound}, got {value!r}")
     return value
 
 
