@@ -33,7 +33,7 @@ import torch
 
 from fastedge.tasks.base import Example, TaskData
 from fastedge.tracr.convert import TracrModel
-from fastedge.tracr.inputs import batch_ids, input_space
+from fastedge.tracr.inputs import batch_ids, input_space, input_space_size
 
 from fastedge.tracr.truth import NUMERICAL_TOLERANCE  # the same output, numerically
 
@@ -73,9 +73,18 @@ def _outputs(tm: TracrModel, inputs: list) -> torch.Tensor:
     return tm.model(ids.to(tm.model.device), attention_mask=mask.to(tm.model.device)).logits.cpu()
 
 
+# Past this many inputs, a task samples its program's input space (with its
+# seed) unless `n_examples` says otherwise: pruning draws batches of 32, and
+# 10,000 inputs cover every program of `programs.SUPPORTED` whole.
+MAX_TASK_INPUTS = 10_000
+
+
 def task(tm: TracrModel, n_examples: Optional[int] = None, seed: int = 0) -> TaskData:
-    """The program's input space (all of it, or `n_examples` inputs drawn
-    with `seed`) as a `TaskData` (module docstring)."""
+    """The program's input space as a `TaskData` (module docstring): all of
+    it, or `n_examples` inputs drawn with `seed`; with `n_examples` None, a
+    space larger than `MAX_TASK_INPUTS` is sampled to that many."""
+    if n_examples is None and input_space_size(tm) > MAX_TASK_INPUTS:
+        n_examples = MAX_TASK_INPUTS
     inputs = input_space(tm, n_examples, seed)
     rng = random.Random(seed)
     by_length: dict[int, list] = {}
