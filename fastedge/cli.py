@@ -214,6 +214,9 @@ def load_task(args, tokenizer, *, shipped_model: bool, no_tokenizer: str = ""):
     if shipped_model and name == "induction":
         from fastedge.shipped.defaults import induction_task
         return induction_task(**kw)
+    if name.strip().lower().replace("_", "-") not in tasks.TASKS:
+        raise CliError(f"unknown task {name!r}; the tasks are {', '.join(sorted(tasks.TASKS))}, "
+                       f"or give your own with --data FILE.jsonl")
     if tokenizer is None and name != "induction":
         raise CliError(f"task {name!r} needs a tokenizer: {no_tokenizer}")
     return tasks.get_task(name, tokenizer, **kw)
