@@ -79,7 +79,7 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["fastedge", "fastedge.ops", "fastedge.backends", "fastedge.kernels", "fastedge.tasks",
+    packages=["fastedge", "fastedge.ops", "fastedge.backends", "fastedge.kernels", "fastedge.tasks", "fastedge.tracr",
               "fastedge.shipped"],
     package_dir={"fastedge": "fastedge", "fastedge.kernels": "kernels"},
     package_data={"fastedge.shipped": ["*/*.json", "*/*.safetensors", "*/README.md"]},
@@ -92,7 +92,9 @@ setup(
         "ninja",
         "tqdm",
     ],
-    extras_require={"test": ["pytest>=7", "expecttest"]},
+    extras_require={"test": ["pytest>=7", "expecttest"],
+                    # fastedge.tracr: compile RASP programs (tracr-pypi pulls JAX, Haiku, chex)
+                    "tracr": ["tracr-pypi"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

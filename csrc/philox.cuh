@@ -131,10 +131,15 @@ FE_HD Concrete concrete(float log_alpha, float u) {
   return c;
 }
 
-// z: the training sample (noise u) or the deterministic evaluation value.
+// x clamped to [0, 1], NaN kept NaN (both comparisons are false for NaN):
+// fminf/fmaxf return the non-NaN operand and would turn a NaN mask into 0.
+FE_HD float clamp01_keep_nan(float x) { return x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x); }
+
+// z: the training sample (noise u) or the deterministic evaluation value. A NaN
+// log_alpha (or noise) gives NaN, as on every backend.
 FE_HD float hard_concrete_forward(float log_alpha, float u, bool training) {
   if (!training) return sigmoid(mul_rn(log_alpha, DETERMINISTIC_GAIN));
-  return fminf(fmaxf(concrete(log_alpha, u).stretched, 0.0f), 1.0f);
+  return clamp01_keep_nan(concrete(log_alpha, u).stretched);
 }
 
 // d log_alpha given dz. Where the stretched sample is clamped the gradient is 0

@@ -136,6 +136,12 @@ SPECS = {
     "llama": ArchSpec("llama", **_LLAMA_LIKE, norm=_rms_norm("Llama")),
     "mistral": ArchSpec("mistral", **_LLAMA_LIKE, norm=_rms_norm("Mistral")),
     "qwen2": ArchSpec("qwen2", **_LLAMA_LIKE, norm=_rms_norm("Qwen2")),
+    # fastedge.tracr.TracrForCausalLM: GPT-2's places, Llama's projections,
+    # identity norms (no NormSpec: the module runs), attention not causal
+    "tracr": ArchSpec("tracr", layers="transformer.h", token_embedding="transformer.wte",
+                      position_embedding="transformer.wpe", final_norm="transformer.ln_f",
+                      attn_norm="ln_1", mlp_norm="ln_2", mlp="mlp", rotary=None,
+                      qkv=_llama_qkv, out=_llama_out),
     "gpt_neox": ArchSpec("gpt_neox", layers="gpt_neox.layers", token_embedding="gpt_neox.embed_in",
                          position_embedding=None, final_norm="gpt_neox.final_layer_norm",
                          attn_norm="input_layernorm", mlp_norm="post_attention_layernorm",
@@ -183,6 +189,9 @@ class Adapter:
         self.n_kv_heads = self.spec.qkv(self.blocks[0], config)[2].shape[0]
         self.scale = self.head_dim ** -0.5
         self.parallel = model_type == "gpt_neox" and bool(getattr(config, "use_parallel_residual", True))
+        # every causal LM masks later positions; a Tracr model compiled
+        # without `causal` lets every position see every position
+        self.causal = bool(getattr(config, "causal", True)) if model_type == "tracr" else True
 
     def _check_supported_options(self):
         c, t = self.config, self.config.model_type

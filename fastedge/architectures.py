@@ -9,6 +9,7 @@ _ARCHITECTURES = {
     "mistral": (("embeds",), False),
     "qwen2": (("embeds",), False),
     "gpt_neox": (("embeds",), True),
+    "tracr": (("tok_embeds", "pos_embeds"), False),   # fastedge.tracr: compiled RASP programs
 }
 
 SUPPORTED_MODEL_TYPES = tuple(sorted(_ARCHITECTURES))

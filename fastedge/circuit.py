@@ -60,6 +60,12 @@ section 1, the writers (nodes) it keeps, and the `EdgeGraph` they belong to.
    achieved value and ``circuit.info`` records the threshold and how many
    edges pruning removed.
 
+`extract_circuit_by_threshold(em_or_masks, threshold=0.5)` skips step 3:
+it keeps the edges whose deterministic mask is ``> threshold`` (0.5 by
+default: ``log_alpha > 0``), then applies steps 2 and 4. `fastedge.prune`
+uses it for training targets at or above 1, where an edge count means
+nothing (the authors push harder with targets of 1.02 and 1.2).
+
 `Circuit.nodes` after extraction are the writers that pass the node
 threshold *and* keep at least one out-edge (a writer without out-edges has
 no effect on the circuit).
@@ -91,8 +97,8 @@ from fastedge.graph import EdgeGraph
 from fastedge.graph import edge_indices as _edge_indices
 from fastedge.graph import writer_indices as _writer_indices
 
-__all__ = ["Circuit", "extract_circuit", "compare_circuits", "CIRCUIT_FORMAT", "prune_dead_edges",
-           "deterministic_edge_masks"]
+__all__ = ["Circuit", "extract_circuit", "extract_circuit_by_threshold", "compare_circuits", "CIRCUIT_FORMAT",
+           "prune_dead_edges", "deterministic_edge_masks"]
 
 CIRCUIT_FORMAT = "fastedge.Circuit/1"
 ABLATIONS = ("interchange", "zero", "mean")
@@ -138,7 +144,9 @@ class Circuit:
 
     Optional extras: ``scores`` (``[graph.n_edges]`` deterministic edge mask
     values, graph edge order), ``node_scores`` (``[graph.n_writers]``), and
-    ``info`` (how the circuit was extracted: threshold, target, ...).
+    ``info`` (how the circuit was extracted: threshold, target, ...), and
+    ``node_labels`` (writer name -> short texts that drawings show beside
+    it: for a Tracr model, the RASP operations the writer computes).
     """
     edges: list
     nodes: list
@@ -150,6 +158,7 @@ class Circuit:
     scores: Optional[Tensor] = field(default=None, repr=False)
     node_scores: Optional[Tensor] = field(default=None, repr=False)
     info: dict = field(default_factory=dict)
+    node_labels: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not isinstance(self.graph, EdgeGraph):
@@ -178,6 +187,13 @@ class Circuit:
                                  f"got shape {tuple(self.node_scores.shape)}")
         self.metrics = dict(self.metrics or {})
         self.info = dict(self.info or {})
+        self.node_labels = dict(self.node_labels or {})
+        for name, labels in self.node_labels.items():
+            if name not in g.writer_index:
+                raise ValueError(f"node_labels names {name!r}, which is not a writer of the graph")
+            if not isinstance(labels, (list, tuple)) or not all(isinstance(x, str) for x in labels):
+                raise ValueError(f"node_labels[{name!r}] must be a list of strings, got {labels!r}")
+            self.node_labels[name] = list(labels)
 
     # -- sizes ----------------------------------------------------------------------------------
 
@@ -239,6 +255,8 @@ class Circuit:
              "edge_sparsity": self.edge_sparsity, "node_sparsity": self.node_sparsity,
              "n_edges": self.n_edges, "metrics": _jsonable(self.metrics),
              "extraction": _jsonable(self.info)}
+        if self.node_labels:
+            d["node_labels"] = {k: list(v) for k, v in self.node_labels.items()}
         if include_scores:
             if self.scores is not None:
                 d["scores"] = self.scores.tolist()
@@ -297,8 +315,8 @@ class Circuit:
                        model_name=d.get("model", ""), task=d.get("task", ""),
                        ablation=d.get("ablation", "interchange"), metrics=d.get("metrics", {}),
                        scores=d.get("scores"), node_scores=d.get("node_scores"),
-                       info=d.get("extraction", {}))
-        except (TypeError, RuntimeError) as exc:   # e.g. scores that are not numbers
+                       info=d.get("extraction", {}), node_labels=d.get("node_labels", {}))
+        except (TypeError, RuntimeError, AttributeError) as exc:   # e.g. scores that are not numbers
             raise ValueError(f"malformed circuit: {exc}") from None
 
     @classmethod
@@ -693,22 +711,97 @@ def extract_circuit(em_or_masks, target_sparsity: float, *, graph: Optional[Edge
         raise ValueError(f"target_sparsity must be a number in [0, 1], got {target_sparsity!r}") from None
     if not 0.0 <= target_sparsity <= 1.0:
         raise ValueError(f"target_sparsity must be in [0, 1], got {target_sparsity!r} (training targets "
-                         f"above 1 push harder, but a circuit cannot keep fewer than 0 edges)")
+                         f"above 1 push harder, but a circuit cannot keep fewer than 0 edges; extract such a run's "
+                         f"circuit with extract_circuit_by_threshold)")
     if method not in ("exact", "bisect"):
         raise ValueError(f"method must be 'exact' or 'bisect', got {method!r}")
-    if not 0.0 <= node_threshold <= 1.0:
-        raise ValueError(f"node_threshold must be in [0, 1], got {node_threshold!r}")
     if tol <= 0:
         raise ValueError(f"tol must be positive, got {tol!r}")
+    prep = _prepare(em_or_masks, graph, node_log_alpha, node_threshold, ablation)
+    n_target = int(round((1.0 - float(target_sparsity)) * prep.graph.n_edges))
+
+    def finish(kept):
+        return prune_dead_edges(kept, prep.graph, forward=prep.forward) if prune_dead else kept
+
+    if method == "exact":
+        kept, raw, threshold = _search_exact(prep.logits, prep.candidate, n_target, finish)
+    else:
+        kept, raw, threshold = _search_bisect(prep.scores, prep.candidate, n_target, finish, tol)
+    info = {"method": method, "target_sparsity": float(target_sparsity), "target_n_edges": n_target,
+            "threshold": threshold}
+    return _build_circuit(prep, kept, raw, info, prune_dead=prune_dead, model_name=model_name, task=task)
+
+
+def extract_circuit_by_threshold(em_or_masks, threshold: float = 0.5, *, graph: Optional[EdgeGraph] = None,
+                                 node_log_alpha: Optional[Tensor] = None, node_threshold: float = 0.5,
+                                 prune_dead: bool = True, ablation: Optional[str] = None,
+                                 model_name: Optional[str] = None, task: str = "") -> Circuit:
+    """The circuit of the edges whose deterministic mask passes ``threshold``.
+
+    No sparsity search: edge ``(w, r)`` is kept when
+    ``sigmoid(0.8 * log_alpha / beta) > threshold`` (SPEC section 1), after
+    node removal (writers with deterministic node mask ``<= node_threshold``
+    lose their out-edges) and, with ``prune_dead``, dead-edge pruning (module
+    docstring, steps 2 and 4). The default 0.5 (``log_alpha > 0``) is the
+    midpoint of the deterministic range, the value at which a mask's
+    hard-concrete sample is more likely on than off, and the node threshold's
+    default too.
+
+    This is how `fastedge.prune` extracts the circuit of a run whose training
+    target is at or above 1 (the authors' 1.02 and 1.2 "push harder"
+    targets): an edge count for such a target would be 0 or negative, so the
+    masks themselves say which edges survived. It is also the extraction for
+    masks with a meaning of their own (hand-set or compiled models, whose
+    masks are near 0 or 1).
+
+    Args: as `extract_circuit` (less the search's ``target_sparsity``,
+    ``method`` and ``tol``); ``threshold`` in [0, 1).
+
+    Returns:
+        a `Circuit` with ``scores``/``node_scores`` and ``info``
+        (``method="threshold"``, ``threshold``, ``target_sparsity=None``,
+        counts before and after pruning). Its ``edge_sparsity`` is whatever
+        the masks give.
+    """
+    try:
+        threshold = float(threshold)
+    except (TypeError, ValueError):
+        raise ValueError(f"threshold must be a number in [0, 1), got {threshold!r}") from None
+    if not 0.0 <= threshold < 1.0:  # also refuses NaN
+        raise ValueError(f"threshold must be in [0, 1) (a mask value; 1 would keep nothing), got {threshold!r}")
+    prep = _prepare(em_or_masks, graph, node_log_alpha, node_threshold, ablation)
+    raw_kept = prep.candidate & (prep.scores > threshold)
+    kept = prune_dead_edges(raw_kept, prep.graph, forward=prep.forward) if prune_dead else raw_kept
+    info = {"method": "threshold", "target_sparsity": None, "target_n_edges": None, "threshold": threshold}
+    return _build_circuit(prep, kept, int(raw_kept.sum()), info, prune_dead=prune_dead,
+                          model_name=model_name, task=task)
+
+
+@dataclass
+class _Prepared:
+    """Deterministic masks of every edge and writer, and which edges may be kept."""
+    graph: EdgeGraph
+    meta: dict
+    ablation: str
+    forward: bool               # the forward pruning rule applies (interchange)
+    logits: Tensor              # [n_edges] float64: 0.8 * log_alpha / beta
+    scores: Tensor              # [n_edges] float64: sigmoid(logits)
+    node_scores: Optional[Tensor]
+    node_keep: Tensor           # [n_writers] bool
+    node_threshold: float
+    edge_w: Tensor              # writer index of every edge
+    candidate: Tensor           # [n_edges] bool: writer kept and mask not -inf
+
+
+def _prepare(em_or_masks, graph, node_log_alpha, node_threshold, ablation) -> _Prepared:
+    if not 0.0 <= node_threshold <= 1.0:
+        raise ValueError(f"node_threshold must be in [0, 1], got {node_threshold!r}")
     edges_la, node_la, graph, meta = _unpack_masks(em_or_masks, graph, node_log_alpha)
     _check_masks(edges_la, node_la, graph)
     ablation = ablation or meta.get("ablation", "interchange")
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {', '.join(ABLATIONS)}, got {ablation!r}")
-    forward = ablation == "interchange"
-
     logits = torch.cat([la.detach().double().cpu().flatten() for la in edges_la]) * _SCALE
-    scores = torch.sigmoid(logits)
     edge_w, _ = _edge_endpoints(graph)
     if node_la is not None:
         node_scores = torch.sigmoid(node_la.detach().double().cpu() * _SCALE)
@@ -717,33 +810,30 @@ def extract_circuit(em_or_masks, target_sparsity: float, *, graph: Optional[Edge
         node_scores = None
         node_keep = torch.ones(graph.n_writers, dtype=torch.bool)
     candidate = node_keep[edge_w] & (logits > float("-inf"))
-    n_total = graph.n_edges
-    n_target = int(round((1.0 - float(target_sparsity)) * n_total))
+    return _Prepared(graph=graph, meta=meta, ablation=ablation, forward=ablation == "interchange",
+                     logits=logits, scores=torch.sigmoid(logits), node_scores=node_scores,
+                     node_keep=node_keep, node_threshold=float(node_threshold), edge_w=edge_w,
+                     candidate=candidate)
 
-    def finish(kept):
-        return prune_dead_edges(kept, graph, forward=forward) if prune_dead else kept
 
-    if method == "exact":
-        kept, raw, threshold = _search_exact(logits, candidate, n_target, finish)
-    else:
-        kept, raw, threshold = _search_bisect(scores, candidate, n_target, finish, tol)
-
+def _build_circuit(prep: _Prepared, kept: Tensor, raw: int, info: dict, *, prune_dead: bool,
+                   model_name: Optional[str], task: str) -> Circuit:
+    """The `Circuit` of the kept edges (after pruning); `raw`: the count before pruning."""
+    graph, edge_w = prep.graph, prep.edge_w
     has_out = torch.zeros(graph.n_writers, dtype=torch.bool)
     if kept.any():
         has_out[edge_w[kept].unique()] = True
-    nodes = [graph.writers[i] for i in torch.nonzero(has_out & node_keep).flatten().tolist()]
+    nodes = [graph.writers[i] for i in torch.nonzero(has_out & prep.node_keep).flatten().tolist()]
     edges = [graph.edge(i) for i in torch.nonzero(kept).flatten().tolist()]
-    info = {"method": method, "target_sparsity": float(target_sparsity), "target_n_edges": n_target,
-            "threshold": threshold, "node_threshold": float(node_threshold),
-            "n_nodes_above_threshold": int(node_keep.sum()), "prune_dead": bool(prune_dead),
-            "forward_pruning": bool(prune_dead and forward), "n_edges_thresholded": raw,
-            "n_edges_pruned": raw - int(kept.sum())}
-    if "d_model" in meta:
-        info["d_model"] = meta["d_model"]
+    info = dict(info, node_threshold=prep.node_threshold, n_nodes_above_threshold=int(prep.node_keep.sum()),
+                prune_dead=bool(prune_dead), forward_pruning=bool(prune_dead and prep.forward),
+                n_edges_thresholded=raw, n_edges_pruned=raw - int(kept.sum()))
+    if "d_model" in prep.meta:
+        info["d_model"] = prep.meta["d_model"]
     return Circuit(edges=edges, nodes=nodes, graph=graph,
-                   model_name=model_name if model_name is not None else meta.get("model_name", ""),
-                   task=task, ablation=ablation, scores=scores.float(),
-                   node_scores=None if node_scores is None else node_scores.float(), info=info)
+                   model_name=model_name if model_name is not None else prep.meta.get("model_name", ""),
+                   task=task, ablation=prep.ablation, scores=prep.scores.float(),
+                   node_scores=None if prep.node_scores is None else prep.node_scores.float(), info=info)
 
 
 def _closest(pairs, n_target):

@@ -20,13 +20,16 @@ from typing import Optional
 from fastedge.cli_errors import EXIT_FAILED, EXIT_INTERRUPTED, CliError, describe, one_line
 
 SHIPPED = "shipped"
+TRACR_PREFIX = "tracr:"
 MAX_SEED = 2 ** 32  # --seed lies in [0, MAX_SEED)
 
 
 def _add_model_and_task(p: argparse.ArgumentParser, *, require_task: bool = False) -> None:
     p.add_argument("--model", default=None,
-                   help="a Hugging Face Hub name or a local folder saved with save_pretrained "
-                        "(default: the tiny induction model shipped with fastedge)")
+                   help="a Hugging Face Hub name or a local folder saved with save_pretrained; "
+                        "tracr:<program> (reverse, xproportion, ...: fastedge.tracr.programs) compiles a "
+                        "RASP program, whose input space is the task (needs the tracr extra); "
+                        "default: the tiny induction model shipped with fastedge")
     src = p.add_mutually_exclusive_group(required=require_task)
     src.add_argument("--task", default=None,
                      help="a built-in task: ioi, greater-than, gendered-pronoun, boolean-instruct, "
@@ -57,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "circuit extracted at 0.9)")
     p.add_argument("--steps", type=int, default=None, help="optimisation steps (default 3000; 1000 for the shipped model)")
     p.add_argument("--circuit-sparsity", type=float, default=None,
-                   help="edge sparsity of the extracted circuit (default: the target, at most 1)")
+                   help="edge sparsity of the extracted circuit (default: the target when below 1; for "
+                        "targets of 1 or more, the edges whose deterministic mask exceeds 0.5)")
     p.add_argument("--batch-size", type=int, default=None, help="examples per step (default 32)")
     p.add_argument("--micro-batch-size", type=int, default=None,
                    help="examples per forward pass; gradients accumulate over the batch "
@@ -70,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "or fast (masks rounded once to the model's dtype: one product, the authors' precision)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of log_alphas (default 0.8)")
     p.add_argument("--lambda-lr", type=float, default=None, help="learning rate of the multipliers (default 0.8)")
-    p.add_argument("--ablation", choices=["interchange", "zero", "mean"], default="interchange")
+    p.add_argument("--ablation", choices=["interchange", "zero", "mean"], default=None,
+                   help="what a pruned edge carries (default interchange; zero for tracr: models)")
     p.add_argument("--no-node-masks", action="store_true", help="learn edge masks only")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
     p.add_argument("--out", default="fastedge-out", metavar="DIR", help="output folder (default ./fastedge-out)")
@@ -171,6 +176,8 @@ def load_model_and_task(args):
     import torch
     device = resolve_device(args.device)
     tokenizer, no_tokenizer = None, "the shipped model has no text tokenizer"
+    if args.model and args.model.startswith(TRACR_PREFIX):
+        return load_tracr_model_and_task(args, device)
     if args.model in (None, SHIPPED):
         from fastedge import shipped
         model = shipped.load_shipped_model()
@@ -189,6 +196,29 @@ def load_model_and_task(args):
     task = load_task(args, tokenizer, shipped_model=args.model in (None, SHIPPED), no_tokenizer=no_tokenizer)
     check_task_fits_model(task, model, name)
     return model, task, name
+
+
+def load_tracr_model_and_task(args, device):
+    """``--model tracr:<program>``: compile the named RASP program
+    (`fastedge.tracr.programs`); the task is its input space."""
+    import torch
+    import fastedge.tracr as ft
+    program = args.model[len(TRACR_PREFIX):]
+    if args.task or args.data:
+        raise CliError(f"--model {args.model} brings its own task (the program's input space); "
+                       f"drop --task/--data")
+    try:
+        ft.programs.spec(program)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if not ft.tracr_available():
+        raise CliError(f"--model {args.model} needs Tracr: pip install -e \".[tracr]\"")
+    # Tracr models are a few dozen dimensions wide: one thread is fastest
+    torch.set_num_threads(1)
+    tm = ft.programs.load(program)
+    model = tm.model.to(device).eval()
+    task = ft.task(tm, n_examples=args.n_examples, seed=args.seed)
+    return model, task, args.model
 
 
 def check_task_fits_model(task, model, name: str) -> None:
@@ -246,14 +276,18 @@ def _prune(args, *, main_rank: bool) -> int:
     out = Path(args.out)
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
-    options = dict(batch_size=args.batch_size or 32, seed=args.seed, ablation=args.ablation,
-                   node_masks=not args.no_node_masks, checkpoint_every=args.checkpoint_every,
-                   progress=not args.no_progress, micro_batch_size=args.micro_batch_size,
-                   recompute_readers=args.recompute_readers, precision=args.precision)
     if shipped_model:
         from fastedge.shipped.defaults import PRUNE_DEFAULTS as defaults
+    elif name.startswith(TRACR_PREFIX):
+        from fastedge.tracr.tasks import PRUNE_DEFAULTS as defaults
     else:
         defaults = {"target_sparsity": 0.95, "steps": 3000}
+    options = dict(batch_size=args.batch_size if args.batch_size is not None else defaults.get("batch_size", 32),
+                   seed=args.seed, ablation=args.ablation or defaults.get("ablation", "interchange"),
+                   node_masks=not args.no_node_masks and defaults.get("node_masks", True),
+                   checkpoint_every=args.checkpoint_every,
+                   progress=not args.no_progress, micro_batch_size=args.micro_batch_size,
+                   recompute_readers=args.recompute_readers, precision=args.precision)
     for key in ("lr", "lambda_lr"):
         value = getattr(args, key)
         if value is not None:
@@ -283,9 +317,10 @@ def _prune(args, *, main_rank: bool) -> int:
     faith = metrics["faithfulness"]
     faith_text = (f"faithfulness {faith:.3f}" if faith == faith
                   else "faithfulness n/a (clean and corrupted answers agree on this task)")
+    objective = "kl" if "kl" in metrics else "mse"   # mse: numerical Tracr programs
     print(f"circuit: {circuit.n_edges} edges kept of {circuit.graph.n_edges} "
-          f"(edge sparsity {circuit.edge_sparsity:.4f}); KL {metrics['kl']:.4f} "
-          f"(empty circuit {metrics['empty_kl']:.4f}), {faith_text}, accuracy {metrics['accuracy']:.3f} "
+          f"(edge sparsity {circuit.edge_sparsity:.4f}); {objective.upper()} {metrics[objective]:.4g} "
+          f"(empty circuit {metrics['empty_' + objective]:.4g}), {faith_text}, accuracy {metrics['accuracy']:.3f} "
           f"(full model {metrics['full_accuracy']:.3f})")
     print(f"wrote {out / 'circuit.json'}, {out / 'metrics.json'}, {drawn}, {out / 'log.jsonl'}, "
           f"{out / 'masks.pt'}, {out / 'checkpoints'}/ in {result.wall_seconds:.1f} s")

@@ -14,7 +14,8 @@ by the reader's kind (q, k, v, MLP, output; see the legend). With
 grouped-query attention a k/v reader serves every query head of its group,
 so its edges are drawn to each of those heads that is in the circuit (to
 all of them when none is). Only components that have a kept edge are drawn
-(``resid_post`` always).
+(``resid_post`` always). A circuit's ``node_labels`` (a Tracr model's RASP
+operations) are written under each writer's name.
 """
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ def circuit_to_dot(circuit, *, title: Optional[str] = None) -> str:
             used.add(w)
             used.add(t)
     if title is None:
-        parts = [p for p in (circuit.model_name, circuit.task) if p]
+        parts = list(dict.fromkeys(p for p in (circuit.model_name, circuit.task) if p))
         title = " / ".join(parts + [f"{circuit.n_edges} of {g.n_edges} edges "
                                     f"(sparsity {circuit.edge_sparsity:.4f})"])
     lines = ["digraph circuit {",
@@ -97,13 +98,22 @@ def circuit_to_dot(circuit, *, title: Optional[str] = None) -> str:
              "  node [fontname=Helvetica, fontsize=11];",
              "  edge [arrowsize=0.6, penwidth=1.2];"]
 
+    def _label(name):
+        # the writer's name, and below it what the circuit file says it computes
+        texts = circuit.node_labels.get(name)
+        if not texts:
+            return ""
+        lines_ = "\\n".join(_q(t)[1:-1] for t in [name, *texts])   # DOT's line break: \n
+        return f', label="{lines_}"'
+
+
     def rank(names, style_key, how="same"):
         names = [n for n in names if n in used]
         if not names:
             return
         lines.append(f"  {{ rank={how};")
         for n in names:
-            lines.append(f"    {_q(n)} [{_NODE_STYLE[style_key]}];")
+            lines.append(f"    {_q(n)} [{_NODE_STYLE[style_key]}{_label(n)}];")
         lines.append("  }")
 
     rank(list(g.embeddings), "embedding", "min")
@@ -114,7 +124,7 @@ def circuit_to_dot(circuit, *, title: Optional[str] = None) -> str:
             if names:
                 lines.append("  { rank=same;")
                 for n in names:
-                    lines.append(f"    {_q(n)} [{_NODE_STYLE['mlp' if n.startswith('m') else 'head']}];")
+                    lines.append(f"    {_q(n)} [{_NODE_STYLE['mlp' if n.startswith('m') else 'head']}{_label(n)}];")
                 lines.append("  }")
         else:
             rank(heads, "head")

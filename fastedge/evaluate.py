@@ -8,6 +8,15 @@ Metrics, averaged over the target positions of every example:
 * ``faithfulness``: the circuit's logit difference normalised between the
   empty circuit (0) and the full model (1).
 
+Tasks whose answers are the model's own outputs (``meta["faithfulness"] ==
+"objective"``: Tracr programs, `fastedge.tracr.tasks`) are scored on their
+objective instead (`fastedge.objectives`: ``kl``, or ``mse`` for numerical
+outputs): ``kl`` or ``mse`` against the full model; ``accuracy``: how often
+the circuit's output equals the full model's (the argmax, or the value to
+``meta["output_tolerance"]``); ``faithfulness``: 1 - D(circuit) / D(empty),
+1 when the circuit reproduces the full model, 0 when it is no better than
+the empty circuit.
+
 A sweep over sparsities gives the faithfulness curve and the MIB benchmark's
 areas under it: CPR (the area under the curve, higher is better) and CMD (the
 area between the curve and 1, lower is better), both over the fraction of
@@ -31,6 +40,7 @@ class TargetScores:
     clean_logit: torch.Tensor  # [T]
     corrupted_logit: torch.Tensor  # [T]
     correct: torch.Tensor      # [T] bool: top token == clean answer
+    outputs: torch.Tensor      # [T, V] float32: the logits themselves
 
 
 def _gather(logits: torch.Tensor, batch) -> TargetScores:
@@ -42,12 +52,13 @@ def _gather(logits: torch.Tensor, batch) -> TargetScores:
         log_probs=F.log_softmax(picked, dim=-1),
         clean_logit=picked.gather(1, clean[:, None])[:, 0],
         corrupted_logit=picked.gather(1, corrupted[:, None])[:, 0],
-        correct=picked.argmax(-1) == clean)
+        correct=picked.argmax(-1) == clean,
+        outputs=picked)
 
 
 def _cat(scores: list[TargetScores]) -> TargetScores:
     return TargetScores(*(torch.cat([getattr(s, f) for s in scores])
-                          for f in ("log_probs", "clean_logit", "corrupted_logit", "correct")))
+                          for f in ("log_probs", "clean_logit", "corrupted_logit", "correct", "outputs")))
 
 
 @torch.no_grad()
@@ -91,6 +102,29 @@ def summarize(scores: TargetScores, full: TargetScores) -> dict:
             "accuracy": scores.correct.float().mean().item()}
 
 
+def _objective_metrics(scores: TargetScores, full: TargetScores, empty: TargetScores, data) -> dict:
+    """Metrics of a task scored on its objective (module docstring)."""
+    from fastedge import objectives
+    objective = objectives.objective_of(data)
+    ref = objective.reference(full.outputs)
+
+    def div(s: TargetScores) -> float:
+        return objective.divergence(ref, s.outputs).item()
+
+    def agree(s: TargetScores) -> float:
+        if objective.name == "mse":
+            tol = float(data.meta.get("output_tolerance", 0.0))
+            same = ((s.outputs - full.outputs).abs() <= tol).all(-1)
+        else:
+            same = s.outputs.argmax(-1) == full.outputs.argmax(-1)
+        return same.float().mean().item()
+
+    ours, none = div(scores), div(empty)
+    return {objective.name: ours, f"empty_{objective.name}": none, "accuracy": agree(scores),
+            "empty_accuracy": agree(empty), "full_accuracy": 1.0,
+            "faithfulness": 1.0 - ours / none if none > 0 else float("nan")}
+
+
 def evaluate(em: EdgeModel, data, circuit=None, *, batch_size: int = 32) -> dict:
     """Metrics of `circuit` (a `fastedge.circuit.Circuit`; None: the edge
     model's current masks) against the full model and the empty circuit."""
@@ -106,6 +140,12 @@ def evaluate(em: EdgeModel, data, circuit=None, *, batch_size: int = 32) -> dict
         ours = run_scores(em, data, batch_size=batch_size)
     finally:
         em._fixed_masks = saved
+    if data.meta.get("faithfulness") == "objective":
+        metrics = _objective_metrics(ours, full, empty, data)
+        if circuit is not None:
+            metrics["edge_sparsity"] = circuit.edge_sparsity
+            metrics["n_edges"] = circuit.n_edges
+        return metrics
     metrics = summarize(ours, full)
     full_m = summarize(full, full)
     empty_m = summarize(empty, full)

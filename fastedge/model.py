@@ -97,7 +97,8 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple, Optional
 
 import torch
@@ -108,6 +109,25 @@ from fastedge.adapters import Adapter
 from fastedge.graph import EdgeGraph, ReaderGroup
 
 ABLATIONS = ("interchange", "zero", "mean")
+
+
+class UnpatchedError(RuntimeError):
+    """An `EdgeModel` was used after `EdgeModel.unpatch` gave its model back."""
+
+
+@dataclass
+class _PatchRecord:
+    """What patching changed on one model, shared by every live `EdgeModel` of
+    it: the original requires_grad flags and mode (taken at the first patch,
+    never from a model another patch froze) and the EdgeModels still patched."""
+    flags: dict
+    was_training: bool
+    live: "weakref.WeakSet" = field(default_factory=weakref.WeakSet)
+
+
+# model -> its _PatchRecord while some EdgeModel of it is patched (weak keys: a
+# dropped model takes its record with it; nothing is stored on the model itself)
+_PATCHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -250,8 +270,16 @@ class EdgeModel(nn.Module):
                              f"got {precision!r}")
         self.precision = precision
         self.fused_norm = _fused_norm_mode(fused_norm)
-        self._frozen_flags = {name: p.requires_grad for name, p in model.named_parameters()}
-        self._was_training = model.training
+        # Patching the same model again shares the first patch's record of the
+        # original flags, so no unpatch can "restore" another patch's frozen state.
+        record = _PATCHES.get(model)
+        if record is None:
+            record = _PatchRecord({name: p.requires_grad for name, p in model.named_parameters()},
+                                  model.training)
+            _PATCHES[model] = record
+        record.live.add(self)
+        object.__setattr__(self, "_patch_record", record)
+        self._unpatched = False
         model.requires_grad_(False)
         model.eval()
         weight = adapter.token_embedding.weight
@@ -339,6 +367,7 @@ class EdgeModel(nn.Module):
     def compute_mean_outputs(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
         """Each writer's output averaged over a reference batch, per position
         ([n_writers, S, D]); used by ``ablation="mean"``."""
+        self._check_patched()
         writer_outputs = self._run(input_ids, None, attention_mask, collect_writers=True)
         if attention_mask is None:
             means = writer_outputs.mean(dim=1)
@@ -352,6 +381,7 @@ class EdgeModel(nn.Module):
 
     def forward(self, input_ids: Tensor, corrupted_input_ids: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None, seed: Optional[int] = None) -> EdgeModelOutput:
+        self._check_patched()
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         if self.ablation == "interchange":
@@ -408,7 +438,7 @@ class EdgeModel(nn.Module):
         for layer in range(len(a.blocks)):
             window = a.sliding_window(layer)
             if window not in masks_by_window:
-                masks_by_window[window] = _attention_mask(attention_mask, window)
+                masks_by_window[window] = _attention_mask(attention_mask, window, causal=a.causal)
             attn_bias = masks_by_window[window]
             attn_group, mlp_group = g.groups[2 * layer], g.groups[2 * layer + 1]
             first_head = attn_group.n_writers
@@ -524,11 +554,33 @@ class EdgeModel(nn.Module):
     # -- undo -----------------------------------------------------------------------
 
     def unpatch(self) -> nn.Module:
-        """Give back the original model, with its requires_grad flags and mode restored."""
-        for name, p in self.model.named_parameters():
-            p.requires_grad_(self._frozen_flags.get(name, True))
-        self.model.train(self._was_training)
+        """Give back the original model. This EdgeModel refuses to run from
+        now on (`UnpatchedError`); a second call just returns the model.
+
+        The model's requires_grad flags and train/eval mode go back to what
+        they were before it was first patched once no other EdgeModel of the
+        same model is patched: while one is, the weights stay frozen, so that
+        it never puts gradients into them. (Patching twice and unpatching the
+        second thus leaves the model frozen for the first; unpatching both, in
+        either order, or dropping the first, restores it.)"""
+        if self._unpatched:
+            return self.model
+        self._unpatched = True
+        record = self._patch_record
+        record.live.discard(self)
+        if not len(record.live):
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(record.flags.get(name, True))
+            self.model.train(record.was_training)
+            if _PATCHES.get(self.model) is record:
+                del _PATCHES[self.model]
         return self.model
+
+    def _check_patched(self) -> None:
+        if self._unpatched:
+            raise UnpatchedError("this EdgeModel was unpatched (EdgeModel.unpatch gave its model back) and "
+                                 "no longer runs: its model's weights are no longer frozen. Patch the model "
+                                 "again with fastedge.patch(model)")
 
 
 class _Run:
@@ -763,12 +815,14 @@ class Rotary(NamedTuple):
         return torch.addcmul(t * self.cos, swapped, self.sin)
 
 
-def _attention_mask(attention_mask: Tensor, window: Optional[int] = None) -> Tensor:
-    """[B, 1, S, S] boolean: causal, not padding, and within the sliding
-    window (i - j < window) if any; a query always sees itself, so a padded
-    row never becomes all -inf (its output is unused)."""
+def _attention_mask(attention_mask: Tensor, window: Optional[int] = None, causal: bool = True) -> Tensor:
+    """[B, 1, S, S] boolean: causal (unless `causal` is False), not padding,
+    and within the sliding window (i - j < window) if any; a query always
+    sees itself, so a padded row never becomes all -inf (its output is
+    unused)."""
     S = attention_mask.shape[1]
-    causal = torch.ones(S, S, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = torch.ones(S, S, dtype=torch.bool, device=attention_mask.device)
+    causal = allowed.tril() if causal else allowed
     if window is not None:
         causal = causal.triu(-(window - 1))
     keys = attention_mask.bool()[:, None, None, :]

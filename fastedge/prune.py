@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastedge import distributed
+from fastedge import distributed, objectives
 from fastedge.model import EdgeModel, patch
 
 CHECKPOINT_FORMAT = "fastedge.checkpoint/1"
@@ -85,7 +85,9 @@ class PruneConfig:
     sparsity_warmup_steps: Optional[int] = None  # default: 5/6 of the steps (2,500 of 3,000)
     node_masks: bool = True
     node_target_sparsity: Optional[float] = None  # None: no node sparsity term
-    circuit_sparsity: Optional[float] = None   # sparsity of the extracted circuit; default min(target, 1)
+    # sparsity of the extracted circuit; default: the target when below 1, else the
+    # circuit of the deterministic masks above 0.5 (extract_circuit_by_threshold)
+    circuit_sparsity: Optional[float] = None
     ablation: str = "interchange"
     seed: int = 0
     bf16: bool = False                         # run the frozen model in bf16 (masks stay fp32)
@@ -156,10 +158,11 @@ class _Multipliers(nn.Module):
 
 
 class _FullModelCache:
-    """log p_full at the target positions, per example, computed once."""
+    """The full model at the target positions, per example, computed once:
+    log p_full (objective ``kl``), or its outputs (``mse``; `fastedge.objectives`)."""
 
-    def __init__(self, em: EdgeModel, examples, device):
-        self.em, self.examples, self.device = em, examples, device
+    def __init__(self, em: EdgeModel, examples, device, objective: objectives.Objective = objectives.Objective()):
+        self.em, self.examples, self.device, self.objective = em, examples, device, objective
         self.cache: dict[int, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -174,7 +177,7 @@ class _FullModelCache:
                 raise NonFiniteLossError(non_finite_model_message(self.em.model))
             for row, i in enumerate(missing):
                 targets = batch.target_mask[row].to(self.device)
-                self.cache[i] = F.log_softmax(logits[row][targets], dim=-1)
+                self.cache[i] = self.objective.reference(logits[row][targets])
         return torch.cat([self.cache[i] for i in indices])
 
 
@@ -250,6 +253,7 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
 
     checkpoints = Path(out_dir) / "checkpoints" if out_dir else None
     latest = checkpoints / "latest.pt" if checkpoints else None
+    task = task_fingerprint(data, task_name or getattr(data, "name", ""))
     if resume:
         if latest is None:
             raise ValueError("resume needs out_dir (where the checkpoints are)")
@@ -260,6 +264,8 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
                 _check_resumable(state, cfg, em)
             except (ValueError, KeyError) as exc:
                 raise CheckpointError(f"{latest}: {exc.args[0] if exc.args else exc}") from None
+            _check_same_task(state, task, latest)
+            _check_finite_state(state, latest)
             em.load_state_dict(state["edge_model"])
             multipliers.load_state_dict(state["multipliers"])
             optimizer.load_state_dict(state["optimizer"])
@@ -271,7 +277,8 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
             warnings.warn(f"resume: no checkpoint at {latest}; the run starts fresh from step 1")
 
     trainer = _Trainer(cfg=cfg, em=em, multipliers=multipliers, optimizer=optimizer, scheduler=scheduler,
-                       cache=_FullModelCache(em, train.examples, device), examples=train.examples,
+                       cache=_FullModelCache(em, train.examples, device, objectives.objective_of(data)),
+                       examples=train.examples,
                        device=device, micro=micro, n_micro=n_micro, group=group, latest=latest)
     writes = out_dir is not None and group.is_main  # only rank 0 writes files
     bar = _progress(cfg, start) if group.is_main else None
@@ -298,31 +305,44 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
                                 sparsity=f"{record['edge_sparsity']:.3f}", target=f"{record['target']:.3f}")
             if writes and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
                 _save_checkpoint(latest, step + 1, cfg, em, multipliers, optimizer, scheduler, sampler,
-                                 history)
+                                 history, task)
     finally:
         if bar is not None:
             bar.close()
         if log_file:
             log_file.close()
 
-    from fastedge.circuit import extract_circuit
     from fastedge.evaluate import evaluate
     if writes:  # the learned masks, for sweeps over other sparsities (fastedge eval --masks)
         torch.save({"format": "fastedge.masks/1", "graph": em.graph.to_dict(), "edge_model": em.state_dict()},
                    Path(out_dir) / "masks.pt")
     distributed.barrier(group)  # rank 0's files exist when any rank returns
     em.eval()
-    sparsity = cfg.circuit_sparsity if cfg.circuit_sparsity is not None else min(cfg.target_sparsity, 1.0)
-    circuit = extract_circuit(em, sparsity)
+    circuit = _extract(em, cfg)
     circuit.model_name = model_name or getattr(em.model.config, "_name_or_path", "") or ""
     circuit.task = task_name or getattr(data, "name", "")
     circuit.ablation = em.ablation
+    # what drawings show beside each writer, where the model knows it (Tracr: the RASP operations)
+    circuit.node_labels = dict(getattr(em.model.config, "writer_labels", None) or {})
     metrics = evaluate(em, validation, circuit, batch_size=cfg.eval_batch_size)
     metrics["steps"] = cfg.steps
     metrics["target_sparsity"] = cfg.target_sparsity
     circuit.metrics = dict(metrics)
     return PruneResult(circuit=circuit, metrics=metrics, history=history, edge_model=em,
                        wall_seconds=time.time() - started)
+
+
+def _extract(em: EdgeModel, cfg: PruneConfig):
+    """The run's circuit: at ``circuit_sparsity`` when given; else at the
+    training target when it is below 1; else (targets at or above 1, where an
+    edge count would be 0 or negative) the edges whose deterministic mask
+    passes 0.5 (`fastedge.circuit.extract_circuit_by_threshold`)."""
+    from fastedge.circuit import extract_circuit, extract_circuit_by_threshold
+    if cfg.circuit_sparsity is not None:
+        return extract_circuit(em, cfg.circuit_sparsity)
+    if cfg.target_sparsity >= 1.0:
+        return extract_circuit_by_threshold(em, 0.5)
+    return extract_circuit(em, cfg.target_sparsity)
 
 
 def _micro_batches(cfg: PruneConfig, group: distributed.Group) -> tuple[int, int]:
@@ -443,8 +463,8 @@ def _micro_batch_loss(t: _Trainer, step: int, j: int, chunk: list[int], target: 
     full = t.cache.get(chunk, collate)
     out = em(batch.input_ids.to(device), batch.corrupted_input_ids.to(device),
              attention_mask=batch.attention_mask.to(device), seed=_noise_seed(em.seed, step, t.n_micro, j))
-    circuit_lp = F.log_softmax(out.logits[batch.target_mask.to(device)].float(), dim=-1)
-    kl = (full.exp() * (full - circuit_lp)).sum(-1).mean()
+    # the objective (KL, or MSE for tasks that ask for it), logged as "kl"
+    kl = t.cache.objective.divergence(full, out.logits[batch.target_mask.to(device)])
     sparsity = out.edge_sparsity if cfg.sparsity_estimate == "sampled" else _expected_sparsity(em)
     loss = kl + multipliers.penalty(multipliers.edge, sparsity, target)
     if multipliers.node is not None:
@@ -503,9 +523,10 @@ def _progress(cfg: PruneConfig, start: int):
     return tqdm(total=cfg.steps, initial=start, desc="pruning", unit="step", dynamic_ncols=True)
 
 
-def _save_checkpoint(path: Path, step, cfg, em, multipliers, optimizer, scheduler, sampler, history):
+def _save_checkpoint(path: Path, step, cfg, em, multipliers, optimizer, scheduler, sampler, history,
+                     task: Optional[dict] = None):
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"format": CHECKPOINT_FORMAT, "step": step, "config": asdict(cfg),
+    state = {"format": CHECKPOINT_FORMAT, "step": step, "config": asdict(cfg), "task": task,
              "graph": em.graph.to_dict(), "edge_model": em.state_dict(),
              "multipliers": multipliers.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "sampler": sampler.get_state(), "history": history}
@@ -608,3 +629,74 @@ def _check_resumable(state, cfg: PruneConfig, em: EdgeModel) -> None:
     if changed:
         diffs = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {getattr(cfg, k)!r}" for k in changed)
         raise ValueError(f"cannot resume with different settings ({diffs})")
+
+
+# -- the task a checkpoint belongs to -------------------------------------------------------
+
+def task_fingerprint(data, name: str = "") -> dict:
+    """What identifies a run's task, for the resume check: its name, its
+    example counts, and a sha256 over every example in order (split, clean
+    and corrupted token ids, target positions; the answers follow from
+    these). Options of a built-in task (its seed, ``n_examples``, the
+    tokenizer) act through the examples they make."""
+    import hashlib
+    h = hashlib.sha256()
+    counts = {"train": 0, "validation": 0}
+    for e in data.examples:
+        counts[e.split] = counts.get(e.split, 0) + 1
+        for part in (e.split, e.clean_ids, e.corrupted_ids, e.target_positions):
+            h.update(json.dumps(part).encode())
+            h.update(b";")
+        h.update(b"\n")
+    return {"name": name, "n_train": counts["train"], "n_validation": counts["validation"],
+            "sha256": h.hexdigest()}
+
+
+def _describe_task(task: dict) -> str:
+    return (f"task {task.get('name') or '(unnamed)'!r} ({task.get('n_train')} train and "
+            f"{task.get('n_validation')} validation examples, sha256 {str(task.get('sha256'))[:12]}...)")
+
+
+def _check_same_task(state: dict, task: dict, path: Path) -> None:
+    """Refuse to resume a checkpoint of another task. A checkpoint written
+    before checkpoints recorded their task (no "task" entry) cannot be
+    checked: it resumes with a warning that says so (refusing would throw
+    away a run that is most likely the same task; the next checkpoint
+    records it)."""
+    saved = state.get("task")
+    if saved is None:
+        import warnings
+        warnings.warn(f"{path} records no task (written by an older fastedge): resuming it without "
+                      f"checking that it was trained on this run's {_describe_task(task)}", stacklevel=3)
+        return
+    # the examples decide (a renamed copy of the same data resumes)
+    if saved.get("sha256") != task["sha256"]:
+        raise ValueError(f"cannot resume: {path} was written for {_describe_task(saved)}, but this run's "
+                         f"data is {_describe_task(task)}; resume with the same task and data, or start "
+                         f"a fresh run without resume (or in another output folder)")
+
+
+def _check_finite_state(state: dict, path: Path) -> None:
+    """Refuse a checkpoint whose masks, multipliers or optimizer state hold
+    NaN (or +inf: -inf log_alphas are structural zeros, legal), naming the
+    file and the first bad tensor."""
+    def tensors(prefix, obj):
+        if isinstance(obj, torch.Tensor):
+            yield prefix, obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                yield from tensors(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                yield from tensors(f"{prefix}[{i}]", v)
+
+    for part in ("edge_model", "multipliers", "optimizer"):
+        for name, t in tensors(part, state.get(part)):
+            if not t.is_floating_point():
+                continue
+            bad = torch.isnan(t) | (torch.isinf(t) if part != "edge_model" or "log_alpha" not in name
+                                    else torch.isposinf(t))
+            if bool(bad.any()):
+                raise ValueError(f"cannot resume: {path} holds {int(bad.sum())} non-finite value(s) in {name} "
+                                 f"(e.g. {t[bad].flatten()[0].item()}); it is not a good checkpoint. Delete it "
+                                 f"to start fresh, or restore an earlier copy")

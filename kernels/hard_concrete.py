@@ -9,6 +9,8 @@ Training:  s = sigmoid((log u - log(1 - u) + log_alpha) / beta)
            where 0 < s * (r - l) + l < 1, else 0.
 Eval:      z = sigmoid(0.8 * log_alpha / beta); dz/dlog_alpha = z (1 - z) 0.8 / beta.
 
+A NaN log_alpha gives a NaN z (and a zero gradient), as on every backend:
+NaN in, NaN out, so the loss guard of `fastedge.prune` stops the run.
 log_alpha = -inf (a structural zero) gives z = 0 and a zero gradient, never
 NaN: sigmoid is written 1 / (1 + exp(-x)), which is 0 at x = -inf and 1 at
 +inf, and the clamped gradient is selected with `tl.where`, not multiplied.
@@ -54,7 +56,11 @@ def hc_train_forward(log_alpha, u):
     logit = tl.log(u) - tl.log(1.0 - u) + log_alpha
     s = _sigmoid(logit * _INV_BETA)
     stretched = s * _STRETCH + _LEFT
-    z = tl.minimum(tl.maximum(stretched, 0.0), 1.0)
+    # PropagateNan.ALL: a NaN log_alpha (or noise) gives a NaN mask, as on the
+    # other backends; the default (min/max that return the non-NaN operand)
+    # would turn it into a silent 0.
+    z = tl.minimum(tl.maximum(stretched, 0.0, propagate_nan=tl.PropagateNan.ALL), 1.0,
+                   propagate_nan=tl.PropagateNan.ALL)
     return s, stretched, z
 
 

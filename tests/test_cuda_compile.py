@@ -361,7 +361,9 @@ def test_kernels_match_reference_under_cpu_emulation(jobs):
         return None if t is None else t.data_ptr()
 
     def compare(name, got, want, **kw):
-        if got.shape != want.shape or not torch.allclose(got.double(), want.double(), **kw):
+        # equal_nan: a NaN input must give NaN where the reference gives NaN (issue 11);
+        # outputs are poisoned with NaN, so an unwritten element still fails
+        if got.shape != want.shape or not torch.allclose(got.double(), want.double(), equal_nan=True, **kw):
             err = (got.double() - want.double()).abs().max().item() if got.shape == want.shape else "shape"
             failures.append(f"{name}: max error {err}")
 
@@ -439,11 +441,13 @@ def test_kernels_match_reference_under_cpu_emulation(jobs):
         if not torch.equal(dms[0], dms[1]):
             failures.append(f"backward_mask R{R} W{W} N{N} {dtype}: not bit-identical run to run")
 
-    # -- hard concrete, with structural zeros (-inf) and saturated masks (+inf)
+    # -- hard concrete, with structural zeros (-inf), saturated masks (+inf), NaN
+    #    log_alphas and noise outside (0, 1): NaN in, NaN out, as the reference
     n = 1000
     log_alpha = torch.randn(n, generator=gen) * 4
-    log_alpha[:5], log_alpha[5:8] = float("-inf"), float("inf")
+    log_alpha[:5], log_alpha[5:8], log_alpha[8:11] = float("-inf"), float("inf"), float("nan")
     u = ref.clamp_noise(torch.rand(n, generator=gen))
+    u[11], u[12], u[13] = 1.5, -0.25, float("nan")
     dz = torch.randn(n, generator=gen)
     for training in (True, False):
         z, grad = torch.full((n,), float("nan")), torch.full((n,), float("nan"))
@@ -479,7 +483,11 @@ def test_kernels_match_reference_under_cpu_emulation(jobs):
         edge = torch.randn(R, W, generator=gen) * 3
         if R * W:
             edge.view(-1)[::7] = float("-inf")
+        if R * W > 2:  # a NaN log_alpha gives a NaN mask (and edge_sum), as the reference
+            edge.view(-1)[2] = float("nan")
         nodes = torch.randn(W, generator=gen) * 3 if node else None
+        if node and W > 3:
+            nodes[3] = float("nan")
         m, edge_sum = torch.full((R, W), float("nan")), torch.full((1,), float("nan"))
         work = torch.empty(max(1, lib.fe_sample_masks_workspace(R, W) // 4))
         assert lib.fe_sample_masks(ptr(edge), ptr(nodes), seed, offset & 0xFFFFFFFF, int(training), ptr(m),

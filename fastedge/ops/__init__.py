@@ -207,7 +207,9 @@ def hard_concrete(log_alpha: Tensor, *, training: bool, u: Optional[Tensor] = No
 
     Training: ``s = sigmoid((log u - log(1 - u) + log_alpha) / beta)``,
     ``z = clamp(s * (r - l) + l, 0, 1)`` with ``u`` given (same shape as
-    ``log_alpha``, values in (0, 1)) or drawn from ``generator``. Not training:
+    ``log_alpha``, every value in the open interval (0, 1): a ValueError
+    names the first one outside it) or drawn from ``generator``. A NaN
+    ``log_alpha`` gives a NaN ``z`` on every backend. Not training:
     the deterministic value ``hard_concrete_deterministic(log_alpha)``.
     ``log_alpha`` is float32 (float64 on the reference and torch backends);
     ``z`` has its shape and dtype and is differentiable in ``log_alpha``.
@@ -224,6 +226,7 @@ def hard_concrete(log_alpha: Tensor, *, training: bool, u: Optional[Tensor] = No
             if u.dtype != log_alpha.dtype:
                 raise TypeError(f"u must have log_alpha's dtype {log_alpha.dtype}, got {u.dtype}")
             _checks.check_same_device(log_alpha=log_alpha, u=u)
+            _checks.check_noise("u", u)
     else:
         u = None
     return hard_concrete_op(log_alpha, u, bool(training), _backend_arg(backend))

@@ -111,6 +111,22 @@ def check_log_alpha(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be float32 (or float64 for the reference backend), got {_fmt(t.dtype)}")
 
 
+def check_noise(name: str, u: torch.Tensor) -> None:
+    """Hard-concrete noise must lie in the open interval (0, 1): log u - log(1 - u)
+    is infinite at 0 and 1 and NaN outside. A value check (a sync on a GPU),
+    skipped while tracing."""
+    if not _has_values(u) or not u.numel():
+        return
+    bad = ~((u > 0) & (u < 1))   # also NaN
+    if bool(bad.any()):
+        flat = bad.reshape(-1).nonzero()
+        i = int(flat[0])
+        index = tuple(int(k) for k in torch.unravel_index(torch.tensor(i), u.shape))
+        raise ValueError(f"{name} must lie in the open interval (0, 1), got {u.reshape(-1)[i].item()!r} "
+                         f"at index {index if u.dim() != 1 else index[0]} ({flat.numel()} of {u.numel()} "
+                         f"values outside)")
+
+
 def check_seed(seed) -> int:
     if isinstance(seed, torch.Tensor):
         seed = int(seed.item())

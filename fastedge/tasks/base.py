@@ -62,6 +62,10 @@ class Example:
     split: str = "train"          # "train" | "validation"
     source: str = ""              # e.g. "ioi:17" or "data.jsonl:12", for error messages
     meta: dict = field(default_factory=dict)  # optional task-specific data (texts, names, ...)
+    # 1: the logits at p predict the next token (language tasks); 0: the logits
+    # at p are scored as they are, against the answers given (a Tracr program's
+    # output at p: `fastedge.tracr.tasks`), and any position may be a target
+    answer_offset: int = 1
 
     def __post_init__(self):
         where = self.source or "example"
@@ -81,12 +85,20 @@ class Example:
             raise TaskDataError(f"{where}: no target positions")
         if any(b <= a for a, b in zip(self.target_positions, self.target_positions[1:])):
             raise TaskDataError(f"{where}: target positions must be strictly increasing, got {self.target_positions}")
-        if self.target_positions[0] < 0 or self.target_positions[-1] >= n - 1:
+        if self.answer_offset not in (0, 1):
+            raise TaskDataError(f"{where}: answer_offset must be 0 or 1, got {self.answer_offset!r}")
+        last = n - self.answer_offset
+        if self.target_positions[0] < 0 or self.target_positions[-1] >= last:
             raise TaskDataError(f"{where}: target positions {self.target_positions} out of range for a sequence "
-                                f"of {n} tokens (each p must satisfy 0 <= p < {n - 1})")
-        if self.clean_answer != [self.clean_ids[p + 1] for p in self.target_positions]:
+                                f"of {n} tokens (each p must satisfy 0 <= p < {last})")
+        if self.answer_offset == 0:
+            for which in ("clean_answer", "corrupted_answer"):
+                if len(getattr(self, which)) != len(self.target_positions):
+                    raise TaskDataError(f"{where}: {which} has {len(getattr(self, which))} entries for "
+                                        f"{len(self.target_positions)} target positions")
+        elif self.clean_answer != [self.clean_ids[p + 1] for p in self.target_positions]:
             raise TaskDataError(f"{where}: clean_answer is not clean_ids[p + 1] at the target positions")
-        if self.corrupted_answer != [self.corrupted_ids[p + 1] for p in self.target_positions]:
+        elif self.corrupted_answer != [self.corrupted_ids[p + 1] for p in self.target_positions]:
             raise TaskDataError(f"{where}: corrupted_answer is not corrupted_ids[p + 1] at the target positions")
         if self.split not in SPLITS:
             raise TaskDataError(f"{where}: split must be one of {SPLITS}, got {self.split!r}")
