@@ -197,6 +197,11 @@ def test_missing_or_unreadable_files(folders, tmp_path, case, capsys):
     assert expect in _refused(capsys, argv)
 
 
+def test_unknown_task_is_named_as_such(capsys):
+    line = _refused(capsys, ["eval", "--task", "nosuch"])  # the shipped model: it was "needs a tokenizer"
+    assert line.startswith("fastedge: unknown task 'nosuch'; the tasks are ") and "ioi" in line
+
+
 def test_invalid_task_data_is_one_line_naming_the_line(folders, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(_lines()[0] + "\n{not json\n")
