@@ -265,7 +265,9 @@ class Circuit:
         return d
 
     def to_json(self, *, indent: Optional[int] = None, include_scores: bool = False) -> str:
-        return json.dumps(self.to_dict(include_scores=include_scores), indent=indent)
+        """Strict JSON: no NaN or Infinity (null, with a ``<key>_note``, instead)."""
+        from fastedge.jsonsafe import dumps
+        return dumps(self.to_dict(include_scores=include_scores), indent=indent)
 
     def save(self, path: PathLike, *, include_scores: bool = False, indent: Optional[int] = 1) -> None:
         with open(path, "w") as f:
@@ -527,21 +529,10 @@ def compare_circuits(a: Circuit, b: Circuit) -> dict:
 
 
 def _jsonable(obj):
-    """Metrics and info as plain JSON values (tensors and numpy scalars to numbers)."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Tensor):
-        return obj.item() if obj.numel() == 1 else obj.tolist()
-    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
-        try:
-            return obj.item()
-        except (TypeError, ValueError):
-            pass
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return obj  # json writes NaN/Infinity; Python's json reads them back
-    return obj
+    """Metrics and info as strict JSON values: tensors and numpy scalars to
+    numbers, NaN and Infinity to null with a ``<key>_note`` (`fastedge.jsonsafe`)."""
+    from fastedge.jsonsafe import json_safe
+    return json_safe(obj)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -798,7 +789,7 @@ def _prepare(em_or_masks, graph, node_log_alpha, node_threshold, ablation) -> _P
         raise ValueError(f"node_threshold must be in [0, 1], got {node_threshold!r}")
     edges_la, node_la, graph, meta = _unpack_masks(em_or_masks, graph, node_log_alpha)
     _check_masks(edges_la, node_la, graph)
-    ablation = ablation or meta.get("ablation", "interchange")
+    ablation = meta.get("ablation", "interchange") if ablation is None else ablation
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {', '.join(ABLATIONS)}, got {ablation!r}")
     logits = torch.cat([la.detach().double().cpu().flatten() for la in edges_la]) * _SCALE

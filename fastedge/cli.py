@@ -89,8 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--circuit", default=None, metavar="JSON", help="circuit.json (default: the full model)")
     p.add_argument("--masks", default=None, metavar="PT",
                    help="masks.pt written by prune: with --sweep, circuits are extracted from these masks")
-    p.add_argument("--sweep", default=None, metavar="S1,S2,...",
-                   help="edge sparsities to sweep (needs --masks): the faithfulness curve with its CPR and CMD")
+    p.add_argument("--sweep", default=None, metavar="mib|S1,S2,...",
+                   help="the faithfulness curve over circuits extracted from --masks, with MIB's CPR and CMD: "
+                        "'mib' for MIB's edge fractions (kept 0.001 ... 1), or edge sparsities that span "
+                        "MIB's range (include 0 and at least 0.999)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", default=None, metavar="FILE", help="also write the metrics to this JSON file")
 
@@ -238,7 +240,7 @@ def load_task(args, tokenizer, *, shipped_model: bool, no_tokenizer: str = ""):
         if tokenizer is None:
             raise CliError(f"--data needs a model with a tokenizer: {no_tokenizer}")
         return tasks.load_jsonl(args.data, tokenizer)
-    name = args.task or ("induction" if shipped_model else None)
+    name = args.task if args.task is not None else ("induction" if shipped_model else None)
     if name is None:
         raise CliError("give --task or --data for this model")
     if shipped_model and name == "induction":
@@ -250,6 +252,36 @@ def load_task(args, tokenizer, *, shipped_model: bool, no_tokenizer: str = ""):
     if tokenizer is None and name != "induction":
         raise CliError(f"task {name!r} needs a tokenizer: {no_tokenizer}")
     return tasks.get_task(name, tokenizer, **kw)
+
+
+# -- option checks -------------------------------------------------------------------------
+
+def _check_task_options(args) -> None:
+    """Options every command that builds a task shares; a ValueError names the
+    option and the user's value."""
+    if args.n_examples is not None and args.n_examples < 1:
+        raise ValueError(f"--n-examples must be at least 1, got {args.n_examples}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be at least 0, got {args.seed}")
+
+
+def _check_batch_size(args) -> None:
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+
+
+def _parse_sweep(text: str) -> list:
+    """--sweep: "mib" (MIB's fractions of edges kept) or edge sparsities "S1,S2,..."."""
+    if text.strip().lower() == "mib":
+        return None
+    values = []
+    for item in text.split(","):
+        try:
+            values.append(float(item))
+        except ValueError:
+            raise ValueError(f"--sweep takes edge sparsities separated by commas (or 'mib'); "
+                             f"{item.strip()!r} in {text!r} is not a number") from None
+    return values
 
 
 # -- commands ---------------------------------------------------------------------------
@@ -271,17 +303,14 @@ def _prune(args, *, main_rank: bool) -> int:
     if not main_rank:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
-    model, task, name = load_model_and_task(args)
     shipped_model = args.model in (None, SHIPPED)
-    out = Path(args.out)
-    if main_rank:
-        out.mkdir(parents=True, exist_ok=True)
     if shipped_model:
         from fastedge.shipped.defaults import PRUNE_DEFAULTS as defaults
-    elif name.startswith(TRACR_PREFIX):
+    elif (args.model or "").startswith(TRACR_PREFIX):
         from fastedge.tracr.tasks import PRUNE_DEFAULTS as defaults
     else:
         defaults = {"target_sparsity": 0.95, "steps": 3000}
+    # a user's 0 stays 0 (and is refused below), never a default
     options = dict(batch_size=args.batch_size if args.batch_size is not None else defaults.get("batch_size", 32),
                    seed=args.seed, ablation=args.ablation or defaults.get("ablation", "interchange"),
                    node_masks=not args.no_node_masks and defaults.get("node_masks", True),
@@ -304,6 +333,14 @@ def _prune(args, *, main_rank: bool) -> int:
         options.pop("circuit_sparsity", None)
     target = args.target_sparsity if args.target_sparsity is not None else defaults["target_sparsity"]
     steps = args.steps if args.steps is not None else defaults["steps"]
+    # every numeric option checked before the model loads (ValueError naming it and its value)
+    from fastedge.prune import PruneConfig
+    _check_task_options(args)
+    PruneConfig(target_sparsity=target, steps=steps, **options).validate()
+    model, task, name = load_model_and_task(args)
+    out = Path(args.out)
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
     result = prune(model, task, target_sparsity=target, steps=steps, out_dir=str(out),
                    resume=args.resume, model_name=name, task_name=getattr(task, "name", ""), **options)
     if not main_rank:
@@ -312,7 +349,8 @@ def _prune(args, *, main_rank: bool) -> int:
     circuit.save(out / "circuit.json")
     metrics = dict(result.metrics, wall_seconds=round(result.wall_seconds, 2), model=name,
                    task=getattr(task, "name", ""))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    from fastedge.jsonsafe import dumps
+    (out / "metrics.json").write_text(dumps(metrics, indent=2) + "\n")   # strict JSON: NaN -> null + note
     drawn = _draw(circuit, out / "circuit.svg")
     faith = metrics["faithfulness"]
     faith_text = (f"faithfulness {faith:.3f}" if faith == faith
@@ -343,13 +381,23 @@ def cmd_eval(args) -> int:
     from fastedge import patch
     from fastedge.circuit import Circuit
     from fastedge.evaluate import evaluate
-    if args.sweep and not args.masks:
-        raise CliError("--sweep needs --masks (the masks.pt that prune wrote)")
+    _check_task_options(args)
+    _check_batch_size(args)
+    if args.sweep is not None:
+        if not args.masks:
+            raise CliError("--sweep needs --masks (the masks.pt that prune wrote)")
+        if args.circuit:
+            raise ValueError("--circuit and --sweep exclude each other: a sweep extracts its circuits "
+                             "from --masks")
+        from fastedge.evaluate import check_sweep
+        sparsities = check_sweep(_parse_sweep(args.sweep))   # refused before the model loads
+    elif args.masks:
+        raise ValueError(f"--masks {args.masks} is only read with --sweep (a circuit file goes to --circuit)")
     circuit = Circuit.load(args.circuit) if args.circuit else None
     model, task, name = load_model_and_task(args)
     em = patch(model)
     data = task.split("validation") if len(task.split("validation")) else task
-    if args.sweep:
+    if args.sweep is not None:
         from fastedge.evaluate import sweep
         from fastedge.prune import load_checkpoint_file
         state = load_checkpoint_file(args.masks, "masks file")  # masks.pt or a checkpoint
@@ -357,7 +405,6 @@ def cmd_eval(args) -> int:
             raise CliError(f"{args.masks} was learned on another model than {name}; "
                            f"give the --model it was pruned on")
         em.load_state_dict(state["edge_model"])
-        sparsities = [float(x) for x in args.sweep.split(",") if x.strip()]
         result = sweep(em, data, sparsities, batch_size=args.batch_size)
         _check_full_model_finite(result["points"][0] if result.get("points") else {}, model)
         _emit(result, args.out)
@@ -384,7 +431,8 @@ def _check_same_model(circuit, em, path: str, model_name: str) -> None:
 def _check_full_model_finite(metrics: dict, model) -> None:
     """A model whose own logits are NaN or infinite gives NaN metrics that
     mean nothing: fail (status 1) and say why."""
-    if all(v is None or math.isfinite(v) for v in (metrics.get("full_logit_diff"), metrics.get("kl"))):
+    if all(v is None or math.isfinite(v) for v in (metrics.get("full_logit_diff"), metrics.get("kl"),
+                                                   metrics.get("mse"))):
         return
     from fastedge.prune import non_finite_model_message
     raise CliError(non_finite_model_message(model) + "; its metrics would all be NaN", status=EXIT_FAILED)
@@ -392,7 +440,8 @@ def _check_full_model_finite(metrics: dict, model) -> None:
 
 def _emit(result: dict, out: Optional[str]) -> None:
     """Print a JSON result, and write it to `out` when given."""
-    text = json.dumps(result, indent=2, default=list)
+    from fastedge.jsonsafe import dumps
+    text = dumps(result, indent=2, default=list)   # strict JSON: NaN -> null + note
     print(text)
     if out:
         Path(out).write_text(text + "\n")
@@ -418,6 +467,8 @@ def cmd_compare(args) -> int:
     report = {k: (v if not isinstance(v, (list, set, tuple)) or len(v) <= 50 else f"{len(v)} items")
               for k, v in report.items()}
     if args.task or args.data or args.model:
+        _check_task_options(args)
+        _check_batch_size(args)
         from fastedge import patch
         from fastedge.evaluate import evaluate
         model, task, name = load_model_and_task(args)

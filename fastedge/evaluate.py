@@ -18,12 +18,14 @@ the circuit's output equals the full model's (the argmax, or the value to
 the empty circuit.
 
 A sweep over sparsities gives the faithfulness curve and the MIB benchmark's
-areas under it: CPR (the area under the curve, higher is better) and CMD (the
-area between the curve and 1, lower is better), both over the fraction of
-edges kept, in [0, 1].
+areas under it (`faithfulness_areas`): CPR (the area under the curve, higher
+is better) and CMD (the area between the curve and 1, lower is better), both
+over the fraction of edges kept, from MIB's smallest circuit (0.1% of the
+edges) to the whole model.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -155,6 +157,16 @@ def evaluate(em: EdgeModel, data, circuit=None, *, batch_size: int = 32) -> dict
     metrics["empty_kl"] = empty_m["kl"]
     metrics["faithfulness"] = normalized_faithfulness(metrics["logit_diff"], full_m["logit_diff"],
                                                       empty_m["logit_diff"])
+    if not math.isfinite(metrics["faithfulness"]):   # the reason, for files (written as null + this note)
+        diffs = (metrics["logit_diff"], full_m["logit_diff"], empty_m["logit_diff"])
+        if all(math.isfinite(d) for d in diffs):
+            metrics["faithfulness_note"] = (
+                f"undefined: the full model and the empty circuit have the same logit difference "
+                f"({diffs[1]:.6g} and {diffs[2]:.6g}) on this task, so there is nothing to normalise by")
+        else:
+            metrics["faithfulness_note"] = (
+                f"not a number: the logit differences of the circuit, the full model and the empty "
+                f"circuit are {diffs[0]}, {diffs[1]} and {diffs[2]}")
     if circuit is not None:
         metrics["edge_sparsity"] = circuit.edge_sparsity
         metrics["n_edges"] = circuit.n_edges
@@ -170,30 +182,116 @@ def normalized_faithfulness(value: float, full: float, empty: float) -> float:
     return (value - empty) / denom
 
 
+# MIB's circuit sizes: fractions of the edges kept (MIB circuit track, evaluate_area_under_curve)
+MIB_EDGE_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+MIB_RANGE = (MIB_EDGE_FRACTIONS[0], MIB_EDGE_FRACTIONS[-1])
+
+
 def faithfulness_areas(kept_fractions: Sequence[float], faithfulness: Sequence[float]) -> dict:
-    """MIB's areas over the fraction of edges kept: CPR = area under the
-    faithfulness curve, CMD = area under |1 - faithfulness| (trapezoids over
-    the points given, sorted by fraction kept)."""
-    points = sorted(zip(kept_fractions, faithfulness))
-    xs = [p[0] for p in points]
-    ys = [p[1] for p in points]
+    """MIB's CPR and CMD of a faithfulness curve.
+
+    As the MIB circuit track defines them: with ``x`` the fraction of the
+    graph's edges a circuit keeps (the size requested of it) and ``f(x)``
+    its normalised faithfulness (`normalized_faithfulness`), the curve is
+    piecewise linear between the points and
+
+    * CPR = integral of ``f(x)`` dx (higher is better),
+    * CMD = integral of ``|1 - f(x)|`` dx (lower is better; 0 only for a
+      curve at 1 everywhere),
+
+    by the trapezoid rule over ``x`` from 0.001 to 1 on a linear scale
+    (MIB evaluates circuits of 0.1%, 0.2%, 0.5%, 1%, 2%, 5%, 10%, 20%, 50%
+    and 100% of the edges: `MIB_EDGE_FRACTIONS`, the default of `sweep`).
+    Other points are allowed but must span that range (a point at or below
+    0.001 and one at 1): where the lowest lies below 0.001 the curve is cut
+    at 0.001 by linear interpolation. A ValueError refuses points that
+    cannot define the areas: fewer than two, fractions outside [0, 1] or
+    repeated, a range that stops short of [0.001, 1], or a faithfulness
+    that is not a finite number (a task on which the full model and the
+    empty circuit agree).
+    """
+    xs = [float(x) for x in kept_fractions]
+    ys = [float(y) for y in faithfulness]
+    if len(xs) != len(ys):
+        raise ValueError(f"{len(xs)} edge fractions but {len(ys)} faithfulness values")
+    _check_fractions(xs)
+    bad = [(x, y) for x, y in zip(xs, ys) if not math.isfinite(y)]
+    if bad:
+        raise ValueError(f"CPR and CMD need a finite faithfulness at every point; at edge fraction "
+                         f"{bad[0][0]:g} it is {bad[0][1]} (the full model and the empty circuit agree on "
+                         f"this task, so faithfulness is undefined)")
+    points = sorted(zip(xs, ys))
+    lo = MIB_RANGE[0]
+    # cut the curve at MIB's smallest circuit
+    while len(points) > 1 and points[1][0] <= lo:
+        points.pop(0)
+    (x0, y0), (x1, y1) = points[0], points[1]
+    if x0 < lo:
+        points[0] = (lo, y0 + (y1 - y0) * (lo - x0) / (x1 - x0))
     cpr = cmd = 0.0
-    for i in range(1, len(xs)):
-        dx = xs[i] - xs[i - 1]
-        cpr += dx * (ys[i] + ys[i - 1]) / 2
-        cmd += dx * (abs(1 - ys[i]) + abs(1 - ys[i - 1])) / 2
+    for (xa, ya), (xb, yb) in zip(points, points[1:]):
+        cpr += (xb - xa) * (ya + yb) / 2
+        cmd += (xb - xa) * (abs(1 - ya) + abs(1 - yb)) / 2
     return {"cpr": cpr, "cmd": cmd}
 
 
-def sweep(em: EdgeModel, data, sparsities: Sequence[float], *, batch_size: int = 32) -> dict:
-    """Extract a circuit at each sparsity from the edge model's masks,
-    evaluate it, and return the curve with its CPR and CMD."""
+def _check_fractions(xs: Sequence[float]) -> None:
+    if len(xs) < 2:
+        raise ValueError(f"CPR and CMD are areas under a curve over the fraction of edges kept, from "
+                         f"{MIB_RANGE[0]} to {MIB_RANGE[1]} (MIB); {len(xs)} point(s) cannot define them: "
+                         f"sweep 'mib' (MIB's fractions), or sparsities from 0 to at least 0.999")
+    for x in xs:
+        if not (math.isfinite(x) and 0.0 <= x <= 1.0):
+            raise ValueError(f"edge fractions lie in [0, 1], got {x!r}")
+    if len(set(xs)) != len(xs):
+        dup = next(x for x in xs if xs.count(x) > 1)
+        raise ValueError(f"edge fraction {dup:g} appears more than once")
+    # (a fraction "at or below 0.001" up to rounding: 1 - 0.999 is 0.0010000000000000009)
+    if min(xs) > MIB_RANGE[0] + 1e-12 or max(xs) < MIB_RANGE[1]:
+        raise ValueError(f"CPR and CMD are areas over the fraction of edges kept from {MIB_RANGE[0]} to "
+                         f"{MIB_RANGE[1]} (MIB); these points cover only {min(xs):g} to {max(xs):g}: "
+                         f"include sparsity 0 (the whole graph) and at least 0.999, or sweep 'mib'")
+
+
+def check_sweep(sparsities: Optional[Sequence[float]]) -> list:
+    """The edge sparsities of a sweep, checked before anything runs: None
+    gives MIB's (``1 - MIB_EDGE_FRACTIONS``); given ones must be numbers in
+    [0, 1] whose kept fractions span MIB's range (`faithfulness_areas`)."""
+    if sparsities is None:
+        return [1.0 - f for f in MIB_EDGE_FRACTIONS]
+    out = []
+    for s in sparsities:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or not 0 <= s <= 1:
+            raise ValueError(f"sweep sparsities are numbers in [0, 1], got {s!r}")
+        out.append(float(s))
+    _check_fractions([1.0 - s for s in out])
+    return out
+
+
+def sweep(em: EdgeModel, data, sparsities: Optional[Sequence[float]] = None, *, batch_size: int = 32) -> dict:
+    """Extract a circuit at each edge sparsity from the edge model's masks,
+    evaluate it, and return the curve with MIB's CPR and CMD
+    (`faithfulness_areas`, over the requested fractions kept ``1 - s``, as
+    MIB uses the requested sizes). ``sparsities`` defaults to MIB's circuit
+    sizes; given ones must span MIB's range, checked before any evaluation
+    (`check_sweep`). When faithfulness is undefined (the full model and the
+    empty circuit agree on the task) ``cpr`` and ``cmd`` are None and
+    ``areas_note`` says why."""
     from fastedge.circuit import extract_circuit
+    sparsities = check_sweep(sparsities)
     rows = []
     for s in sparsities:
         circuit = extract_circuit(em, s)
         m = evaluate(em, data, circuit, batch_size=batch_size)
-        rows.append({"target_sparsity": s, "edge_sparsity": circuit.edge_sparsity,
-                     "faithfulness": m["faithfulness"], "kl": m["kl"], "accuracy": m["accuracy"]})
-    areas = faithfulness_areas([1 - r["edge_sparsity"] for r in rows], [r["faithfulness"] for r in rows])
-    return {"points": rows, **areas}
+        # (rounded: 1 - 0.999 is 0.0010000000000000009, MIB's 0.001 is meant)
+        rows.append({"target_sparsity": s, "edge_fraction": round(1.0 - s, 12),
+                     "edge_sparsity": circuit.edge_sparsity,
+                     "n_edges": circuit.n_edges, "faithfulness": m["faithfulness"], "kl": m["kl"],
+                     "accuracy": m["accuracy"]})
+    result = {"points": rows, "definition": "MIB: trapezoids of faithfulness over the fraction of edges "
+                                            "kept, from 0.001 to 1"}
+    try:
+        result.update(faithfulness_areas([r["edge_fraction"] for r in rows], [r["faithfulness"] for r in rows]))
+    except ValueError as exc:
+        result.update(cpr=None, cmd=None, areas_note=str(exc))
+    return result

@@ -33,6 +33,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import numbers
 import os
 import shutil
 import time
@@ -45,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastedge import distributed, objectives
+from fastedge import distributed, jsonsafe, objectives
 from fastedge.model import EdgeModel, patch
 
 CHECKPOINT_FORMAT = "fastedge.checkpoint/1"
@@ -109,19 +110,44 @@ class PruneConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.micro_batch_size is not None and not 1 <= self.micro_batch_size <= self.batch_size:
-            raise ValueError(f"micro_batch_size must lie in [1, batch_size={self.batch_size}], "
-                             f"got {self.micro_batch_size}")
-        if not 0 <= self.target_sparsity:
-            raise ValueError(f"target_sparsity must be non-negative, got {self.target_sparsity}")
+        """Check every option before anything runs; a ValueError names the
+        option and the value given. Counts are integers (steps, batch sizes,
+        checkpoint_every, eval_batch_size at least 1; warm-ups at least 0 and
+        1); learning rates finite and positive; targets finite, in [0, 2]
+        (above 1 pushes harder, SPEC section 1; beyond 2 the penalty only
+        grows); circuit_sparsity in [0, 1]; seed an integer in [0, 2**40)
+        (it is scaled by 1,000,003 into every step's noise seed, which must
+        stay below 2**63)."""
+        for name in ("steps", "batch_size", "checkpoint_every", "eval_batch_size"):
+            _check_int(name, getattr(self, name), low=1)
+        if self.micro_batch_size is not None:
+            _check_int("micro_batch_size", self.micro_batch_size, low=1)
+            if self.micro_batch_size > self.batch_size:
+                raise ValueError(f"micro_batch_size must lie in [1, batch_size={self.batch_size}], "
+                                 f"got {self.micro_batch_size}")
+        _check_int("lr_warmup_steps", self.lr_warmup_steps, low=0)
+        if self.sparsity_warmup_steps is not None:
+            _check_int("sparsity_warmup_steps", self.sparsity_warmup_steps, low=1)
+        _check_int("seed", self.seed, low=0)
+        if self.seed >= SEED_LIMIT:
+            raise ValueError(f"seed must be below 2**40 = {SEED_LIMIT}, got {self.seed}")
+        for name in ("lr", "lambda_lr"):
+            value = _check_number(name, getattr(self, name))
+            if not value > 0:
+                raise ValueError(f"{name} must be positive (the masks descend and the multipliers ascend "
+                                 f"with it), got {value!r}")
+        _check_number("target_sparsity", self.target_sparsity, low=0.0, high=TARGET_MAX)
+        if self.node_target_sparsity is not None:
+            _check_number("node_target_sparsity", self.node_target_sparsity, low=0.0, high=TARGET_MAX)
+        if self.circuit_sparsity is not None:
+            _check_number("circuit_sparsity", self.circuit_sparsity, low=0.0, high=1.0)
+        _check_number("init_log_alpha", self.init_log_alpha)
         if self.sparsity_estimate not in ("sampled", "expected"):
             raise ValueError(f"sparsity_estimate must be 'sampled' or 'expected', got {self.sparsity_estimate!r}")
-        if self.checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be at least 1, got {self.checkpoint_every}")
+        if self.ablation not in ("interchange", "zero", "mean"):
+            raise ValueError(f"ablation must be one of interchange, zero, mean, got {self.ablation!r}")
+        if self.precision not in ("full", "fast"):
+            raise ValueError(f"precision must be 'full' or 'fast', got {self.precision!r}")
 
     @property
     def warmup(self) -> int:
@@ -132,6 +158,32 @@ class PruneConfig:
     def target_at(self, step: int) -> float:
         """The sparsity target of `step` (0-based): linear from 0 over the warm-up."""
         return self.target_sparsity * min(1.0, (step + 1) / self.warmup)
+
+
+SEED_LIMIT = 2 ** 40     # seed * 1_000_003 + training forwards stays below 2**63
+TARGET_MAX = 2.0         # sparsity targets above 1 push harder (the authors use 1.02 and 1.2)
+
+
+def _check_int(name: str, value, *, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value}")
+    return value
+
+
+def _check_number(name: str, value, *, low: Optional[float] = None, high: Optional[float] = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bound = (f"lie in [{low:g}, {high:g}]" if low is not None and high is not None
+                 else f"be at least {low:g}" if low is not None else f"be at most {high:g}")
+        raise ValueError(f"{name} must {bound}, got {value!r}")
+    return value
 
 
 @dataclass
@@ -289,7 +341,7 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
             (Path(out_dir) / "log.jsonl").unlink(missing_ok=True)
         elif start < len(history) or (Path(out_dir) / "log.jsonl").exists():
             # the log restarts from the checkpoint's history: steps after it are redone
-            (Path(out_dir) / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+            (Path(out_dir) / "log.jsonl").write_text("".join(jsonsafe.dumps(h) + "\n" for h in history))
     log_file = open(Path(out_dir) / "log.jsonl", "a") if writes else None
     try:
         for step in range(start, cfg.steps):
@@ -297,7 +349,7 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
             record = _train_step(trainer, step, indices)
             history.append(record)
             if log_file:
-                log_file.write(json.dumps(record) + "\n")
+                log_file.write(jsonsafe.dumps(record) + "\n")
                 log_file.flush()
             if bar is not None:
                 bar.update(1)
@@ -353,7 +405,7 @@ def _micro_batches(cfg: PruneConfig, group: distributed.Group) -> tuple[int, int
     (and is recorded in the config, so that a checkpoint names it)."""
     world = group.world_size
     if world == 1:
-        micro = cfg.micro_batch_size or cfg.batch_size
+        micro = cfg.batch_size if cfg.micro_batch_size is None else cfg.micro_batch_size
         return micro, -(-cfg.batch_size // micro)
     if cfg.micro_batch_size is None:
         if cfg.batch_size % world:

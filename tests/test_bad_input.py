@@ -368,3 +368,259 @@ def test_resume_accepts_structural_zeros(tmp_path):
     torch.save(state, _checkpoint(tmp_path))
     r = prune(_model(), _task(), target_sparsity=0.5, steps=6, out_dir=str(tmp_path), resume=True, **OPTS)
     assert r.edge_model.edge_log_alpha[0][0, 0].item() == float("-inf")
+
+
+# -- the command line: refusals as an exception from main, or (with the CLI's error wrapper)
+#    one line "fastedge: <message>" and exit status 2
+
+from fastedge.cli import main  # noqa: E402
+
+
+def _cli_refuses(argv, capsys, match):
+    """main(argv) refuses with a message matching `match`, naming the problem;
+    returns the message."""
+    import re
+    capsys.readouterr()
+    try:
+        rc = main(argv)
+    except ValueError as exc:
+        message = str(exc)
+    except SystemExit as exc:
+        assert exc.code == 2, f"exit status {exc.code!r}"
+        message = capsys.readouterr().err.strip().splitlines()[-1]
+    else:
+        assert rc == 2, f"{argv} exited {rc}"
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("fastedge: "), lines
+        message = lines[0]
+    assert re.search(match, message), f"{message!r} does not match {match!r}"
+    return message
+
+
+def _no_model_load(monkeypatch):
+    """Option checks come before the model loads: loading fails the test."""
+    import fastedge.cli as cli
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the options were checked")
+    monkeypatch.setattr(cli, "load_model_and_task", refuse)
+
+
+# -- 2. no option turns a user's 0 into a default; 7. numeric options checked up front -----------
+
+PRUNE = ["prune", "--no-progress", "--steps", "3", "--n-examples", "40"]
+
+
+@pytest.mark.parametrize("option,value,match", [
+    ("--batch-size", "0", r"batch_size must be at least 1, got 0"),
+    ("--micro-batch-size", "0", r"micro_batch_size must be at least 1, got 0"),
+    ("--steps", "0", r"steps must be at least 1, got 0"),
+    ("--checkpoint-every", "0", r"checkpoint_every must be at least 1, got 0"),
+    ("--n-examples", "0", r"--n-examples must be at least 1, got 0"),
+    ("--lr", "0", r"lr must be positive .*got 0\.0"),
+    ("--lr", "-0.1", r"lr must be positive .*got -0\.1"),
+    ("--lr", "nan", r"lr must be a finite number, got nan"),
+    ("--lambda-lr", "-1", r"lambda_lr must be positive .*got -1\.0"),
+    ("--lambda-lr", "inf", r"lambda_lr must be a finite number, got inf"),
+    ("--seed", "-1", r"seed must be at least 0, got -1"),
+    ("--seed", str(2 ** 40), r"seed must be below 2\*\*40 = \d+, got 1099511627776"),
+    ("--target-sparsity", "-0.5", r"target_sparsity must lie in \[0, 2\], got -0\.5"),
+    ("--target-sparsity", "nan", r"target_sparsity must be a finite number, got nan"),
+    ("--target-sparsity", "3", r"target_sparsity must lie in \[0, 2\], got 3\.0"),
+    ("--circuit-sparsity", "1.5", r"circuit_sparsity must lie in \[0, 1\], got 1\.5"),
+    ("--circuit-sparsity", "-inf", r"circuit_sparsity must be a finite number, got -inf"),
+])
+def test_prune_refuses_bad_numbers_before_loading_the_model(option, value, match, capsys, monkeypatch, tmp_path):
+    _no_model_load(monkeypatch)
+    _cli_refuses(PRUNE + ["--out", str(tmp_path), f"{option}={value}"], capsys, match)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "compare"])
+@pytest.mark.parametrize("option,value,match", [
+    ("--batch-size", "0", r"--batch-size must be at least 1, got 0"),
+    ("--batch-size", "-3", r"--batch-size must be at least 1, got -3"),
+    ("--n-examples", "0", r"--n-examples must be at least 1, got 0"),
+    ("--seed", "-1", r"--seed must be at least 0, got -1"),
+])
+def test_eval_and_compare_refuse_bad_numbers(command, option, value, match, capsys, monkeypatch, tmp_path):
+    _no_model_load(monkeypatch)
+    argv = ["eval"] if command == "eval" else ["compare", "a.json", "b.json", "--task", "induction"]
+    if command == "compare":   # compare reads its circuits first: give it two
+        em = fastedge.patch(_model())
+        c = extract_circuit(em, 0.5)
+        for name in ("a.json", "b.json"):
+            c.save(tmp_path / name)
+        argv = ["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--task", "induction"]
+    _cli_refuses(argv + [f"{option}={value}"], capsys, match)
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(lr=-0.1), r"lr must be positive"),
+    (dict(lambda_lr=float("nan")), r"lambda_lr must be a finite number, got nan"),
+    (dict(batch_size=0), r"batch_size must be at least 1, got 0"),
+    (dict(steps=2.5), r"steps must be an integer, got 2\.5"),
+    (dict(batch_size=True), r"batch_size must be an integer, got True"),
+    (dict(micro_batch_size=0), r"micro_batch_size must be at least 1, got 0"),
+    (dict(micro_batch_size=9), r"micro_batch_size must lie in \[1, batch_size=4\], got 9"),
+    (dict(sparsity_warmup_steps=0), r"sparsity_warmup_steps must be at least 1, got 0"),
+    (dict(lr_warmup_steps=-1), r"lr_warmup_steps must be at least 0, got -1"),
+    (dict(eval_batch_size=0), r"eval_batch_size must be at least 1, got 0"),
+    (dict(seed=-1), r"seed must be at least 0, got -1"),
+    (dict(node_target_sparsity=float("inf")), r"node_target_sparsity must be a finite number, got inf"),
+    (dict(init_log_alpha=float("nan")), r"init_log_alpha must be a finite number, got nan"),
+    (dict(target_sparsity=-0.1), r"target_sparsity must lie in \[0, 2\], got -0\.1"),
+    (dict(circuit_sparsity=1.01), r"circuit_sparsity must lie in \[0, 1\], got 1\.01"),
+    (dict(ablation="resample"), r"ablation must be one of interchange, zero, mean, got 'resample'"),
+])
+def test_prune_config_refuses_bad_options(options, match):
+    kw = dict(OPTS)
+    kw.update(options)
+    target = kw.pop("target_sparsity", 0.5)
+    steps = kw.pop("steps", 3)
+    with pytest.raises(ValueError, match=match):
+        fastedge.PruneConfig(target_sparsity=target, steps=steps, **kw).validate()
+    with pytest.raises(ValueError, match=match):
+        prune(_model(), _task(), target_sparsity=target, steps=steps, **kw)
+
+
+def test_negative_lr_never_trains():
+    """The issue's case: a negative learning rate made masks climb; now refused."""
+    with pytest.raises(ValueError, match=r"lr must be positive .* got -0\.8"):
+        prune(_model(), _task(), target_sparsity=0.5, steps=3, lr=-0.8, **OPTS)
+
+
+# -- 3. CPR and CMD as MIB computes them; sweeps that cannot define them are refused ----------------
+
+from fastedge.evaluate import MIB_EDGE_FRACTIONS, check_sweep, faithfulness_areas  # noqa: E402
+
+
+def test_areas_on_mib_fractions_match_a_float64_trapezoid():
+    x = torch.tensor(MIB_EDGE_FRACTIONS, dtype=torch.float64)
+    for seed in range(3):
+        f = torch.randn(len(x), generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 0.7 + 0.4
+        areas = faithfulness_areas(x.tolist(), f.tolist())
+        assert areas["cpr"] == pytest.approx(torch.trapezoid(f, x).item(), rel=1e-12, abs=1e-15)
+        assert areas["cmd"] == pytest.approx(torch.trapezoid((1 - f).abs(), x).item(), rel=1e-12, abs=1e-15)
+        # order of the points does not matter
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+        assert faithfulness_areas(x[perm].tolist(), f[perm].tolist()) == pytest.approx(areas, rel=1e-12)
+    # a perfect circuit at every size: CMD 0; MIB's curve spans 0.999 of the axis
+    assert faithfulness_areas(list(MIB_EDGE_FRACTIONS), [1.0] * 10) == {"cpr": pytest.approx(0.999), "cmd": 0.0}
+
+
+@pytest.mark.parametrize("fractions,faith,match", [
+    ([0.1], [-0.12], r"1 point\(s\) cannot define them"),          # the issue's case: was CPR = CMD = 0
+    ([], [], r"0 point\(s\) cannot define them"),
+    ([0.1, 0.5], [0.3, 0.8], r"cover only 0\.1 to 0\.5"),          # was integrated over [0.1, 0.5] only
+    ([0.0, 0.5], [0.0, 0.8], r"cover only 0 to 0\.5"),
+    ([0.002, 1.0], [0.1, 1.0], r"cover only 0\.002 to 1"),
+    ([0.0, 0.5, 0.5, 1.0], [0, 0.1, 0.1, 1], r"edge fraction 0\.5 appears more than once"),
+    ([-0.1, 1.0], [0.0, 1.0], r"edge fractions lie in \[0, 1\], got -0\.1"),
+    ([0.0, float("nan"), 1.0], [0.0, 0.1, 1.0], r"edge fractions lie in \[0, 1\], got nan"),
+    ([0.0, 1.0], [0.0, float("nan")], r"finite faithfulness .* at edge fraction 1 it is nan"),
+])
+def test_areas_refuse_points_that_cannot_define_them(fractions, faith, match):
+    with pytest.raises(ValueError, match=match):
+        faithfulness_areas(fractions, faith)
+
+
+def test_check_sweep_defaults_to_mib_and_refuses_narrow_sweeps():
+    assert [round(1 - s, 12) for s in check_sweep(None)] == list(MIB_EDGE_FRACTIONS)
+    assert check_sweep([0.999, 0, 0.5]) == [0.999, 0.0, 0.5]
+    for bad, match in (([0.9], r"1 point"), ([0.5, 0.9], r"cover only 0\.1 to 0\.5"),
+                       ([0.0, 1.2], r"sweep sparsities are numbers in \[0, 1\], got 1\.2"),
+                       ([0.0, "x"], r"got 'x'")):
+        with pytest.raises(ValueError, match=match):
+            check_sweep(bad)
+
+
+@pytest.mark.parametrize("sweep_arg,match", [
+    ("0.9", r"1 point\(s\) cannot define them"),
+    ("0.5,0.9", r"cover only 0\.1 to 0\.5"),
+    ("0,abc", r"--sweep takes edge sparsities .* 'abc' in '0,abc' is not a number"),
+    ("", r"--sweep takes edge sparsities .* '' in '' is not a number"),
+])
+def test_cli_sweep_that_cannot_define_the_areas_is_refused_up_front(sweep_arg, match, capsys, monkeypatch):
+    _no_model_load(monkeypatch)
+    _cli_refuses(["eval", "--masks", "masks.pt", f"--sweep={sweep_arg}"], capsys, match)
+
+
+def test_cli_eval_refuses_masks_without_sweep_and_circuit_with_sweep(capsys, monkeypatch):
+    _no_model_load(monkeypatch)
+    _cli_refuses(["eval", "--masks", "m.pt"], capsys, r"--masks m\.pt is only read with --sweep")
+    _cli_refuses(["eval", "--masks", "m.pt", "--sweep", "mib", "--circuit", "c.json"], capsys,
+                 r"--circuit and --sweep exclude each other")
+
+
+# -- 5. strict JSON: no NaN or Infinity in circuit.json, metrics.json, log.jsonl or eval output ------
+
+from fastedge.jsonsafe import dumps as strict_dumps, json_safe  # noqa: E402
+
+
+def _strict(text):
+    def refuse(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_safe_writes_null_with_a_note():
+    obj = {"a": float("nan"), "b": 1.5, "c": [1.0, float("inf")], "d": {"e": float("-inf")},
+           "f": float("nan"), "f_note": "mine", "t": torch.tensor(float("nan"))}
+    out = _strict(strict_dumps(obj))
+    assert out == {"a": None, "a_note": "not a finite number (nan)", "b": 1.5, "c": [1.0, None],
+                   "d": {"e": None, "e_note": "not a finite number (-inf)"}, "f": None, "f_note": "mine",
+                   "t": None, "t_note": "not a finite number (nan)"}
+    assert json_safe({"x": 2}) == {"x": 2}
+
+
+def test_default_run_writes_strict_json(tmp_path, capsys):
+    """The shipped model's task: clean and corrupted answers agree, so
+    faithfulness is undefined; the files say so in null + a note."""
+    out = tmp_path / "run"
+    assert main(["prune", "--steps", "3", "--batch-size", "4", "--out", str(out), "--no-progress",
+                 "--checkpoint-every", "3", "--n-examples", "40"]) == 0
+    metrics = _strict((out / "metrics.json").read_text())
+    circuit = _strict((out / "circuit.json").read_text())
+    for m in (metrics, circuit["metrics"]):
+        assert m["faithfulness"] is None and m["faithfulness_note"].startswith("undefined: the full model")
+    for line in (out / "log.jsonl").read_text().splitlines():
+        _strict(line)
+    assert fastedge.Circuit.load(out / "circuit.json").metrics["faithfulness"] is None
+    # eval and its sweep print and write strict JSON too
+    assert main(["eval", "--circuit", str(out / "circuit.json"), "--n-examples", "20",
+                 "--out", str(tmp_path / "eval.json")]) == 0
+    assert _strict((tmp_path / "eval.json").read_text())["faithfulness"] is None
+    assert main(["eval", "--masks", str(out / "masks.pt"), "--sweep", "mib", "--n-examples", "20",
+                 "--out", str(tmp_path / "sweep.json")]) == 0
+    sweep = _strict((tmp_path / "sweep.json").read_text())
+    assert len(sweep["points"]) == len(MIB_EDGE_FRACTIONS)
+    assert sweep["cpr"] is None and sweep["cmd"] is None and "finite faithfulness" in sweep["areas_note"]
+    assert [p["edge_fraction"] for p in sweep["points"]] == list(MIB_EDGE_FRACTIONS)
+
+
+# -- the command-line forms of items 1 and 6, on the shipped model ----------------------------------
+
+def test_cli_resume_with_other_data_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["prune", "--steps", "3", "--batch-size", "4", "--out", str(out), "--no-progress",
+            "--checkpoint-every", "3"]
+    assert main(base + ["--n-examples", "40"]) == 0
+    _cli_refuses(base + ["--n-examples", "30", "--resume"], capsys,
+                 r"cannot resume: .*latest\.pt was written for task 'induction' \(\d+ train .*this run's data "
+                 r"is task 'induction' \(\d+ train")
+    assert main(base + ["--n-examples", "40", "--resume"]) == 0      # the same data resumes
+
+
+def test_cli_target_above_one_extracts_by_threshold(tmp_path):
+    out = tmp_path / "run"
+    assert main(["prune", "--steps", "3", "--batch-size", "4", "--out", str(out), "--no-progress",
+                 "--n-examples", "40", "--target-sparsity", "1.5"]) == 0
+    saved = json.loads((out / "circuit.json").read_text())
+    assert saved["extraction"]["method"] == "threshold" and saved["extraction"]["threshold"] == 0.5
+    masks = torch.load(out / "masks.pt", weights_only=False)
+    from fastedge import shipped
+    em = fastedge.patch(shipped.load_shipped_model())
+    em.load_state_dict(masks["edge_model"])
+    assert saved["edges"] == [list(e) for e in extract_circuit_by_threshold(em, 0.5).edges]
+    assert saved["n_edges"] > 0

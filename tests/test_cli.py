@@ -39,10 +39,10 @@ def test_prune_eval_draw_compare_on_the_shipped_model(tmp_path, capsys):
     assert main(["eval", "--circuit", str(out / "circuit.json"), "--n-examples", "20",
                  "--out", str(tmp_path / "eval.json")]) == 0
     assert "kl" in json.loads((tmp_path / "eval.json").read_text())
-    assert main(["eval", "--masks", str(out / "masks.pt"), "--sweep", "0.5,0.9", "--n-examples", "20",
+    assert main(["eval", "--masks", str(out / "masks.pt"), "--sweep", "0,0.5,0.9,0.999", "--n-examples", "20",
                  "--out", str(tmp_path / "sweep.json")]) == 0
     sweep = json.loads((tmp_path / "sweep.json").read_text())
-    assert len(sweep["points"]) == 2 and "cpr" in sweep and "cmd" in sweep
+    assert len(sweep["points"]) == 4 and "cpr" in sweep and "cmd" in sweep
 
     if HAS_DOT:
         assert main(["draw", str(out / "circuit.json"), "--out", str(tmp_path / "c.png")]) == 0

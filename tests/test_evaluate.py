@@ -42,10 +42,13 @@ def test_full_and_empty_circuits(setup):
 def test_faithfulness_formulas():
     assert normalized_faithfulness(2.0, 3.0, 1.0) == 0.5
     assert math.isnan(normalized_faithfulness(1.0, 1.0, 1.0))
+    # MIB integrates over the fraction of edges kept from 0.001 to 1: f(x) = x gives
+    # CPR = (1 - 0.001^2) / 2 and CMD = (1 - 0.001)^2 / 2 (the curve is cut at 0.001)
     areas = faithfulness_areas([0.0, 0.5, 1.0], [0.0, 0.5, 1.0])
-    assert areas["cpr"] == pytest.approx(0.5) and areas["cmd"] == pytest.approx(0.5)
+    assert areas["cpr"] == pytest.approx((1 - 0.001 ** 2) / 2, rel=1e-12)
+    assert areas["cmd"] == pytest.approx((1 - 0.001) ** 2 / 2, rel=1e-12)
     areas = faithfulness_areas([1.0, 0.0], [1.0, 1.0])
-    assert areas["cpr"] == pytest.approx(1.0) and areas["cmd"] == pytest.approx(0.0)
+    assert areas["cpr"] == pytest.approx(0.999, rel=1e-12) and areas["cmd"] == 0.0
 
 
 def test_sweep(setup):
@@ -54,9 +57,12 @@ def test_sweep(setup):
         gen = torch.Generator().manual_seed(1)
         for p in em.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 3)
-    result = sweep(em, task, [0.5, 0.8, 0.95], batch_size=6)
-    assert [p["target_sparsity"] for p in result["points"]] == [0.5, 0.8, 0.95]
+    # a sweep must span MIB's range of edge fractions (0.001 to 1): sparsity 0 and 0.999 included
+    result = sweep(em, task, [0.0, 0.5, 0.8, 0.95, 0.999], batch_size=6)
+    assert [p["target_sparsity"] for p in result["points"]] == [0.0, 0.5, 0.8, 0.95, 0.999]
     assert all(0 <= p["edge_sparsity"] <= 1 for p in result["points"])
     assert math.isfinite(result["cpr"]) and math.isfinite(result["cmd"])
+    assert result["cpr"] == pytest.approx(faithfulness_areas(
+        [p["edge_fraction"] for p in result["points"]], [p["faithfulness"] for p in result["points"]])["cpr"])
     c = extract_circuit(em, 0.8)
     assert abs(c.edge_sparsity - 0.8) < 0.1

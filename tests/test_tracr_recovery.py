@@ -39,3 +39,6 @@ def test_default_command_recovers_the_ground_truth(program, tmp_path, one_torch_
     assert circuit.ablation == "zero"
     assert circuit.node_labels                  # drawings name the RASP operations
     assert any("Aggregate" in t for texts in circuit.node_labels.values() for t in texts)
+    from fastedge.draw import circuit_to_dot
+    head = next(w for w, texts in circuit.node_labels.items() if any("Aggregate" in t for t in texts))
+    assert f'"{head}" [' in circuit_to_dot(circuit) and "Aggregate)" in circuit_to_dot(circuit)

@@ -179,6 +179,7 @@ def test_necessity_is_consistent(compiled, name):
     assert not truth.necessary & truth.redundant
     assert truth.necessary
     full, scored = _outputs(tm)
+    real_changes = []     # numerical: every output move above float32 noise
     for e in sorted(truth.edges):
         out, _ = _outputs(tm, truth.edges - {e})
         changed = _changed(tm, full, out, scored)
@@ -187,6 +188,16 @@ def test_necessity_is_consistent(compiled, name):
         else:
             assert changed == 0, f"removing redundant edge {e} changes {changed} outputs"
         assert truth.effects[e]["changed_outputs"] == changed, e
+        if not tm.categorical:
+            move = (out - full).abs()[scored]
+            real_changes.append(move[move > 1e-6])
+    if not tm.categorical:
+        # the tolerance sits in the gap, two orders of magnitude from each
+        # side, between what removing a redundant edge does (Tracr's own
+        # approximation error, ~6e-9 on xproportion) and the smallest real
+        # change of an output (0.2 there)
+        assert max(truth.effects[e]["max_abs_change"] for e in truth.redundant) * 100 < NUMERICAL_TOLERANCE
+        assert float(torch.cat(real_changes).min()) > 100 * NUMERICAL_TOLERANCE
     # redundancy is per edge; on these programs the redundant edges also go together
     out, _ = _outputs(tm, truth.necessary)
     assert truth.redundant_jointly_removable
@@ -222,6 +233,8 @@ def test_judge(compiled, name):
     assert truth.judge(circuit)["recovered"]
     assert truth.judge(truth.edges, check_outputs=False)["outputs_reproduced"] is None
 
+    for w, r in truth.edges:
+        assert truth.via(w, r), (w, r)      # every edge meets on some named direction
     d = json.loads(json.dumps(truth.to_dict()))
     assert len(d["edges"]) == len(truth.edges)
     assert {tuple(e) for e in d["necessary"]} == truth.necessary
@@ -240,6 +253,24 @@ def test_judge_rejects_bad_edges():
         truth.judge(Circuit(edges=[("tok_embeds", "resid_post")], nodes=["tok_embeds"], graph=other))
 
 
+def test_chunked_runs_and_samples(monkeypatch):
+    from fastedge.tracr import truth as truth_module
+    tm = tracr_synthetic.build(2)
+    whole = ground_truth(tm)
+    # 7 rows per forward (writers x S x D per row)
+    monkeypatch.setattr(truth_module, "_CHUNK_ELEMENTS", whole.graph.n_writers * 4 * 12 * 7)
+    chunked = ground_truth(tm)
+    assert chunked._outputs.chunk == 7 and chunked.n_inputs == whole.n_inputs == 84
+    for attr in ("edges", "necessary", "effects"):
+        assert getattr(chunked, attr) == getattr(whole, attr), attr
+    monkeypatch.setattr(truth_module, "MAX_INPUTS", 50)
+    with pytest.raises(ValueError, match="n_examples"):
+        ground_truth(tm)
+    sampled = ground_truth(tm, n_examples=20, seed=1)
+    assert sampled.n_inputs == 20 and sampled.edges == whole.edges
+    assert sampled.necessary <= whole.necessary   # fewer inputs can only show fewer changes
+
+
 def test_ground_truth_rejects_bad_arguments():
     tm = tracr_synthetic.build(0)
     with pytest.raises(TypeError, match="TracrModel"):
@@ -247,3 +278,5 @@ def test_ground_truth_rejects_bad_arguments():
     with pytest.raises(ValueError, match="numerical"):
         ground_truth(tm, tolerance=1e-3)
     assert isinstance(ground_truth(tm), GroundTruth)
+    import fastedge.tracr
+    assert fastedge.tracr.ground_truth is ground_truth and fastedge.tracr.GroundTruth is GroundTruth

@@ -40,7 +40,7 @@ def _place(gen, shape, entries):
     return m
 
 
-def _dense(gen, rows, cols):
+def _dense(rows, cols):
     return [(r, c) for r in rows for c in cols]
 
 
@@ -51,10 +51,9 @@ def build(seed: int = 0) -> TracrModel:
                       input_vocab=VOCAB, output_vocab=[0, 1, 2], bos_token="BOS", max_seq_len=3,
                       program_name="synthetic")
     model = TracrForCausalLM(cfg).double()
-    t = model.transformer
     sd = {}
-    sd["transformer.wte.weight"] = _place(gen, (len(VOCAB), D), _dense(gen, range(len(VOCAB)), [0, 1, 2]))
-    sd["transformer.wpe.weight"] = _place(gen, (4, D), _dense(gen, range(4), [3, 4]))
+    sd["transformer.wte.weight"] = _place(gen, (len(VOCAB), D), _dense(range(len(VOCAB)), [0, 1, 2]))
+    sd["transformer.wpe.weight"] = _place(gen, (4, D), _dense(range(4), [3, 4]))
 
     # per head: W_Q, W_K, W_V as [D, d] (x @ W), W_O as [d, D]
     heads = {
@@ -69,12 +68,12 @@ def build(seed: int = 0) -> TracrModel:
             v=[(0, 0), (3, 3), (4, 1)],
             o=[(0, 5), (1, 6), (2, 5), (2, 6)],
             bq=[0, 3]),
-        (0, 1): dict(q=_dense(gen, [0, 3], range(d)), k=_dense(gen, [1, 4], range(d)),
-                     v=_dense(gen, [2], range(d)), o=_dense(gen, range(d), [7]), bq=list(range(d))),
-        (1, 0): dict(q=_dense(gen, [5, 8], range(d)), k=_dense(gen, [6, 7, 11], range(d)),
-                     v=_dense(gen, [8], range(d)), o=_dense(gen, range(d), [9]), bq=[1]),
-        (1, 1): dict(q=_dense(gen, [1], range(d)), k=_dense(gen, [2], range(d)),
-                     v=_dense(gen, [0, 1], range(d)), o=_dense(gen, range(d), [10]), bq=[]),
+        (0, 1): dict(q=_dense([0, 3], range(d)), k=_dense([1, 4], range(d)),
+                     v=_dense([2], range(d)), o=_dense(range(d), [7]), bq=list(range(d))),
+        (1, 0): dict(q=_dense([5, 8], range(d)), k=_dense([6, 7, 11], range(d)),
+                     v=_dense([8], range(d)), o=_dense(range(d), [9]), bq=[1]),
+        (1, 1): dict(q=_dense([1], range(d)), k=_dense([2], range(d)),
+                     v=_dense([0, 1], range(d)), o=_dense(range(d), [10]), bq=[]),
     }
     for layer in range(2):
         p = f"transformer.h.{layer}."
@@ -109,8 +108,7 @@ def build(seed: int = 0) -> TracrModel:
     sd["transformer.h.1.mlp.fc1.bias"] = _values(gen, HIDDEN)
     sd["transformer.h.1.mlp.fc2.weight"] = _place(gen, (D, HIDDEN), [(11, 0), (11, 1)])
     sd["transformer.h.1.mlp.fc2.bias"] = _place(gen, (1, D), [(0, 11)])[0]
-    sd["lm_head.weight"] = _place(gen, (3, D), _dense(gen, range(3), [9, 11]))
+    sd["lm_head.weight"] = _place(gen, (3, D), _dense(range(3), [9, 11]))
     model.load_state_dict(sd, strict=True)
     model.eval()
-    assert t is model.transformer
     return TracrModel(model=model, name="synthetic")

@@ -38,7 +38,7 @@ import torch
 from fastedge.graph import EdgeGraph
 from fastedge.tracr import spaces
 from fastedge.tracr.convert import TracrModel
-from fastedge.tracr.inputs import batch_ids, input_space
+from fastedge.tracr.inputs import batch_ids, input_space, input_space_size
 
 # A numerical output counts as changed when it moves by more than this
 # (absolute). Measured on xproportion (float64 runs, all 1,364 inputs): its
@@ -53,11 +53,16 @@ from fastedge.tracr.inputs import batch_ids, input_space
 # of magnitude from both sides.
 NUMERICAL_TOLERANCE = 1e-4
 
+# Inputs the ground truth runs on at most (all of the space by default):
+# past this, pass n_examples (as for `fastedge.tracr.task`).
+MAX_INPUTS = 200_000
+_CHUNK_ELEMENTS = 1 << 25     # 256 MiB of float64 writer stack per forward
+
 
 @contextlib.contextmanager
 def _one_thread():
     """Run on one CPU thread, restoring the setting after. Tracr models are
-    tiny (a forward of all 1,364 xproportion inputs is ~1 MFLOP per layer):
+    tiny (a forward of all 1,364 xproportion inputs is tens of MFLOP):
     threads only add overhead, and on a loaded machine they make each
     forward tens of times slower (measured: 0.03 s on one thread, 0.3-1.1 s
     on two, for shuffle_dyck on a shared 2-core machine)."""
@@ -78,24 +83,33 @@ class _Outputs:
         model = copy.deepcopy(tm.model).to(torch.float64)
         self.categorical = tm.categorical
         self.tolerance = tolerance
-        self.ids, mask = batch_ids(tm, inputs)
-        self.mask = mask
+        self.ids, self.mask = batch_ids(tm, inputs)
         # every position but BOS, and no padding
-        self.scored = mask.bool().clone()
+        self.scored = self.mask.bool().clone()
         self.scored[:, 0] = False
-        with torch.no_grad():
-            self.reference = self._decode(model(self.ids, attention_mask=mask).logits)
         self.em = patch(model, ablation="zero", node_masks=False)
         self.graph = self.em.graph
+        # rows per forward: the edge model's writer stack (writers x rows x
+        # S x D float64) stays under _CHUNK_ELEMENTS
+        per_row = self.graph.n_writers * self.ids.shape[1] * model.config.hidden_size
+        self.chunk = max(1, _CHUNK_ELEMENTS // per_row)
+        with torch.no_grad():
+            self.reference = self._run(model)
 
-    def _decode(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.argmax(-1) if self.categorical else logits[..., 0]
+    def _run(self, fn) -> torch.Tensor:
+        """Decoded outputs [B, S] of `fn(ids, attention_mask=...)`, in chunks of rows."""
+        out = []
+        for start in range(0, self.ids.shape[0], self.chunk):
+            rows = slice(start, start + self.chunk)
+            logits = fn(self.ids[rows], attention_mask=self.mask[rows]).logits
+            out.append(logits.argmax(-1) if self.categorical else logits[..., 0])
+        return torch.cat(out)
 
     @torch.no_grad()
     def of(self, edges: Iterable[tuple[str, str]]) -> torch.Tensor:
         """Decoded outputs [B, S] of the circuit `edges` (zero ablation)."""
         self.em.set_circuit(list(edges))
-        return self._decode(self.em(self.ids, attention_mask=self.mask).logits)
+        return self._run(self.em)
 
     def compare(self, edges: Iterable[tuple[str, str]]) -> dict:
         """How the circuit's outputs differ from the full model's: the number
@@ -130,7 +144,14 @@ class GroundTruth:
     complete: bool = True                   # the circuit alone reproduces every output
     redundant_jointly_removable: bool = True
     name: str = ""
+    residual_labels: list = field(default_factory=list, repr=False)   # Tracr's names of the dims
     _outputs: Optional[_Outputs] = field(default=None, repr=False, compare=False)
+
+    def via(self, writer: str, reader: str) -> list[str]:
+        """The residual directions (Tracr's labels, e.g. ``"indices:3"``) where
+        `writer` writes and `reader` reads: why the edge is in the circuit."""
+        dims = np.intersect1d(self.write_dims[writer], self.read_dims[reader])
+        return [self.residual_labels[i] if i < len(self.residual_labels) else str(i) for i in dims]
 
     def _ordered(self, edges: Iterable) -> list[tuple[str, str]]:
         g = self.graph
@@ -187,6 +208,7 @@ class GroundTruth:
             "redundant": pairs(self.redundant), "complete": self.complete,
             "redundant_jointly_removable": self.redundant_jointly_removable,
             "effects": {f"{w} -> {r}": self.effects[(w, r)] for w, r in self._ordered(self.edges)},
+            "via": {f"{w} -> {r}": self.via(w, r) for w, r in self._ordered(self.edges)},
             "write_dims": {k: [int(i) for i in v] for k, v in self.write_dims.items()},
             "read_dims": {k: [int(i) for i in v] for k, v in self.read_dims.items()},
         }
@@ -196,8 +218,18 @@ class GroundTruth:
                  f"edges of {self.graph.n_edges} ({len(self.necessary)} necessary, {len(self.redundant)} "
                  f"redundant on {self.n_inputs} inputs)"]
         for w, r in self._ordered(self.edges):
-            lines.append(f"  {w} -> {r}  {'necessary' if (w, r) in self.necessary else 'redundant'}")
+            kind = "necessary" if (w, r) in self.necessary else "redundant"
+            lines.append(f"  {w} -> {r}  {kind}  via {_summarise(self.via(w, r))}")
         return "\n".join(lines)
+
+
+def _summarise(labels: list[str]) -> str:
+    """``["indices:0", "indices:1", "tokens:BOS"]`` -> ``"indices (2 dims), tokens:BOS"``."""
+    groups: dict[str, list[str]] = {}
+    for label in labels:
+        groups.setdefault(label.split(":", 1)[0], []).append(label)
+    return ", ".join(members[0] if len(members) == 1 else f"{name} ({len(members)} dims)"
+                     for name, members in groups.items())
 
 
 def ground_truth(tm: TracrModel, *, n_examples: Optional[int] = None, seed: int = 0,
@@ -218,6 +250,10 @@ def ground_truth(tm: TracrModel, *, n_examples: Optional[int] = None, seed: int 
     if tolerance is not None and not tolerance >= 0:
         raise ValueError(f"tolerance must be a non-negative number, got {tolerance}")
 
+    if n_examples is None and input_space_size(tm) > MAX_INPUTS:
+        raise ValueError(f"this program's input space has {input_space_size(tm):,} inputs (more than "
+                         f"{MAX_INPUTS:,}): pass n_examples to judge necessity on a seeded sample")
+
     with _one_thread():
         outputs = _Outputs(tm, input_space(tm, n_examples, seed), tolerance or 0.0)
         writes = spaces.write_dims(tm.model)
@@ -236,4 +272,5 @@ def ground_truth(tm: TracrModel, *, n_examples: Optional[int] = None, seed: int 
                        write_dims=writes, read_dims=reads, effects=effects,
                        categorical=tm.categorical, tolerance=tolerance,
                        n_inputs=int(outputs.ids.shape[0]), complete=complete,
-                       redundant_jointly_removable=jointly, name=tm.name, _outputs=outputs)
+                       redundant_jointly_removable=jointly, name=tm.name,
+                       residual_labels=list(tm.config.residual_labels), _outputs=outputs)
