@@ -21,7 +21,6 @@ from fastedge.cli_errors import EXIT_FAILED, EXIT_INTERRUPTED, CliError, describ
 
 SHIPPED = "shipped"
 TRACR_PREFIX = "tracr:"
-MAX_SEED = 2 ** 32  # --seed lies in [0, MAX_SEED)
 
 
 def _add_model_and_task(p: argparse.ArgumentParser, *, require_task: bool = False) -> None:
@@ -115,12 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- loading ------------------------------------------------------------------------
-
-def check_seed(seed: int) -> None:
-    if not 0 <= seed < MAX_SEED:
-        raise CliError(f"--seed {seed}: a seed must be a whole number in [0, 2**32); "
-                       f"give a non-negative one, such as --seed 0")
-
 
 def resolve_device(requested: Optional[str]) -> str:
     """The device to run on: `requested` when this machine has it, else a
@@ -246,6 +239,9 @@ def load_task(args, tokenizer, *, shipped_model: bool, no_tokenizer: str = ""):
     if shipped_model and name == "induction":
         from fastedge.shipped.defaults import induction_task
         return induction_task(**kw)
+    if name.strip().lower().replace("_", "-") not in tasks.TASKS:
+        raise CliError(f"unknown task {name!r}; the tasks are {', '.join(sorted(tasks.TASKS))}, "
+                       f"or give your own with --data FILE.jsonl")
     if tokenizer is None and name != "induction":
         raise CliError(f"task {name!r} needs a tokenizer: {no_tokenizer}")
     return tasks.get_task(name, tokenizer, **kw)
@@ -508,9 +504,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _check_options(args) -> None:
-    """Checks of options that argparse's types cannot make with a clear message."""
-    if getattr(args, "seed", None) is not None:
-        check_seed(args.seed)
+    """Checks every command shares, before anything loads (the numbers are
+    checked by each command: `_check_task_options`, `PruneConfig.validate`)."""
     if hasattr(args, "device"):
         resolve_device(args.device)
 

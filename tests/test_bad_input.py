@@ -380,7 +380,10 @@ def _cli_refuses(argv, capsys, match):
     """main(argv) refuses with a message matching `match`, naming the problem;
     returns the message."""
     import re
+    from transformers.utils import logging as hf_logging
     capsys.readouterr()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers' loading bars share stderr with the message
     try:
         rc = main(argv)
     except ValueError as exc:
@@ -393,6 +396,9 @@ def _cli_refuses(argv, capsys, match):
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("fastedge: "), lines
         message = lines[0]
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     assert re.search(match, message), f"{message!r} does not match {match!r}"
     return message
 

@@ -197,6 +197,11 @@ def test_missing_or_unreadable_files(folders, tmp_path, case, capsys):
     assert expect in _refused(capsys, argv)
 
 
+def test_unknown_task_is_named_as_such(capsys):
+    line = _refused(capsys, ["eval", "--task", "nosuch"])  # the shipped model: it was "needs a tokenizer"
+    assert line.startswith("fastedge: unknown task 'nosuch'; the tasks are ") and "ioi" in line
+
+
 def test_invalid_task_data_is_one_line_naming_the_line(folders, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(_lines()[0] + "\n{not json\n")
@@ -212,7 +217,7 @@ def test_option_checks_are_one_line(folders, tmp_path, capsys):
 
 def test_negative_seed_reports_the_value_given(folders, tmp_path, capsys):
     line = _refused(capsys, _prune(folders, tmp_path / "o", "--seed", "-1"))
-    assert line.startswith("fastedge: --seed -1:") and "1000003" not in line
+    assert line == "fastedge: --seed must be at least 0, got -1"  # not the derived noise seed -1000003
     with pytest.raises(ValueError, match="seed must be non-negative, got -1$"):
         fastedge.patch(tiny_model("gpt2"), seed=-1)
 

@@ -200,6 +200,8 @@ class TaskData:
                     f"{where}: {len(e.clean_ids)} tokens, but {model_name} has {max_positions} positions; "
                     f"shorten the example or use a model with longer positions")
             for which, ids in (("clean", e.clean_ids), ("corrupted", e.corrupted_ids)):
+                if min(ids) >= 0 and max(ids) < vocab_size:  # C loops: the usual case stays cheap
+                    continue
                 bad = [t for t in ids if not 0 <= t < vocab_size]
                 if bad:
                     raise TaskDataError(
