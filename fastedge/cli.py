@@ -5,6 +5,7 @@
     fastedge eval --model gpt2 --task ioi --circuit runs/ioi/circuit.json
     fastedge draw runs/ioi/circuit.json --out circuit.pdf
     fastedge compare a/circuit.json b/circuit.json [--model M --task T]
+    fastedge report runs/ioi [--sweep sweep.json]   # rebuild runs/ioi/report.html
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="learn edge masks and write the circuit, its metrics and a picture",
                        description="Prune a model on a task: writes circuit.json, metrics.json, "
-                                   "circuit.svg, log.jsonl and checkpoints/ to --out.")
+                                   "circuit.svg, log.jsonl, checkpoints/ and report.html to --out.")
     _add_model_and_task(p)
     p.add_argument("--target-sparsity", type=float, default=None,
                    help="fraction of edges to remove (default 0.95; for the shipped model 1.0, with the "
@@ -108,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_and_task(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", default=None, metavar="FILE", help="also write the comparison to this JSON file")
+
+    p = sub.add_parser("report", help="rebuild a run's report.html (circuit, metrics, training plots)",
+                       description="Write RUN_DIR/report.html, one self-contained page that opens offline: "
+                                   "the circuit, the metrics beside the full model's, and plots of the "
+                                   "training log; with a sweep, the faithfulness curve with CPR and CMD.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a fastedge prune run")
+    p.add_argument("--sweep", default=None, metavar="JSON",
+                   help="the result of fastedge eval --masks RUN_DIR/masks.pt --sweep ... --out JSON "
+                        "(default: RUN_DIR/sweep.json when there is one)")
     for p in sub.choices.values():  # --debug after the command too (SUPPRESS keeps the global value)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show the Python traceback of an error instead of a one-line message")
@@ -359,7 +369,19 @@ def _prune(args, *, main_rank: bool) -> int:
           f"(full model {metrics['full_accuracy']:.3f})")
     print(f"wrote {out / 'circuit.json'}, {out / 'metrics.json'}, {drawn}, {out / 'log.jsonl'}, "
           f"{out / 'masks.pt'}, {out / 'checkpoints'}/ in {result.wall_seconds:.1f} s")
+    _write_report(out)
     return 0
+
+
+def _write_report(out: Path) -> None:
+    """report.html beside a finished run's files. The run's results are
+    already written, so a failure here is a warning, not a failed run."""
+    from fastedge.report import build_report
+    try:
+        print(f"wrote {build_report(out)}")
+    except Exception as exc:  # noqa: BLE001 - the run itself succeeded
+        warnings.warn(f"could not write {out / 'report.html'} ({type(exc).__name__}: {one_line(str(exc))}); "
+                      f"the run's other files are complete; retry with: fastedge report {out}")
 
 
 def _draw(circuit, path: Path) -> str:
@@ -457,6 +479,12 @@ def cmd_draw(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from fastedge.report import build_report
+    print(f"wrote {build_report(args.run_dir, sweep=args.sweep)}")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from fastedge.circuit import Circuit, compare_circuits
     a, b = Circuit.load(args.first), Circuit.load(args.second)
@@ -486,7 +514,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     `fastedge.cli_errors`). argparse's own usage errors exit 2 as usual."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    commands = {"prune": cmd_prune, "eval": cmd_eval, "draw": cmd_draw, "compare": cmd_compare}
+    commands = {"prune": cmd_prune, "eval": cmd_eval, "draw": cmd_draw, "compare": cmd_compare,
+                "report": cmd_report}
     if args.debug:
         _check_options(args)
         return commands[args.command](args)
