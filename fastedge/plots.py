@@ -98,6 +98,20 @@ def _has(records: Sequence[dict], key: str) -> bool:
     return any(key in r for r in records)
 
 
+def _divergence_scale(ax, values: Sequence[float]) -> None:
+    """A log axis for a divergence that spans decades; symlog where some
+    values are 0 or rounding-error negative (a log axis would drop those
+    points), linear where the values stay within three decades."""
+    finite = [v for v in values if math.isfinite(v)]
+    positive = [v for v in finite if v > 0]
+    if not positive or max(positive) <= 1e3 * min(positive):
+        return
+    if len(positive) == len(finite):
+        ax.set_yscale("log")
+    else:
+        ax.set_yscale("symlog", linthresh=max(min(positive), max(positive) * 1e-6))
+
+
 def _line(ax, xs, ys, *, name: str, **kw) -> None:
     (line,) = ax.plot(xs, ys, **kw)
     line.set_gid(f"series-{name}")
@@ -132,9 +146,7 @@ def history_plots(records: Sequence[dict], *, objective: str = "kl",
     fig, (ax,) = _new_figure()
     values = _series(records, keep, "kl")
     _line(ax, steps, values, name="kl", color=COLORS["kl"], lw=1)
-    finite = [v for v in values if math.isfinite(v)]
-    if finite and min(finite) > 0:
-        ax.set_yscale("log")
+    _divergence_scale(ax, values)
     ax.set_xlabel("step")
     ax.set_ylabel(f"{label} (training batch)")
     plots.append(Plot("kl", label, figure_svg(fig),
@@ -157,7 +169,7 @@ def history_plots(records: Sequence[dict], *, objective: str = "kl",
                    label=f"extracted circuit ({circuit_edge_sparsity:.4f})")
     ax.set_xlabel("step")
     ax.set_ylabel("sparsity")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     plots.append(Plot("sparsity", "Sparsity against the target", figure_svg(fig),
                       "Sparsity of the sampled masks (1 - kept / all) and the target, raised linearly over "
                       "the warm-up." + note))
@@ -217,16 +229,17 @@ def sweep_plot(sweep: dict, *, lo: float = 0.001) -> Optional[Plot]:
     fig, axes = _new_figure(ncols=2, width=9.6)
     xs, ys = [x for x, _ in curve], [y for _, y in curve]
     for ax, scale in zip(axes, ("linear", "log")):
+        suffix = "" if scale == "linear" else "-log"   # ids stay unique on the page
         if len(shaded) >= 2:
             sx, sy = [x for x, _ in shaded], [y for _, y in shaded]
             area = ax.fill_between(sx, 0, sy, color=COLORS["cpr"], alpha=0.25, lw=0,
                                    label="CPR" + (f" = {cpr:.4g}" if isinstance(cpr, (int, float)) else ""))
-            area.set_gid("area-cpr")
+            area.set_gid("area-cpr" + suffix)
             area = ax.fill_between(sx, sy, 1, facecolor="none", edgecolor=COLORS["cmd"], hatch="///",
                                    lw=0, alpha=0.6,
                                    label="CMD" + (f" = {cmd:.4g}" if isinstance(cmd, (int, float)) else ""))
-            area.set_gid("area-cmd")
-        _line(ax, xs, ys, name="faithfulness", color=COLORS["curve"], marker="o", ms=3, lw=1.2,
+            area.set_gid("area-cmd" + suffix)
+        _line(ax, xs, ys, name="faithfulness" + suffix, color=COLORS["curve"], marker="o", ms=3, lw=1.2,
               label="faithfulness")
         ax.axhline(1.0, color="#333333", lw=0.8, ls="--")
         ax.set_xscale(scale)

@@ -180,7 +180,7 @@ def _metrics_table(metrics: dict) -> str:
         cells = [metrics[key]]
         for ref in (full, empty):
             if isinstance(ref, str):
-                cells.append(metrics.get(ref))
+                cells.append(metrics[ref] if ref in metrics else "\u2014")   # a dash: not computed
                 used.add(ref)
             else:
                 cells.append(f"{_fmt(ref)} (by definition)")
