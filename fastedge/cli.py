@@ -97,10 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", default=None, metavar="FILE", help="also write the metrics to this JSON file")
 
-    p = sub.add_parser("draw", help="draw a circuit as SVG, PNG or PDF (needs graphviz)")
+    p = sub.add_parser("draw", help="draw a circuit as SVG (built in), PNG or PDF (graphviz), or DOT text")
     p.add_argument("circuit", metavar="CIRCUIT_JSON")
     p.add_argument("--out", default=None, metavar="FILE",
-                   help="output file; its suffix picks the format (default: circuit.svg beside the JSON)")
+                   help="output file; its suffix picks the format: .svg (drawn by fastedge), .png or .pdf "
+                        "(need graphviz), .dot (graphviz's text format) (default: circuit.svg beside the JSON)")
+    p.add_argument("--engine", choices=("builtin", "graphviz"), default=None,
+                   help="who draws: builtin (fastedge's own SVG; the default for .svg) or graphviz's `dot` "
+                        "(the default for .png and .pdf)")
 
     p = sub.add_parser("compare", help="compare two circuits: shared and unique edges, IoU, and "
                                        "(with --model and --task) the faithfulness of their intersection and union")
@@ -385,15 +389,9 @@ def _write_report(out: Path) -> None:
 
 
 def _draw(circuit, path: Path) -> str:
-    from fastedge.draw import GraphvizNotFoundError, circuit_to_dot, draw_circuit
-    try:
-        draw_circuit(circuit, path)
-        return str(path)
-    except GraphvizNotFoundError as exc:
-        dot = path.with_suffix(".dot")
-        dot.write_text(circuit_to_dot(circuit))
-        warnings.warn(f"{exc}\nWrote the graph as {dot} instead.")
-        return str(dot)
+    """The run's picture, drawn by fastedge itself (no graphviz needed)."""
+    from fastedge.draw import draw_circuit
+    return str(draw_circuit(circuit, path, engine="builtin"))
 
 
 def cmd_eval(args) -> int:
@@ -472,7 +470,7 @@ def cmd_draw(args) -> int:
     circuit = Circuit.load(args.circuit)
     out = Path(args.out) if args.out else Path(args.circuit).with_name("circuit.svg")
     try:
-        draw_circuit(circuit, out)
+        draw_circuit(circuit, out, engine=args.engine)
     except GraphvizNotFoundError as exc:
         raise CliError(str(exc)) from None
     print(f"wrote {out}")
