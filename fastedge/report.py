@@ -132,12 +132,7 @@ def inline_svg(text: str, prefix: str) -> str:
 
 
 def _circuit_svg(circuit) -> str:
-    try:  # TEMPORARY adapter until the drawsvg branch (fastedge.draw.circuit_to_svg) is merged
-        from fastedge.draw import circuit_to_svg
-    except ImportError:
-        return ('<svg width="480" height="60" viewBox="0 0 480 60"><rect x="1" y="1" width="478" height="58" '
-                'fill="#fff3cd" stroke="#c9a227"/><text x="12" y="35" font-size="14">circuit drawing '
-                f'unavailable here ({circuit.n_edges} edges): fastedge.draw.circuit_to_svg missing</text></svg>')
+    from fastedge.draw import circuit_to_svg
     return circuit_to_svg(circuit)
 
 
