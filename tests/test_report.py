@@ -195,7 +195,9 @@ def test_the_circuit_drawing_is_the_circuits(run):
     (svg,) = figure_svgs(page)["circuit"]
     writers = {w for w, _ in circuit["edges"]}
     assert writers, "the run kept no edges"
-    from fastedge.draw import circuit_to_svg  # noqa: F401  (the report draws with it)
+    from fastedge.circuit import Circuit
+    from fastedge.draw import circuit_to_svg
+    assert svg == inline_svg(circuit_to_svg(Circuit.load(out / "circuit.json")), "circuit").strip()
     shown = [w for w in writers if re.search(r">\s*" + re.escape(w) + r"\s*<", svg)]
     assert shown, f"none of the circuit's writers {sorted(writers)} is named in its drawing"
 
@@ -375,6 +377,8 @@ def test_fastedge_report_errors_are_one_line(run, tmp_path, capsys):
     assert "notsweep.json: not a sweep result" in line and "fastedge eval --sweep" in line
     line = _refused(capsys, main(["report", str(broken), "--sweep", str(tmp_path / "missing.json")]))
     assert "missing.json: no such sweep file" in line
+    with pytest.raises(ReportError, match="point 0 has no faithfulness"):
+        build_report(broken, sweep={"points": [{"kl": 0.1}]})
 
 
 def test_a_report_failure_does_not_fail_the_run(run, tmp_path, capsys, monkeypatch):
@@ -450,7 +454,7 @@ def _run_chromium(binary, args, tmp_path):
 
 
 def render(page_path, tmp_path, binary):
-    """(figure boxes in CSS pixels, probe result, screenshot as an [H, W, 3] uint8 array)."""
+    """(the probe's result: figure boxes in CSS pixels and images; the screenshot as an [H, W, 3] array)."""
     import numpy as np
     from PIL import Image
     probe = tmp_path / "probe.html"
@@ -470,7 +474,6 @@ def render(page_path, tmp_path, binary):
 
 def drawn(image, box) -> tuple:
     """(fraction of non-white pixels, distinct colours among them) in `box`."""
-    import numpy as np
     x, y, w, h = (int(round(v)) for v in box)
     region = image[y:y + h, x:x + w].reshape(-1, 3).astype(int)
     ink = region[(region < 235).any(axis=1)]
