@@ -104,7 +104,7 @@ def load_sweep(source) -> dict:
 
 # -- SVG inside HTML -----------------------------------------------------------------------------
 
-_ID = re.compile(r'\bid="([^"]+)"')
+_ID = re.compile(r'(?<![\w:-])id="([^"]+)"')   # the id attribute itself, not data-id or xml:id
 
 
 def inline_svg(text: str, prefix: str) -> str:

@@ -271,6 +271,29 @@ def _write_log(path, n, node=False):
     path.write_text("\n".join(lines) + "\n")
 
 
+def test_non_finite_log_values_leave_a_gap(tmp_path):
+    """log.jsonl writes a non-finite value as null (with a note): the line breaks there."""
+    _write_log(tmp_path / "log.jsonl", 6)
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    record = json.loads(lines[3])
+    record.update(loss=None, loss_note="not a finite number (nan)")
+    lines[3] = json.dumps(record)
+    (tmp_path / "log.jsonl").write_text("\n".join(lines) + "\n")
+    svg = figure_svgs(build_report(tmp_path).read_text())["loss"][0]
+    d = re.search(r'<g id="[^"]*series-loss">\s*<path d="([^"]+)"', svg).group(1)
+    assert len(re.findall("M", d)) == 2 and len(re.findall("[ML]", d)) == 5
+
+
+def test_inline_svg_scopes_ids_and_their_references():
+    doc = ('<?xml version="1.0"?>\n<!DOCTYPE svg>\n<svg xmlns="http://www.w3.org/2000/svg" '
+           'xmlns:xlink="http://www.w3.org/1999/xlink"><defs><clipPath id="c"><rect/></clipPath>'
+           '<path id="g"/></defs><use xlink:href="#g"/><path clip-path="url(#c)" data-id="keep"/>'
+           '<a href="#elsewhere"/></svg>')
+    out = inline_svg(doc, "p")
+    assert out == ('<svg><defs><clipPath id="p-c"><rect/></clipPath><path id="p-g"/></defs><use href="#p-g"/>'
+                   '<path clip-path="url(#p-c)" data-id="keep"/><a href="#elsewhere"/></svg>')
+
+
 def test_long_logs_are_thinned_and_the_caption_says_so(tmp_path):
     from fastedge.plots import MAX_POINTS
     n = 2 * MAX_POINTS + 7
