@@ -496,12 +496,15 @@ def render(page_path, tmp_path, binary):
 
 
 def drawn(image, box) -> tuple:
-    """(fraction of non-white pixels, distinct colours among them) in `box`."""
+    """(fraction of non-white pixels, distinct colours among them, fraction of
+    coloured (not grey) pixels) in `box`."""
     x, y, w, h = (int(round(v)) for v in box)
     region = image[y:y + h, x:x + w].reshape(-1, 3).astype(int)
     ink = region[(region < 235).any(axis=1)]
     colours = {tuple(c) for c in (ink // 32).tolist()}
-    return len(ink) / max(len(region), 1), len(colours)
+    coloured = ((region.max(axis=1) - region.min(axis=1)) > 80).sum()
+    n = max(len(region), 1)
+    return len(ink) / n, len(colours), coloured / n
 
 
 def test_the_report_renders_in_a_real_browser(run, tmp_path):
@@ -518,11 +521,13 @@ def test_the_report_renders_in_a_real_browser(run, tmp_path):
         x, y, w, h = box
         assert w >= 200 and h >= 100, (name, box)        # laid out at a readable size
         assert x + w <= WIDTH + 1 and y + h <= image.shape[0], (name, box)
-        ink, colours = drawn(image, box)
-        # a plot: axes, ticks, labels and coloured lines; the circuit: boxes and q/k/v-coloured edges
+        ink, colours, coloured = drawn(image, box)
+        # a plot: axes, ticks, labels and coloured lines; the circuit: boxes and q/k/v-coloured edges.
+        # (Axes without their lines pass the first two; the coloured pixels are the lines themselves.)
         assert ink >= 0.02, f"{name}: only {ink:.1%} of its pixels are drawn"
         assert colours >= 4, f"{name}: {colours} colours"
+        assert coloured >= 0.001, f"{name}: only {coloured:.2%} of its pixels are coloured (lines or edges)"
     # and the page around them is mostly white: the check can tell drawn from blank
-    ink, _ = drawn(image, (0, image.shape[0] - 15, WIDTH, 15))
+    ink, _, _ = drawn(image, (0, image.shape[0] - 15, WIDTH, 15))
     assert ink < 0.01
     print(f"chromium rendered {len(result['figures'])} figures in {time.time() - started:.1f} s")
