@@ -69,14 +69,14 @@ def parse(svg):
     assert root.tag == NS + "svg"
     boxes = {}
     for g in root.iter(NS + "g"):
-        if g.get("class") == "node":
+        if g.get("class") == "fe-node":
             rect = g.find(NS + "rect")
             texts = [t.text for t in g.findall(NS + "text")]
             name = texts[0]
             assert name not in boxes, f"{name} drawn twice"
             boxes[name] = dict(x=float(rect.get("x")), y=float(rect.get("y")), w=float(rect.get("width")),
                                h=float(rect.get("height")), texts=texts, title=g.find(NS + "title").text)
-    (edges_group,) = [g for g in root.iter(NS + "g") if g.get("class") == "edges"]
+    (edges_group,) = [g for g in root.iter(NS + "g") if g.get("class") == "fe-edges"]
     paths = []
     for p in edges_group.iter(NS + "path"):
         nums = [float(v) for v in re.findall(r"-?\d+(?:\.\d+)?", p.get("d"))]
@@ -173,7 +173,7 @@ def test_13b_size_circuit_stays_bounded():
     assert float(root.get("width")) < 80 * (g.n_heads + 1) + 400
     assert float(root.get("height")) < 100 * (g.n_layers + 2) + 100
     # unused heads are left out, not greyed: no faint boxes but the unused embeddings
-    (ctx,) = [e for e in root.iter(NS + "g") if e.get("class") == "ctx"]
+    (ctx,) = [e for e in root.iter(NS + "g") if e.get("class") == "fe-ctx"]
     assert len(ctx.findall(NS + "g")) <= len(g.embeddings)
 
 
@@ -231,7 +231,7 @@ def test_no_edge_crosses_a_box(name):
     c = random_circuit(g, {"gpt2-small": 300, "13b-collapsed": 400}.get(name, max(5, g.n_edges // 25)), 7)
     root = ET.fromstring(circuit_to_svg(c))
     rects = [(float(r.get("x")), float(r.get("y")), float(r.get("width")), float(r.get("height")))
-             for grp in root.iter(NS + "g") if grp.get("class") in ("node", "ctx") for r in grp.iter(NS + "rect")]
+             for grp in root.iter(NS + "g") if grp.get("class") in ("fe-node", "fe-ctx") for r in grp.iter(NS + "rect")]
     assert len(rects) >= len(c.nodes)
     r = torch.tensor(rects, dtype=torch.float64)
     lo, hi = r[:, :2] + 1, r[:, :2] + r[:, 2:] - 1            # each box shrunk by 1 px
@@ -253,7 +253,7 @@ def test_gpt2_small_greys_unused_heads():
     g = EdgeGraph(**GRAPHS["gpt2-small"])
     c = random_circuit(g, 300, 0)
     root, boxes, _ = parse(circuit_to_svg(c))
-    (ctx,) = [e for e in root.iter(NS + "g") if e.get("class") == "ctx"]
+    (ctx,) = [e for e in root.iter(NS + "g") if e.get("class") == "fe-ctx"]
     faint = {e.find(NS + "text").text for e in ctx.findall(NS + "g")}
     assert faint == set(g.writers) - set(boxes)
 

@@ -31,7 +31,10 @@ Edges sharing a channel take lanes 3 px apart (closer when many). Every
 edge and box carries a ``<title>`` (a tooltip in browsers:
 ``a0.h3 → a2.h1.k``), and an edge under the pointer is drawn bold. A
 circuit's ``node_labels`` are written under the writer's name, one line each
-(cut at 40 characters, the full text in the tooltip).
+(cut at 40 characters, the full text in the tooltip). Class names start
+with ``fe-`` (``fe-node`` per drawn box, ``fe-edges`` holding one ``path``
+per drawn edge, ``fe-ctx`` the faint boxes), so the SVG can be inlined in an
+HTML page beside other SVGs without style clashes.
 
 Unused heads and MLPs (no drawn edge) depend on the graph's size:
 
@@ -368,19 +371,19 @@ def circuit_to_svg(circuit, *, title: Optional[str] = None) -> str:
 
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{_n(width)}" height="{_n(height)}" '
            f'viewBox="0 0 {_n(width)} {_n(height)}" font-family="{_FONT}">',
-           "<style>.edges path:hover{stroke-width:3;stroke-opacity:1}</style>",
+           "<style>.fe-edges path:hover{stroke-width:3;stroke-opacity:1}</style>",
            f'<rect width="100%" height="100%" fill="#ffffff"/>',
            f'<text x="{_MARGIN}" y="24" font-size="14" font-weight="bold">{escape(title)}</text>']
     # legend: reader kinds, then what the boxes mean
     x = float(_MARGIN)
-    out.append('<g class="legend" font-size="10">')
+    out.append('<g class="fe-legend" font-size="10">')
     for colour, text in legend:
         out.append(f'<line x1="{_n(x)}" y1="42" x2="{_n(x + 26)}" y2="42" stroke="{colour}" stroke-width="3"/>'
                    f'<text x="{_n(x + 32)}" y="45.5">{escape(text)}</text>')
         x += 34 + _text_w(text, 10) + 14
     out.append(f'<text x="{_MARGIN}" y="60" fill="#555555">{escape(_NOTE[context])}</text></g>')
     # row labels and collapsed bands
-    out.append('<g class="rows" font-size="10" fill="#666666">')
+    out.append('<g class="fe-rows" font-size="10" fill="#666666">')
     for r in rows:
         if r.band:
             y = r.y + r.h / 2
@@ -391,7 +394,7 @@ def circuit_to_svg(circuit, *, title: Optional[str] = None) -> str:
             out.append(f'<text x="8" y="{_n(r.y + r.h - 6)}">{escape(r.label)}</text>')
     out.append("</g>")
     # unused components (greyed context) under the edges, used ones above them
-    out.append(f'<g class="ctx" fill="#ffffff" stroke="#e2e2e2" font-size="{_NAME_SIZE}">')
+    out.append(f'<g class="fe-ctx" fill="#ffffff" stroke="#e2e2e2" font-size="{_NAME_SIZE}">')
     for b in boxes.values():
         if not b.used:
             out.append(f'<g><rect x="{_n(b.x)}" y="{_n(b.y)}" width="{_n(b.w)}" height="{_n(b.h)}" rx="4"/>'
@@ -399,11 +402,11 @@ def circuit_to_svg(circuit, *, title: Optional[str] = None) -> str:
                        f'stroke="none">{escape(b.name)}</text></g>')
     out.append("</g>")
     stroke_w, opacity = _edge_style(len(edges))
-    out.append(f'<g class="edges" fill="none" stroke-width="{stroke_w}" stroke-opacity="{opacity}">')
+    out.append(f'<g class="fe-edges" fill="none" stroke-width="{stroke_w}" stroke-opacity="{opacity}">')
     for d, colour, tip in paths:
         out.append(f'<path d="{d}" stroke="{colour}"><title>{escape(tip)}</title></path>')
     out.append("</g>")
-    out.append(f'<g class="nodes" font-size="{_NAME_SIZE}">')
+    out.append(f'<g class="fe-nodes" font-size="{_NAME_SIZE}">')
     for b in boxes.values():
         if b.used:
             out.append(_node(b))
@@ -414,7 +417,7 @@ def circuit_to_svg(circuit, *, title: Optional[str] = None) -> str:
 
 def _node(b: _Box) -> str:
     tip = "\n".join([b.name] + b.labels)
-    parts = [f'<g class="node"><title>{escape(tip)}</title>'
+    parts = [f'<g class="fe-node"><title>{escape(tip)}</title>'
              f'<rect x="{_n(b.x)}" y="{_n(b.y)}" width="{_n(b.w)}" height="{_n(b.h)}" rx="4" '
              f'fill="{_FILL[b.kind]}" stroke="{_STROKE[b.kind]}"/>',
              f'<text x="{_n(b.cx)}" y="{_n(b.y + 14)}" text-anchor="middle">{escape(b.name)}</text>']
