@@ -155,7 +155,7 @@ def history_plots(records: Sequence[dict], *, objective: str = "kl",
 
     fig, (ax,) = _new_figure()
     _line(ax, steps, _series(records, keep, "edge_sparsity"), name="edge_sparsity", color=COLORS["edge"],
-          lw=1, label="edge sparsity")
+          lw=1, label="edge sparsity", zorder=3)   # above the node line where they coincide
     _line(ax, steps, _series(records, keep, "target"), name="target", color=COLORS["target"], lw=1.2,
           ls="--", label="edge target")
     if _has(records, "node_sparsity"):
