@@ -91,6 +91,7 @@ setup(
         "numpy",
         "ninja",
         "tqdm",
+        "matplotlib",   # the run report's plots (fastedge.plots), rendered to SVG without a display
     ],
     extras_require={"test": ["pytest>=7", "expecttest"],
                     # fastedge.tracr: compile RASP programs (tracr-pypi pulls JAX, Haiku, chex)

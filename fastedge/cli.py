@@ -5,6 +5,7 @@
     fastedge eval --model gpt2 --task ioi --circuit runs/ioi/circuit.json
     fastedge draw runs/ioi/circuit.json --out circuit.pdf
     fastedge compare a/circuit.json b/circuit.json [--model M --task T]
+    fastedge report runs/ioi [--sweep sweep.json]   # rebuild runs/ioi/report.html
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="learn edge masks and write the circuit, its metrics and a picture",
                        description="Prune a model on a task: writes circuit.json, metrics.json, "
-                                   "circuit.svg, log.jsonl and checkpoints/ to --out.")
+                                   "circuit.svg, log.jsonl, checkpoints/ and report.html to --out.")
     _add_model_and_task(p)
     p.add_argument("--target-sparsity", type=float, default=None,
                    help="fraction of edges to remove (default 0.95; for the shipped model 1.0, with the "
@@ -95,10 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", default=None, metavar="FILE", help="also write the metrics to this JSON file")
 
-    p = sub.add_parser("draw", help="draw a circuit as SVG, PNG or PDF (needs graphviz)")
+    p = sub.add_parser("draw", help="draw a circuit as SVG (built in), PNG or PDF (graphviz), or DOT text")
     p.add_argument("circuit", metavar="CIRCUIT_JSON")
     p.add_argument("--out", default=None, metavar="FILE",
-                   help="output file; its suffix picks the format (default: circuit.svg beside the JSON)")
+                   help="output file; its suffix picks the format: .svg (drawn by fastedge), .png or .pdf "
+                        "(need graphviz), .dot (graphviz's text format) (default: circuit.svg beside the JSON)")
+    p.add_argument("--engine", choices=("builtin", "graphviz"), default=None,
+                   help="who draws: builtin (fastedge's own SVG; the default for .svg) or graphviz's `dot` "
+                        "(the default for .png and .pdf)")
 
     p = sub.add_parser("compare", help="compare two circuits: shared and unique edges, IoU, and "
                                        "(with --model and --task) the faithfulness of their intersection and union")
@@ -107,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_and_task(p)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", default=None, metavar="FILE", help="also write the comparison to this JSON file")
+
+    p = sub.add_parser("report", help="rebuild a run's report.html (circuit, metrics, training plots)",
+                       description="Write RUN_DIR/report.html, one self-contained page that opens offline: "
+                                   "the circuit, the metrics beside the full model's, and plots of the "
+                                   "training log; with a sweep, the faithfulness curve with CPR and CMD.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a fastedge prune run")
+    p.add_argument("--sweep", default=None, metavar="JSON",
+                   help="the result of fastedge eval --masks RUN_DIR/masks.pt --sweep ... --out JSON "
+                        "(default: RUN_DIR/sweep.json when there is one)")
     for p in sub.choices.values():  # --debug after the command too (SUPPRESS keeps the global value)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show the Python traceback of an error instead of a one-line message")
@@ -355,19 +369,25 @@ def _prune(args, *, main_rank: bool) -> int:
           f"(full model {metrics['full_accuracy']:.3f})")
     print(f"wrote {out / 'circuit.json'}, {out / 'metrics.json'}, {drawn}, {out / 'log.jsonl'}, "
           f"{out / 'masks.pt'}, {out / 'checkpoints'}/ in {result.wall_seconds:.1f} s")
+    _write_report(out)
     return 0
 
 
-def _draw(circuit, path: Path) -> str:
-    from fastedge.draw import GraphvizNotFoundError, circuit_to_dot, draw_circuit
+def _write_report(out: Path) -> None:
+    """report.html beside a finished run's files. The run's results are
+    already written, so a failure here is a warning, not a failed run."""
+    from fastedge.report import build_report
     try:
-        draw_circuit(circuit, path)
-        return str(path)
-    except GraphvizNotFoundError as exc:
-        dot = path.with_suffix(".dot")
-        dot.write_text(circuit_to_dot(circuit))
-        warnings.warn(f"{exc}\nWrote the graph as {dot} instead.")
-        return str(dot)
+        print(f"wrote {build_report(out)}")
+    except Exception as exc:  # noqa: BLE001 - the run itself succeeded
+        warnings.warn(f"could not write {out / 'report.html'} ({type(exc).__name__}: {one_line(str(exc))}); "
+                      f"the run's other files are complete; retry with: fastedge report {out}")
+
+
+def _draw(circuit, path: Path) -> str:
+    """The run's picture, drawn by fastedge itself (no graphviz needed)."""
+    from fastedge.draw import draw_circuit
+    return str(draw_circuit(circuit, path, engine="builtin"))
 
 
 def cmd_eval(args) -> int:
@@ -446,10 +466,16 @@ def cmd_draw(args) -> int:
     circuit = Circuit.load(args.circuit)
     out = Path(args.out) if args.out else Path(args.circuit).with_name("circuit.svg")
     try:
-        draw_circuit(circuit, out)
+        draw_circuit(circuit, out, engine=args.engine)
     except GraphvizNotFoundError as exc:
         raise CliError(str(exc)) from None
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from fastedge.report import build_report
+    print(f"wrote {build_report(args.run_dir, sweep=args.sweep)}")
     return 0
 
 
@@ -482,7 +508,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     `fastedge.cli_errors`). argparse's own usage errors exit 2 as usual."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    commands = {"prune": cmd_prune, "eval": cmd_eval, "draw": cmd_draw, "compare": cmd_compare}
+    commands = {"prune": cmd_prune, "eval": cmd_eval, "draw": cmd_draw, "compare": cmd_compare,
+                "report": cmd_report}
     if args.debug:
         _check_options(args)
         return commands[args.command](args)

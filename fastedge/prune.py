@@ -452,6 +452,7 @@ class _Trainer:
     n_micro: int                 # micro-batches per global batch
     group: distributed.Group
     latest: Optional[Path]       # the checkpoint, for error messages
+    node_sparsity: Optional[torch.Tensor] = None  # the last micro-batch's sampled node sparsity, for the log
 
 
 def _train_step(t: _Trainer, step: int, indices: list[int]) -> dict:
@@ -464,6 +465,8 @@ def _train_step(t: _Trainer, step: int, indices: list[int]) -> dict:
     target = cfg.target_at(step)
     t.optimizer.zero_grad(set_to_none=True)
     totals = {"loss": 0.0, "kl": 0.0, "edge_sparsity": 0.0}
+    if em.node_log_alpha is not None:   # node masks on: their sampled sparsity is logged too
+        totals["node_sparsity"] = 0.0
     per_rank = t.n_micro // t.group.world_size
     failure = None
     for j in range(t.group.rank * per_rank, (t.group.rank + 1) * per_rank):
@@ -477,6 +480,8 @@ def _train_step(t: _Trainer, step: int, indices: list[int]) -> dict:
         totals["loss"] += loss.item() * weight
         totals["kl"] += kl.item() * weight
         totals["edge_sparsity"] += sparsity.item() * weight
+        if "node_sparsity" in totals and t.node_sparsity is not None:
+            totals["node_sparsity"] += t.node_sparsity.item() * weight
     if t.group.distributed:
         flags = [0.0] * t.group.world_size
         flags[t.group.rank] = float(failure is not None)
@@ -503,12 +508,22 @@ def _train_step(t: _Trainer, step: int, indices: list[int]) -> dict:
     lr_used = t.optimizer.param_groups[0]["lr"]
     t.optimizer.step()
     t.scheduler.step()
-    return {"step": step + 1, **totals, "target": target,
-            "lambda1": multipliers.edge[0].item(), "lambda2": multipliers.edge[1].item(), "lr": lr_used}
+    record = {"step": step + 1, **totals, "target": target,
+              "lambda1": multipliers.edge[0].item(), "lambda2": multipliers.edge[1].item(), "lr": lr_used}
+    if multipliers.node is not None:   # a node target: its schedule and multipliers
+        record.update(node_target=_node_target(cfg, step), node_lambda1=multipliers.node[0].item(),
+                      node_lambda2=multipliers.node[1].item())
+    return record
+
+
+def _node_target(cfg: PruneConfig, step: int) -> float:
+    """The node sparsity target of `step` (0-based): linear from 0 over the warm-up, as the edges'."""
+    return cfg.node_target_sparsity * min(1.0, (step + 1) / cfg.warmup)
 
 
 def _micro_batch_loss(t: _Trainer, step: int, j: int, chunk: list[int], target: float):
-    """(KL, edge sparsity, loss) of micro-batch `j` (examples `chunk`)."""
+    """(KL, edge sparsity, loss) of micro-batch `j` (examples `chunk`); its
+    sampled node sparsity (None without node masks) goes to `t.node_sparsity`."""
     from fastedge.tasks.base import collate
     cfg, em, multipliers, device = t.cfg, t.em, t.multipliers, t.device
     batch = collate([t.examples[i] for i in chunk])
@@ -520,8 +535,8 @@ def _micro_batch_loss(t: _Trainer, step: int, j: int, chunk: list[int], target: 
     sparsity = out.edge_sparsity if cfg.sparsity_estimate == "sampled" else _expected_sparsity(em)
     loss = kl + multipliers.penalty(multipliers.edge, sparsity, target)
     if multipliers.node is not None:
-        loss = loss + multipliers.penalty(multipliers.node, out.node_sparsity,
-                                          cfg.node_target_sparsity * min(1.0, (step + 1) / cfg.warmup))
+        loss = loss + multipliers.penalty(multipliers.node, out.node_sparsity, _node_target(cfg, step))
+    t.node_sparsity = out.node_sparsity
     return kl, sparsity, loss
 
 

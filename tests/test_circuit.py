@@ -617,10 +617,14 @@ def test_missing_graphviz_error(tmp_path, monkeypatch):
     empty = tmp_path / "bin"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
-    with pytest.raises(GraphvizNotFoundError) as info:
-        draw_circuit(c, tmp_path / "circuit.svg")
-    assert isinstance(info.value, RuntimeError)
-    message = str(info.value)
-    for hint in ("apt-get install graphviz", "conda install graphviz", "brew install graphviz"):
-        assert hint in message
-    assert not (tmp_path / "circuit.svg").exists()
+    for name, engine in (("circuit.pdf", None), ("circuit.png", None), ("circuit.svg", "graphviz")):
+        with pytest.raises(GraphvizNotFoundError) as info:
+            draw_circuit(c, tmp_path / name, engine=engine)
+        assert isinstance(info.value, RuntimeError)
+        message = str(info.value)
+        for hint in ("apt-get install graphviz", "conda install graphviz", "brew install graphviz", ".svg", ".dot"):
+            assert hint in message
+        assert not (tmp_path / name).exists()
+    # SVG (fastedge's own renderer) and DOT text need no graphviz
+    assert draw_circuit(c, tmp_path / "circuit.svg").read_text().rstrip().endswith("</svg>")
+    assert draw_circuit(c, tmp_path / "circuit.dot").read_text().startswith("digraph")

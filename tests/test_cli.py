@@ -30,9 +30,10 @@ def test_prune_eval_draw_compare_on_the_shipped_model(tmp_path, capsys):
                  "--checkpoint-every", "3", "--n-examples", "40"]) == 0
     for name in ("circuit.json", "metrics.json", "log.jsonl", "masks.pt", "checkpoints/latest.pt"):
         assert (out / name).exists(), name
-    assert (out / ("circuit.svg" if HAS_DOT else "circuit.dot")).exists()
+    assert (out / "circuit.svg").read_text().rstrip().endswith("</svg>")   # drawn by fastedge, graphviz or not
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"kl", "accuracy", "edge_sparsity", "wall_seconds"} <= set(metrics)
+    assert "<svg" in (out / "report.html").read_text()   # the run report (tests/test_report.py)
     circuit = json.loads((out / "circuit.json").read_text())
     assert circuit["format"] == "fastedge.Circuit/1" and circuit["task"]
 

@@ -42,3 +42,5 @@ def test_default_command_recovers_the_ground_truth(program, tmp_path, one_torch_
     from fastedge.draw import circuit_to_dot
     head = next(w for w, texts in circuit.node_labels.items() if any("Aggregate" in t for t in texts))
     assert f'"{head}" [' in circuit_to_dot(circuit) and "Aggregate)" in circuit_to_dot(circuit)
+    from fastedge.draw import circuit_to_svg
+    assert "Aggregate)" in circuit_to_svg(circuit)   # under the name, and in full in its tooltip
