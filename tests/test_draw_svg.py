@@ -326,3 +326,21 @@ def test_cli_prune_and_draw_without_graphviz(tmp_path, no_graphviz, capsys):
     assert main(["draw", str(out / "circuit.json"), "--engine", "graphviz"]) != 0
     err = capsys.readouterr().err
     assert err.count("apt-get install graphviz") == 2
+
+
+def test_same_bytes_whatever_the_hash_seed():
+    """No set or hash order leaks into the drawing: another interpreter with
+    another PYTHONHASHSEED draws the same bytes."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+    code = ("import hashlib, sys; sys.path.insert(0, 'tests'); from test_draw_svg import *; "
+            "c = random_circuit(EdgeGraph(**GRAPHS['llama-gqa']), 60, 4); "
+            "print(hashlib.sha256(circuit_to_svg(c).encode()).hexdigest())")
+    here = hashlib.sha256(circuit_to_svg(random_circuit(EdgeGraph(**GRAPHS["llama-gqa"]), 60, 4)).encode()).hexdigest()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"   # not this interpreter's
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONHASHSEED": seed})
+    assert out.stdout.split()[-1] == here

@@ -53,7 +53,7 @@ def draw_circuit(circuit, path, *, format: Optional[str] = None, engine: Optiona
     if engine == "builtin":
         if fmt != "svg":
             raise ValueError(f"the built-in engine draws SVG only; {fmt.upper()} needs graphviz "
-                             f"(engine='graphviz', or leave the engine unset)")
+                             f"(engine='graphviz', --engine graphviz on the command line, or no engine)")
         path.write_text(circuit_to_svg(circuit, title=title), encoding="utf-8")
         return path
     assert fmt in GRAPHVIZ_FORMATS
