@@ -254,12 +254,10 @@ def load_task(args, tokenizer, *, shipped_model: bool, no_tokenizer: str = ""):
 # -- option checks -------------------------------------------------------------------------
 
 def _check_task_options(args) -> None:
-    """Options every command that builds a task shares; a ValueError names the
-    option and the user's value."""
+    """Options every command that builds a task shares (--seed: `check_seed`,
+    in main); a ValueError names the option and the user's value."""
     if args.n_examples is not None and args.n_examples < 1:
         raise ValueError(f"--n-examples must be at least 1, got {args.n_examples}")
-    if args.seed < 0:
-        raise ValueError(f"--seed must be at least 0, got {args.seed}")
 
 
 def _check_batch_size(args) -> None:
