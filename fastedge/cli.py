@@ -243,6 +243,9 @@ def load_task(args, tokenizer, *, shipped_model: bool, no_tokenizer: str = ""):
     name = args.task if args.task is not None else ("induction" if shipped_model else None)
     if name is None:
         raise CliError("give --task or --data for this model")
+    if not name.strip():   # an empty --task is a mistake, not a request for the default
+        raise CliError("--task is empty: give a task name (ioi, greater-than, gendered-pronoun, "
+                       "boolean-instruct, boolean-fewshot, induction) or --data FILE")
     if shipped_model and name == "induction":
         from fastedge.shipped.defaults import induction_task
         return induction_task(**kw)

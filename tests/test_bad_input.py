@@ -430,6 +430,10 @@ def test_prune_refuses_bad_numbers_before_loading_the_model(option, value, match
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_an_empty_task_is_refused_not_defaulted(capsys, tmp_path):
+    _cli_refuses(PRUNE + ["--out", str(tmp_path), "--task="], capsys, r"--task is empty: give a task name")
+
+
 @pytest.mark.parametrize("command", ["eval", "compare"])
 @pytest.mark.parametrize("option,value,match", [
     ("--batch-size", "0", r"--batch-size must be at least 1, got 0"),
