@@ -250,6 +250,9 @@ def load_task(args, tokenizer, *, shipped_model: bool, no_tokenizer: str = ""):
     name = args.task if args.task is not None else ("induction" if shipped_model else None)
     if name is None:
         raise CliError("give --task or --data for this model")
+    if not name.strip():   # an empty --task is a mistake, not a request for the default
+        raise CliError("--task is empty: give a task name (ioi, greater-than, gendered-pronoun, "
+                       "boolean-instruct, boolean-fewshot, induction) or --data FILE")
     if shipped_model and name == "induction":
         from fastedge.shipped.defaults import induction_task
         return induction_task(**kw)
@@ -264,12 +267,10 @@ def load_task(args, tokenizer, *, shipped_model: bool, no_tokenizer: str = ""):
 # -- option checks -------------------------------------------------------------------------
 
 def _check_task_options(args) -> None:
-    """Options every command that builds a task shares; a ValueError names the
-    option and the user's value."""
+    """Options every command that builds a task shares (--seed: `check_seed`,
+    in main); a ValueError names the option and the user's value."""
     if args.n_examples is not None and args.n_examples < 1:
         raise ValueError(f"--n-examples must be at least 1, got {args.n_examples}")
-    if args.seed < 0:
-        raise ValueError(f"--seed must be at least 0, got {args.seed}")
 
 
 def _check_batch_size(args) -> None:
