@@ -536,6 +536,21 @@ def _check_options(args) -> None:
     checked by each command: `_check_task_options`, `PruneConfig.validate`)."""
     if hasattr(args, "device"):
         resolve_device(args.device)
+    if hasattr(args, "seed"):
+        check_seed(args.seed)
+
+
+# The command line's seeds: one 32-bit word, the range every tool that takes a
+# seed accepts (the library's own limit, `fastedge.prune.SEED_LIMIT`, is wider)
+CLI_SEED_LIMIT = 2 ** 32
+
+
+def check_seed(seed: int) -> int:
+    """--seed, as the user gave it, in [0, 2**32)."""
+    if not 0 <= seed < CLI_SEED_LIMIT:
+        raise ValueError(f"--seed {seed}: a seed must be a whole number in [0, 2**32); give a "
+                         f"non-negative one, such as --seed 0")
+    return seed
 
 
 _FASTEDGE_DIR = str(Path(__file__).resolve().parent)
