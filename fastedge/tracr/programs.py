@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from fastedge.tracr.convert import TracrModel, compile_program
+from fastedge.tracr.convert import TracrModel, compile_program, require_tracr
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class ProgramSpec:
 
 
 def _lib():
+    require_tracr("fastedge.tracr.programs")
     from tracr.compiler import lib
     from tracr.rasp import rasp
     return lib, rasp
