@@ -37,7 +37,7 @@ def require_tracr(what: str = "this"):
         import jax  # noqa: F401
         from tracr.compiler import compiling
     except ImportError as e:
-        raise ImportError(f"{what} needs Tracr, which is not installed ({e}); install fastedge's "
+        raise ImportError(f"{what} needs Tracr, which could not be imported ({e}); install fastedge's "
                           f"tracr extra: {INSTALL_HINT}  (tracr-pypi, JAX, Haiku)") from e
     return compiling
 
