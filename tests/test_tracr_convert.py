@@ -76,7 +76,7 @@ def _tracr_run(tm, encoded):
     before Tracr's argmax, embeddings [B, T, D], residuals list)."""
     assembled = tm.compiled
     out = _jitted_forward(tm.name)(assembled.params, jnp.array(encoded))
-    unembedded = np.asarray(out.unembedded_output)
+    unembedded = np.array(out.unembedded_output)
     decoded = []
     for row in unembedded.tolist():   # as AssembledTransformerModel.apply decodes one input
         if assembled.output_encoder is not None:
@@ -87,8 +87,8 @@ def _tracr_run(tm, encoded):
     # ("<program label>:<value>", or the bare label for a numerical output)
     label = tm.program.label
     names = [f"{label}:{v}" for v in tm.output_vocab] if tm.categorical else [label]
-    values = np.asarray(t.output)[..., [assembled.residual_labels.index(n) for n in names]]
-    return decoded, values, np.asarray(t.input_embeddings), [np.asarray(r) for r in t.residuals]
+    values = np.array(t.output)[..., [assembled.residual_labels.index(n) for n in names]]
+    return decoded, values, np.array(t.input_embeddings), [np.array(r) for r in t.residuals]   # writable copies
 
 
 # Where a program leaves its output empty (Tracr writes ~0 to every class,
