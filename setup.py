@@ -94,7 +94,10 @@ setup(
     ],
     extras_require={"test": ["pytest>=7", "expecttest"],
                     # fastedge.tracr: compile RASP programs (tracr-pypi pulls JAX, Haiku, chex)
-                    "tracr": ["tracr-pypi"]},
+                    "tracr": ["tracr-pypi"],
+                    # --data: parquet files, Hugging Face datasets folders (fastedge.tasks.files)
+                    "parquet": ["pyarrow"],
+                    "datasets": ["datasets"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
