@@ -282,3 +282,18 @@ def test_help_shows_both_forms_and_the_column_flags():
     assert 'to<predict> X</predict>' in text and 'to <predict>X</predict>' in text
     for flag in ("--clean-column", "--corrupted-column", "--target-column"):
         assert flag in text
+
+
+def test_load_task_reads_tables_and_datasets_folders_but_not_any_folder(tmp_path, monkeypatch, gpt2_style):
+    from fastedge.tasks import load_task
+    rows = _tagged(True)
+    path = _csv(tmp_path / "d.csv", ["clean", "corrupted", "split"],
+                [[r["clean"], r["corrupted"], r["split"]] for r in rows])
+    want = _fields(load_jsonl(_jsonl(tmp_path / "d.jsonl", rows), gpt2_style))
+    assert _fields(load_task(path, gpt2_style)) == want
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ioi").mkdir()  # a folder named like a task is not data
+    from fastedge.tasks import WordTokenizer
+    assert load_task("ioi", WordTokenizer(), n_examples=5).name == "ioi"
+    with pytest.raises(FileNotFoundError, match="no such task file"):
+        load_task(tmp_path / "missing.csv", gpt2_style)

@@ -2,15 +2,16 @@
 examples and more.
 
 A list of `Example` objects costs what Python's objects cost: every token id
-is an int object behind a pointer, every list and dict has its header. An
-induction example of 24 tokens with 11 targets costs about 3.1 KB as an
-`Example` (measured with tracemalloc: 310 MB for 100,000), an IOI example
-with its texts in ``meta`` more. `ExampleStore` keeps the same examples in
-flat arrays (token ids as 32-bit integers, offsets, one byte of flags; the
-answers of next-token tasks are not stored, they are ``ids[p + 1]``; the
-source and ``meta`` as UTF-8 / JSON bytes): about 0.25 KB per induction
-example, 25 MB for 100,000, built by appending one example at a time, so no
-list of all the examples ever exists.
+is an int object behind a pointer, every list and dict has its header.
+Measured with tracemalloc (bytes an example, as `Example` objects / in a
+store): induction over GPT-2's vocabulary, 24 tokens and 11 targets, 2,861 /
+291 (286 MB / 29 MB for 100,000); 8 tokens and 3 targets, 1,299 / 124; IOI
+with the word tokenizer, texts in ``meta``, 3,067 / 507. `ExampleStore`
+keeps the examples in flat arrays (token ids as 32-bit integers, offsets,
+one byte of flags; the answers of next-token tasks are not stored, they are
+``ids[p + 1]``; the source and ``meta`` as UTF-8 / JSON bytes), built by
+appending one example at a time, so no list of all the examples ever
+exists.
 
 Indexing builds the `Example` on access (``store[i]`` twice gives two equal
 objects, not the same one; changing one changes nothing stored). Random
