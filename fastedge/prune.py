@@ -32,6 +32,7 @@ with the same micro-batch size.
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import math
 import numbers
@@ -236,14 +237,28 @@ class _FullModelReference:
 
     def __init__(self, em: EdgeModel, device, objective: objectives.Objective = objectives.Objective()):
         self.em, self.device, self.objective = em, device, objective
+        # Hugging Face causal LMs take logits_to_keep (positions whose logits the head computes):
+        # the head then runs at the target positions only, not at every position
+        try:
+            self.keep = "logits_to_keep" in inspect.signature(em.model.forward).parameters
+        except (TypeError, ValueError):
+            self.keep = False
 
     @torch.no_grad()
     def get(self, batch) -> torch.Tensor:
         """The objective's reference at ``batch``'s target positions, in
         row-major order ([targets, V]): what `Objective.divergence` takes."""
         from fastedge.evaluate import full_logits
-        logits = full_logits(self.em, batch.input_ids.to(self.device), batch.attention_mask.to(self.device))
-        logits = logits[batch.target_mask.to(self.device)].float()
+        from fastedge.model import position_ids_from_attention_mask
+        ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+        targets = batch.target_mask.to(self.device)
+        columns = targets.any(0).nonzero().flatten()  # positions that are a target in some row, ascending
+        if self.keep and len(columns) < targets.shape[1]:
+            logits = self.em.model(ids, attention_mask=mask, position_ids=position_ids_from_attention_mask(mask),
+                                   logits_to_keep=columns).logits
+            logits = logits[targets[:, columns]].float()  # row-major over (row, kept position): the same order
+        else:
+            logits = full_logits(self.em, ids, mask)[targets].float()
         if not torch.isfinite(logits).all():  # no mask can fix the model's own output
             raise NonFiniteLossError(non_finite_model_message(self.em.model))
         return self.objective.reference(logits)

@@ -274,3 +274,33 @@ def test_generated_text_tasks_are_stores_and_deterministic():
     keys = {(tuple(e.clean_ids), tuple(e.corrupted_ids)) for e in a.examples}
     assert len(keys) == 300  # the duplicate check still works on digests
     assert all(e.meta["clean_prompt"] for e in a.examples)
+
+
+def test_reference_with_the_head_at_target_positions_only_equals_the_full_head():
+    """GPT-2 takes logits_to_keep: the head runs at the positions that are a
+    target in some row. The result equals the full head's at the targets
+    (up to float32 rounding of the head's matrix product), on a padded batch
+    whose rows have their targets at different positions."""
+    from fastedge import patch
+    from fastedge.prune import _FullModelReference
+    em = patch(_tiny_gpt2())
+    task = make_induction(n_examples=20, seed=1, vocab_size=97, half_length=6)
+    examples = []
+    for j, e in enumerate(task.examples[:6]):  # shift rows by j tokens: targets at different columns
+        pad = [e.clean_ids[0]] * j
+        examples.append(Example(clean_ids=pad + e.clean_ids, corrupted_ids=pad + e.corrupted_ids,
+                                target_positions=[p + j for p in e.target_positions],
+                                clean_answer=e.clean_answer, corrupted_answer=e.corrupted_answer))
+    batch = collate(examples)
+    reference = _FullModelReference(em, torch.device("cpu"), objectives.Objective("mse"))
+    assert reference.keep
+    kept = reference.get(batch)
+    reference.keep = False
+    full = reference.get(batch)
+    assert kept.shape == full.shape == (int(batch.target_mask.sum()), 97)
+    # the head's product over K = 16 inputs in float32: gamma(17) times the sum of |terms|
+    u = 2.0 ** -24
+    h = em.model.transformer(batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    bound = 17 * u / (1 - 17 * u) * (h.abs().max() * em.model.lm_head.weight.abs().sum(-1).max()).item() * 2
+    assert (kept - full).abs().max().item() <= bound
+    assert not torch.equal(kept[:3], full[3:6])  # rows are not shuffled
