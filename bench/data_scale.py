@@ -146,12 +146,13 @@ def markdown(rows: list[dict], revision: str, device: str, date: str) -> str:
     lines = [
         "# Pruning at 1K, 10K and 100K examples (issue 12, data at scale)", "",
         f"`python bench/data_scale.py` on {device}, {date}, revision `{revision}`. Tiny GPT-2 (2 layers, "
-        f"width 64) with GPT-2's vocabulary ({VOCAB:,}), the induction task over it (24 tokens, 11 targets "
-        f"an example; {VALIDATION} validation examples at every size), batch {rows[0]['batch_size']}, "
-        f"{rows[0]['steps']} pruning steps, one torch thread, each size in a fresh process. Peak RSS: the "
-        "process's maximum resident set (task, pruning, final evaluation). Step: the wall time of one "
-        "pruning step, median and mean over the steps after the first 5; reference: the full model's "
-        "no-grad forward inside it (`_FullModelReference`).", "",
+        f"width 64) with GPT-2's vocabulary ({VOCAB:,}), the induction task over it ({2 * HALF} tokens, "
+        f"{HALF - 1} targets an example, distinct=False; {VALIDATION} validation examples at every size), "
+        f"batch {rows[0]['batch_size']}, {rows[0]['steps']} pruning steps, one torch thread, each size in a "
+        "fresh process (glibc's mmap threshold fixed at 128 KiB). Peak RSS: the process's maximum resident "
+        "set (task, pruning, final evaluation). Step: one pruning step (`_train_step`), the process's CPU "
+        "time (median) and the wall time (median, mean), over the steps after the first 5; reference: the "
+        "full model's no-grad forward inside it (`_FullModelReference`), wall time.", "",
         "| examples | peak RSS (MB) | example store (MB) | build task (s) | step CPU median (ms) "
         "| step wall median (ms) | step wall mean (ms) | reference forward, wall (ms) | load average |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
