@@ -21,9 +21,10 @@ reference forward's median wall time. Peak RSS and the median CPU time per
 step must agree within 10% over the sizes; the exit status is 1 when they do
 not.
 
-Run time: about 2.5 minutes a size on an idle 2-core AMD EPYC (0.4 s of CPU
-a step; 20 s to build 100K examples), 5 minutes a size when the machine is
-shared (wall time per step 3x the CPU time).
+Run time: about 7 minutes in all on a 2-core AMD EPYC shared with other
+work (load average 5): 2 to 2.5 minutes a size (0.42 s of CPU and 0.63 s of
+wall time a step, 2 s to build 100K examples, model loading and the final
+evaluation). Under heavier load the wall time per step grew to 1.3 s.
 
 Results go to bench/results/data-scale-<machine>-<UTC time>.md and
 bench/results/data_scale.csv, with the revision (`bench/revision.py`: commit

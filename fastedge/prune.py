@@ -11,9 +11,10 @@ the Lagrange multipliers:
 with ``s = 1 - sum(sampled edge masks) / n_edges`` and the target ``t`` raised
 linearly from 0 over the sparsity warm-up. ``p_full`` is computed per
 micro-batch with one no-grad forward of the unpatched model
-(`_FullModelReference` says why it is not cached). AdamW with the paper's defaults (learning rate 0.8 for
-log_alphas and multipliers, 200 learning-rate warm-up steps, no weight
-decay); the multipliers ascend (their gradients are negated).
+(`_FullModelReference` says why it is not cached). AdamW with the paper's
+defaults (learning rate 0.8 for log_alphas and multipliers, 200
+learning-rate warm-up steps, no weight decay); the multipliers ascend (their
+gradients are negated).
 
 Runs save a checkpoint every ``checkpoint_every`` steps (atomically, to
 ``out_dir/checkpoints/latest.pt``) and resume from it: a run killed and
@@ -218,21 +219,32 @@ class _FullModelReference:
     Nothing is kept per example, so memory does not grow with the number of
     examples, and the KL is exact (the same float32 log-softmax as before).
 
-    Why not a cache (measured on this CPU with bench/data_scale.py's model:
-    2 layers, width 64, GPT-2's 50,257-token vocabulary, batch 32, induction
-    sequences of 24 tokens with 11 targets): the per-example cache of
-    full-vocabulary log-probabilities held 201 KB per target position, 2.2 MB
-    per example, on the model's device: 1.8 GB at 1K examples, 22 GB at 10K,
-    221 GB at 100K (IOI on GPT-2, one target: 20 GB at 100K). Recomputing
-    costs one plain forward per micro-batch, about 1/8 of a pruning step here
-    (a masked forward over clean and corrupted inputs plus its backward); on a GPU the
-    plain forward is a smaller share still. A top-k cache (k log-probabilities
-    and indices plus the rest mass per target position, on the CPU) would cost
-    k * 8 + 4 bytes per target (0.9 GB for k = 100 at 100K induction examples)
-    and make the KL inexact: lumping the rest into one bucket gives the KL of
+    Where the model takes ``logits_to_keep`` (Hugging Face causal LMs), the
+    head runs only at the positions that are a target in some row.
+
+    Why not a cache (bench/data_scale.py on a 2-core AMD EPYC: a 2-layer,
+    width-64 GPT-2 with GPT-2's 50,257-token vocabulary, batch 32, 8-token
+    induction examples with 3 targets; bench/results/data-scale-*.md). The
+    per-example cache of full-vocabulary log-probabilities held 201 KB per
+    target position on the model's device (0.6 MB per example here; 20 GB
+    for 100,000 one-target IOI examples on GPT-2), growing with every new
+    example sampled: after 200 steps, 0.5 GB at 1K examples, 2.8 GB at 10K,
+    3.7 GB at 100K, and 37 GB after 3,000 steps at 100K. Recomputed per
+    batch, peak RSS is 1,488 / 1,491 / 1,503 MB at 1K / 10K / 100K and the
+    CPU time per step 426 / 415 / 422 ms: flat. The price is the reference
+    forward, 156 of the step's 632 ms of wall time (25%; 30 to 35% before
+    the head ran at the targets only) for this tiny model, whose cost is its
+    50K-vocabulary head; in a real model the transformer body dominates,
+    and the plain forward is a fraction of the masked clean and corrupted
+    forward and its backward that every step runs anyway. A top-k cache (k
+    log-probabilities and indices plus the rest mass per target position,
+    on the CPU) would save that forward for k * 8 + 4 bytes per target (52
+    MB for k = 64 at 100K IOI examples, after a pass over all of them) but
+    make the KL inexact: lumping the rest into one bucket gives the KL of
     the coarsened distributions, a lower bound whose error (the rest mass
-    times the KL of the two rest distributions) grows exactly when the
-    circuit drifts from the model, early in pruning. Exact and flat won.
+    times the KL between the two rest distributions) is largest when the
+    circuit drifts from the model, early in pruning. Exact and flat won;
+    tests/test_data_scale.py checks the KL against float64.
     """
 
     def __init__(self, em: EdgeModel, device, objective: objectives.Objective = objectives.Objective()):
