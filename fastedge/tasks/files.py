@@ -150,7 +150,7 @@ def _row_example(enc: Encoder, row: dict, where: str, columns: Columns, meta_key
     key of an object kept as `Example.meta` (JSONL's "meta")."""
     clean, corrupted = _text(row, columns.clean, where), _text(row, columns.corrupted, where)
     split = row.get(columns.split)
-    if split == "":
+    if split == "" and meta_key is None:  # an empty cell of a table; JSONL says null or leaves the key out
         split = None
     if split is not None and split not in SPLITS:
         raise TaskDataError(f"{where}: unknown split {split!r}; use one of {list(SPLITS)}")
