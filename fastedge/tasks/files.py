@@ -17,8 +17,9 @@ Every format has the same columns (JSONL: keys), named by
   column of its own; the clean text is then the prompt alone. The corrupted
   text is a prompt alone too (its answer is then the same text) or holds its
   own tagged answer.
-* ``split`` (optional): "train" or "validation"; empty or missing means
-  train (or `validation_flags` with ``validation_fraction``).
+* ``split`` (optional): "train" or "validation"; missing (null, or a
+  table's empty cell) means train (or `validation_flags` with
+  ``validation_fraction``).
 * JSONL only: ``meta`` (an object, kept in `Example.meta`); a JSONL line with
   any other key is refused. Tables may hold other columns; they are not read.
 
