@@ -215,10 +215,14 @@ def load_model_and_task(args):
         try:
             model = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="eager")
         except (OSError, ValueError) as exc:
-            raise CliError(f"cannot load model {args.model!r}: {one_line(str(exc))}") from None
+            local = "" if Path(args.model).expanduser().exists() else \
+                f" (and there is no local folder {args.model})"
+            raise CliError(f"cannot load model {args.model!r}{local}: {one_line(str(exc))}") from None
         tokenizer, no_tokenizer = _load_tokenizer(args.model)
         name = args.model
     model = model.to(device).eval()
+    from fastedge.threads import pick_cpu_threads
+    pick_cpu_threads(model, device)   # one thread for tiny models on a CPU (fastedge.threads)
     if args.bf16:
         model = model.to(torch.bfloat16)
     task = load_task(args, tokenizer, shipped_model=args.model in (None, SHIPPED), no_tokenizer=no_tokenizer)

@@ -39,9 +39,10 @@ def training_line(history: list, objective: str = "kl") -> Optional[str]:
             f"line's numbers; noisy, not the circuit's)")
 
 
-def sparsity_note(circuit, tolerance: float = 5e-4) -> Optional[str]:
+def sparsity_note(circuit) -> Optional[str]:
     """Why the circuit's edge sparsity is not the one requested (None when
-    it is, within `tolerance`, or when nothing was requested)."""
+    it keeps the requested number of edges, the nearest whole count, or when
+    nothing was requested)."""
     info = circuit.info or {}
     n_all = circuit.graph.n_edges
     kept = circuit.n_edges
@@ -55,9 +56,10 @@ def sparsity_note(circuit, tolerance: float = 5e-4) -> Optional[str]:
         return (f"edge sparsity {circuit.edge_sparsity:.4f} is what the masks gave: {why}; "
                 f"--circuit-sparsity S extracts a circuit of a chosen size instead")
     requested = info.get("target_sparsity")
-    if requested is None or abs(circuit.edge_sparsity - requested) <= tolerance:
-        return None
     n_target = info.get("target_n_edges")
+    # the requested count is the nearest whole number of edges: only a different count needs a word
+    if requested is None or n_target is None or kept == n_target:
+        return None
     parts = [f"edge sparsity {circuit.edge_sparsity:.4f}, not the requested {requested:g}: "
              f"{kept} edges kept against {n_target} asked (of {n_all})"]
     if pruned:

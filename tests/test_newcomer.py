@@ -79,16 +79,30 @@ def test_no_reference_to_a_missing_spec_file():
 
 
 def test_concepts_doc_names_what_the_code_names():
-    """The writer and reader names of the doc are those of EdgeGraph, and its
-    edge counts are the graph's (GPT-2 small: 32,491 edges)."""
+    """Every writer and reader name of a GPT-2 and a grouped-k/v Llama graph
+    matches a name pattern of the doc's section 1 tables, every pattern names
+    something, and the doc's edge counts are the graphs'."""
     from fastedge.graph import EdgeGraph
-    from transformers import GPT2Config
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
     text = (ROOT / "docs" / "CONCEPTS.md").read_text()
-    g = EdgeGraph.from_config(GPT2Config())
-    for name in (g.writers[0], g.writers[1], "a0.h0", "m0", "a0.h0.q", "a0.h0.k", "a0.h0.v", "m0", "resid_post"):
-        assert f"`{name}`" in text or f"{name}" in text, name
-    assert name in g.readers
-    assert f"{g.n_edges:,}" in text
+    section = text[text.index("## 1."):text.index("## 2.")]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    patterns = {p for line in rows for p in re.findall(r"`([^`]+)`", line.split("|")[1])}
+    regexes = {p: re.compile(re.sub(r"\\\{[a-z]\\\}", r"\\d+", re.escape(p)) + "$") for p in patterns}
+    graphs = [EdgeGraph.from_config(GPT2Config(n_layer=2, n_head=3)),
+              EdgeGraph.from_config(LlamaConfig(num_hidden_layers=2, num_attention_heads=4,
+                                                num_key_value_heads=2, hidden_size=64)),
+              EdgeGraph.from_config(GPTNeoXConfig(num_hidden_layers=2, num_attention_heads=2, hidden_size=32))]
+    used = set()
+    for g in graphs:
+        for name in [*g.writers, *g.readers]:
+            hits = [p for p, r in regexes.items() if r.match(name)]
+            assert hits, f"{name} is not named in docs/CONCEPTS.md"
+            used.update(hits)
+    assert used == patterns, patterns - used
+    assert "{:,}".format(EdgeGraph.from_config(GPT2Config()).n_edges) in section
+    from fastedge import patch, shipped
+    assert f"| {patch(shipped.load_shipped_model()).graph.n_edges} |" in section
 
 
 # -- 5. resume and output folders -------------------------------------------------------------
@@ -131,29 +145,27 @@ def test_a_resumed_run_says_which_step_it_continues_from(folders, tmp_path, caps
     assert f"resuming from {out / 'checkpoints' / 'latest.pt'}: step 2 of 4 done, continuing at step 3" in err
 
 
-class FakeClock:
-    """A clock that advances `per_call` seconds every time it is read."""
-    def __init__(self, per_call):
-        self.now, self.per_call = 0.0, per_call
-
-    def __call__(self):
-        self.now += self.per_call
-        return self.now
-
-
-@pytest.mark.parametrize("minutes, expected", [("5", [1, 2, 3, 4]), ("0", [4])])
+@pytest.mark.parametrize("minutes, expected", [("5", [2, 4]), ("3", [1, 2, 3, 4]), ("0", [4])])
 def test_checkpoints_are_also_time_based(folders, tmp_path, monkeypatch, minutes, expected):
-    """With steps that each take 4 minutes (a fake clock), a 5-minute
-    checkpoint interval saves after every step, long before
-    --checkpoint-every 100; --checkpoint-minutes 0 saves only at the end."""
+    """Steps of 4 minutes each on a fake clock: a checkpoint whenever the
+    interval passed since the last one, long before --checkpoint-every 100,
+    and at the last step; --checkpoint-minutes 0: only at the last step."""
+    now = [0.0]
     saved = []
-    real = prune_module._save_checkpoint
-    monkeypatch.setattr(prune_module, "_clock", FakeClock(per_call=120.0))  # read twice a step
-    monkeypatch.setattr(prune_module, "_save_checkpoint", lambda path, step, *a, **k: (saved.append(step),
-                                                                                       real(path, step, *a, **k)))
+    real_step, real_save = prune_module._train_step, prune_module._save_checkpoint
+
+    def four_minutes(*a):
+        now[0] += 240.0
+        return real_step(*a)
+
+    monkeypatch.setattr(prune_module, "_clock", lambda: now[0])
+    monkeypatch.setattr(prune_module, "_train_step", four_minutes)
+    monkeypatch.setattr(prune_module, "_save_checkpoint",
+                        lambda path, step, *a, **k: (saved.append(step), real_save(path, step, *a, **k)))
     out = tmp_path / f"timed-{minutes}"
     assert main(_prune(folders, out, "--checkpoint-every", "100", "--checkpoint-minutes", minutes)) == 0
     assert saved == expected
+    assert prune_module.checkpoint_step(out / "checkpoints" / "latest.pt") == 4
 
 
 def test_checkpoint_due_rules():
@@ -204,9 +216,11 @@ def test_sparsity_note_explains_dead_edge_pruning():
     requested and achieved counts and the dead edges removed (from info)."""
     from fastedge.circuit import extract_circuit
     from fastedge.run_summary import sparsity_note
-    from tiny_models import tiny_model
     import fastedge
-    em = fastedge.patch(tiny_model("gpt2", n_layer=2, n_head=2, d=16))
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    em = fastedge.patch(GPT2LMHeadModel(GPT2Config(n_layer=3, n_head=2, n_embd=16, vocab_size=10,
+                                                  n_positions=8)))
     torch.manual_seed(3)
     with torch.no_grad():
         for p in em.mask_parameters():
@@ -214,7 +228,7 @@ def test_sparsity_note_explains_dead_edge_pruning():
     found = None
     for s in [i / 40 for i in range(1, 40)]:
         c = extract_circuit(em, s)
-        if abs(c.edge_sparsity - s) > 5e-4 and c.info["n_edges_pruned"] > 0:
+        if c.n_edges != c.info["target_n_edges"] and c.info["n_edges_pruned"] > 0:
             found = (s, c)
             break
     assert found, "no sparsity at which dead-edge pruning moved the count"
@@ -222,8 +236,12 @@ def test_sparsity_note_explains_dead_edge_pruning():
     note = sparsity_note(c)
     assert f"not the requested {s:g}" in note and f"{c.n_edges} edges kept against {c.info['target_n_edges']}" in note
     assert f"held {c.info['n_edges_pruned']} dead edge(s)" in note
-    exact = extract_circuit(em, 1 - 0 / em.graph.n_edges)  # every edge removed: exactly reachable
-    assert sparsity_note(exact) is None
+    for s in [i / 40 for i in range(0, 41)]:   # a word exactly when the count differs
+        c = extract_circuit(em, s)
+        assert (sparsity_note(c) is None) == (c.n_edges == c.info["target_n_edges"])
+    from fastedge.circuit import extract_circuit_by_threshold
+    t = extract_circuit_by_threshold(em, 0.5)
+    assert "training target was 1 or more" in sparsity_note(t) and "--circuit-sparsity" in sparsity_note(t)
 
 
 # -- 7. output noise -------------------------------------------------------------------------
@@ -337,3 +355,23 @@ def test_bench_memory_states_its_run_time():
 def test_readme_says_how_threads_matter_on_a_shared_cpu():
     readme = (ROOT / "README.md").read_text()
     assert "OMP_NUM_THREADS=1" in readme
+
+
+def test_small_models_run_on_one_cpu_thread_unless_the_user_chose(monkeypatch):
+    from fastedge.threads import SMALL_HIDDEN, pick_cpu_threads
+    from transformers import GPT2Config, GPT2LMHeadModel
+    before = torch.get_num_threads()
+    small = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=SMALL_HIDDEN, vocab_size=10, n_positions=8))
+    wide = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=SMALL_HIDDEN + 2, vocab_size=10, n_positions=8))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    try:
+        torch.set_num_threads(2)
+        assert pick_cpu_threads(wide, "cpu") is None and torch.get_num_threads() == 2
+        assert pick_cpu_threads(small, "cuda:0") is None and torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert pick_cpu_threads(small, "cpu") is None and torch.get_num_threads() == 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert pick_cpu_threads(small, "cpu") == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
