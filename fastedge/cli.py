@@ -354,7 +354,9 @@ def cmd_prune(args) -> int:
 
 def _prune(args, *, main_rank: bool) -> int:
     from fastedge.prune import prune
-    if not main_rank or args.no_progress:  # transformers' weight-loading bars too
+    # transformers' weight-loading bars too: with --no-progress, and in a log or pipe,
+    # where a bar is redrawn as lines
+    if not main_rank or args.no_progress or not _stderr_is_terminal():
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
     shipped_model = args.model in (None, SHIPPED)
@@ -429,6 +431,13 @@ def _prune(args, *, main_rank: bool) -> int:
           f"{out / 'masks.pt'}, {out / 'checkpoints'}/ in {result.wall_seconds:.1f} s")
     _write_report(out)
     return 0
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 # what a prune run writes to --out (what --overwrite removes; nothing else in the folder)

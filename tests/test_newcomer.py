@@ -268,18 +268,22 @@ def test_prune_into_a_pipe_prints_few_lines_and_no_loading_bars(folders, tmp_pat
     run = subprocess.run(base + ["--out", str(tmp_path / "a")], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     progress = [x for x in run.stderr.splitlines() if x.startswith("pruning: step")]
-    assert len(progress) == 20 and "\r" not in run.stderr
+    assert len(progress) == 20 and "\r" not in run.stderr and "Loading" not in run.stderr
     quiet = subprocess.run(base + ["--out", str(tmp_path / "b"), "--no-progress"], capture_output=True,
                            text=True, timeout=600)
     assert quiet.returncode == 0, quiet.stderr
     assert "pruning" not in quiet.stderr and "Loading" not in quiet.stderr and "%|" not in quiet.stderr
 
 
-def test_no_progress_turns_off_transformers_bars(folders, tmp_path):
+@pytest.mark.parametrize("flag", ["--no-progress", None])
+def test_no_progress_turns_off_transformers_bars_on_a_terminal(folders, tmp_path, monkeypatch, flag):
     from transformers.utils import logging as hf_logging
+    monkeypatch.setattr(importlib.import_module("fastedge.cli"), "_stderr_is_terminal", lambda: True)
+    monkeypatch.setattr(prune_module, "make_progress", lambda *a, **k: None)  # no bar in the test's output
     hf_logging.enable_progress_bar()
-    assert main(_prune(folders, tmp_path / "o")) == 0   # FAST has --no-progress
-    assert not hf_logging.is_progress_bar_enabled()
+    argv = [a for a in _prune(folders, tmp_path / "o") if a != "--no-progress"] + ([flag] if flag else [])
+    assert main(argv) == 0
+    assert hf_logging.is_progress_bar_enabled() == (flag is None)
 
 
 # -- 8. smaller items ---------------------------------------------------------------------------
