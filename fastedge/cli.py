@@ -463,7 +463,7 @@ def _check_output_folder(args) -> None:
         return
     from fastedge.prune import checkpoint_step
     step = checkpoint_step(out / "checkpoints" / "latest.pt")
-    held = " and ".join(found) + (f" (checkpoint after step {step})" if step is not None else "")
+    held = " and ".join(found) + (f", checkpoint after step {step}" if step is not None else "")
     raise CliError(f"--out {out} already holds a run ({held}); continue it with --resume, replace it "
                    f"with --overwrite, or give another --out")
 

@@ -15,6 +15,8 @@ import sys
 import time
 from typing import Optional, TextIO
 
+from fastedge.run_summary import number
+
 # plain lines per run when stderr is not a terminal (plus the last step's)
 LINES_PER_RUN = 20
 
@@ -41,7 +43,7 @@ class _Bar:
 
     def update(self, record: dict) -> None:
         self._bar.update(1)
-        self._bar.set_postfix(loss=f"{record['loss']:.4f}", train_kl=f"{record['kl']:.4f}",
+        self._bar.set_postfix(loss=f"{record['loss']:.4f}", train_kl=number(record["kl"]),
                               sparsity=f"{record['edge_sparsity']:.3f}", target=f"{record['target']:.3f}")
 
     def close(self) -> None:
@@ -65,7 +67,7 @@ class _Lines:
         rate = f", {elapsed / done:.2f} s/step" if done > 0 else ""
         # the training KL is the sampled masks' on this step's batch (module docstring)
         print(f"pruning: step {step}/{self.total} ({100 * step // self.total}%{rate}) "
-              f"loss {record['loss']:.4f}, training KL {record['kl']:.4f}, "
+              f"loss {record['loss']:.4f}, training KL {number(record['kl'])}, "
               f"edge sparsity {record['edge_sparsity']:.3f} (target {record['target']:.3f})",
               file=self.stream, flush=True)
 

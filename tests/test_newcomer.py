@@ -255,7 +255,7 @@ def test_progress_in_a_log_is_a_line_every_n_steps():
     bar.close()
     lines = stream.getvalue().splitlines()
     assert [int(re.search(r"step (\d+)/100", x).group(1)) for x in lines] == [25, 50, 75, 100]
-    assert all("training KL 2.8400" in x and "\r" not in x for x in lines)
+    assert all("training KL 2.84," in x and "\r" not in x for x in lines)
     assert default_every(1000) == 50 and default_every(7) == 1
     assert make_progress(10, enabled=False) is None
 
@@ -379,3 +379,20 @@ def test_small_models_run_on_one_cpu_thread_unless_the_user_chose(monkeypatch):
         assert pick_cpu_threads(small, "cpu") == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_progress_on_a_terminal_is_tqdms_bar_with_the_training_kl_named():
+    from fastedge.progress import make_progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    bar = make_progress(3, stream=stream)
+    for step in (1, 2, 3):
+        bar.update({"step": step, "loss": 1.0, "kl": 4.2e-6, "edge_sparsity": 0.5, "target": 0.6})
+    bar.close()
+    text = stream.getvalue()
+    assert "\r" in text and "3/3" in text and "train_kl=4.20e-06" in text
+    assert "pruning: step" not in text
