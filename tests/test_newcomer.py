@@ -136,11 +136,12 @@ def test_a_resumed_run_says_which_step_it_continues_from(folders, tmp_path, caps
 
     prune_module._train_step = stop_at_3
     try:
-        assert main(_prune(folders, out, "--checkpoint-every", "2")) == 130
+        line = _one_line(capsys, _prune(folders, out, "--checkpoint-every", "2", "--overwrite"), status=130)
     finally:
         prune_module._train_step = real
-    capsys.readouterr()
-    assert main(_prune(folders, out, "--checkpoint-every", "2", "--resume")) == 0
+    again = line.split("resume with: ", 1)[1].split()
+    assert "--overwrite" not in again and again[-1] == "--resume"   # the two exclude each other
+    assert main(again[1:]) == 0
     err = capsys.readouterr().err
     assert f"resuming from {out / 'checkpoints' / 'latest.pt'}: step 2 of 4 done, continuing at step 3" in err
 
