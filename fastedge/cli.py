@@ -295,6 +295,9 @@ def load_task(args, tokenizer, *, shipped_model: bool, no_tokenizer: str = ""):
     name = args.task if args.task is not None else ("induction" if shipped_model else None)
     if name is None:
         raise CliError("give --task or --data for this model")
+    if not name.strip():   # an empty --task is a mistake, not a request for the default
+        raise CliError("--task is empty: give a task name (ioi, greater-than, gendered-pronoun, "
+                       "boolean-instruct, boolean-fewshot, induction) or --data FILE")
     if shipped_model and name == "induction":
         from fastedge.shipped.defaults import induction_task
         return induction_task(**kw)
@@ -309,12 +312,10 @@ def load_task(args, tokenizer, *, shipped_model: bool, no_tokenizer: str = ""):
 # -- option checks -------------------------------------------------------------------------
 
 def _check_task_options(args) -> None:
-    """Options every command that builds a task shares; a ValueError names the
-    option and the user's value."""
+    """Options every command that builds a task shares (--seed: `check_seed`,
+    in main); a ValueError names the option and the user's value."""
     if args.n_examples is not None and args.n_examples < 1:
         raise ValueError(f"--n-examples must be at least 1, got {args.n_examples}")
-    if args.seed < 0:
-        raise ValueError(f"--seed must be at least 0, got {args.seed}")
 
 
 def _check_batch_size(args) -> None:
@@ -635,6 +636,21 @@ def _check_options(args) -> None:
     checked by each command: `_check_task_options`, `PruneConfig.validate`)."""
     if hasattr(args, "device"):
         resolve_device(args.device)
+    if hasattr(args, "seed"):
+        check_seed(args.seed)
+
+
+# The command line's seeds: one 32-bit word, the range every tool that takes a
+# seed accepts (the library's own limit, `fastedge.prune.SEED_LIMIT`, is wider)
+CLI_SEED_LIMIT = 2 ** 32
+
+
+def check_seed(seed: int) -> int:
+    """--seed, as the user gave it, in [0, 2**32)."""
+    if not 0 <= seed < CLI_SEED_LIMIT:
+        raise ValueError(f"--seed {seed}: a seed must be a whole number in [0, 2**32); give a "
+                         f"non-negative one, such as --seed 0")
+    return seed
 
 
 _FASTEDGE_DIR = str(Path(__file__).resolve().parent)

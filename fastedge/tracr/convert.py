@@ -24,6 +24,24 @@ class TracrConversionError(ValueError):
     """The object is not a compiled Tracr model this conversion understands."""
 
 
+INSTALL_HINT = 'pip install -e ".[tracr]"'
+
+
+def require_tracr(what: str = "this"):
+    """Import Tracr's compiler (and JAX / Haiku, which it runs on) and return
+    ``tracr.compiler.compiling``; without the ``tracr`` extra, raise an
+    ImportError that says how to install it. Everything that compiles or
+    converts goes through here, so the message is the same everywhere."""
+    try:
+        import haiku  # noqa: F401
+        import jax  # noqa: F401
+        from tracr.compiler import compiling
+    except ImportError as e:
+        raise ImportError(f"{what} needs Tracr, which could not be imported ({e}); install fastedge's "
+                          f"tracr extra: {INSTALL_HINT}  (tracr-pypi, JAX, Haiku)") from e
+    return compiling
+
+
 @dataclass
 class TracrModel:
     """A converted Tracr program: `model` (a `TracrForCausalLM`) and how to
@@ -187,6 +205,7 @@ def from_tracr(assembled, *, program=None, name: str = "") -> TracrModel:
     mc, params = assembled.model_config, assembled.params
     if getattr(mc, "layer_norm", False):
         raise TracrConversionError("Tracr models with layer norm are not supported (Tracr compiles without)")
+    require_tracr("from_tracr")
     import jax
     if getattr(mc, "activation_function", jax.nn.relu) is not jax.nn.relu:
         raise TracrConversionError(f"only ReLU MLPs are supported, got {mc.activation_function}")
@@ -237,7 +256,7 @@ def from_tracr(assembled, *, program=None, name: str = "") -> TracrModel:
 def compile_program(program, vocab, max_seq_len: int, *, name: str = "", causal: bool = False,
                     bos: str = "BOS", mlp_exactness: int = 100) -> TracrModel:
     """Compile a RASP program with Tracr and convert it (`from_tracr`)."""
-    from tracr.compiler import compiling
+    compiling = require_tracr("compile_program")
     assembled = compiling.compile_rasp_to_model(program, vocab=set(vocab), max_seq_len=max_seq_len,
                                                 causal=causal, compiler_bos=bos,
                                                 mlp_exactness=mlp_exactness)
