@@ -343,10 +343,11 @@ def cmd_prune(args) -> int:
     # under torchrun (`torchrun --nproc_per_node N -m fastedge.cli prune ...`) every rank joins the
     # process group and prunes data parallel; only rank 0 prints and writes
     from fastedge import distributed
-    # before the process group forms: no rank has written to --out yet
+    # every rank looks at --out before any rank writes there (rank 0 writes only after the barrier)
     _check_output_folder(args)
     owns_group = distributed.init_from_env(device=args.device)
     try:
+        distributed.barrier(distributed.current())
         return _prune(args, main_rank=distributed.current().is_main)
     finally:
         if owns_group:
