@@ -100,7 +100,10 @@ setup(
     # the Tracr tests instead of skipping them
     extras_require={"test": ["pytest>=7", "expecttest", "tracr-pypi"],
                     # fastedge.tracr: compile RASP programs (tracr-pypi pulls JAX, Haiku, chex)
-                    "tracr": ["tracr-pypi"]},
+                    "tracr": ["tracr-pypi"],
+                    # --data: parquet files, Hugging Face datasets folders (fastedge.tasks.files)
+                    "parquet": ["pyarrow"],
+                    "datasets": ["datasets"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -34,9 +34,19 @@ def _add_model_and_task(p: argparse.ArgumentParser, *, require_task: bool = Fals
     src.add_argument("--task", default=None,
                      help="a built-in task: ioi, greater-than, gendered-pronoun, boolean-instruct, "
                           "boolean-fewshot, induction (default: induction for the shipped model)")
-    src.add_argument("--data", default=None, metavar="FILE",
-                     help='a JSONL file, one example a line: {"clean": "... <predict>X</predict>", '
-                          '"corrupted": "... <predict>Y</predict>", "split": "train"|"validation"}')
+    src.add_argument("--data", default=None, metavar="PATH",
+                     help='your examples: a JSONL file, one a line: {"clean": "... to<predict> X</predict>", '
+                          '"corrupted": "... to<predict> Y</predict>", "split": "train"|"validation"} '
+                          '(a space before the tag, "to <predict>X</predict>", is read as the answer " X"); '
+                          'or a CSV or parquet file, or a Hugging Face datasets folder (save_to_disk), '
+                          'with the same columns')
+    p.add_argument("--clean-column", default="clean", metavar="NAME",
+                   help="--data's column (JSONL key) of clean texts (default: clean)")
+    p.add_argument("--corrupted-column", default="corrupted", metavar="NAME",
+                   help="--data's column of corrupted texts (default: corrupted)")
+    p.add_argument("--target-column", default=None, metavar="NAME",
+                   help="--data's column of clean answers; the texts are then prompts without "
+                        "<predict> tags (default: none, the answers are tagged in the texts)")
     p.add_argument("--n-examples", type=int, default=None,
                    help="examples to generate for a built-in task (default: the task's own)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -291,7 +301,12 @@ def load_task(args, tokenizer, *, shipped_model: bool, no_tokenizer: str = ""):
     if args.data:
         if tokenizer is None:
             raise CliError(f"--data needs a model with a tokenizer: {no_tokenizer}")
-        return tasks.load_jsonl(args.data, tokenizer)
+        from fastedge.tasks.files import Columns, load_data
+        columns = Columns(clean=args.clean_column, corrupted=args.corrupted_column, target=args.target_column)
+        try:
+            return load_data(args.data, tokenizer, columns=columns)
+        except ImportError as e:  # an optional extra (pyarrow, datasets) is missing: the message names it
+            raise CliError(str(e)) from None
     name = args.task if args.task is not None else ("induction" if shipped_model else None)
     if name is None:
         raise CliError("give --task or --data for this model")

@@ -9,10 +9,12 @@ the Lagrange multipliers:
       [+ the same with its own multipliers for nodes, when a node target is set]
 
 with ``s = 1 - sum(sampled edge masks) / n_edges`` and the target ``t`` raised
-linearly from 0 over the sparsity warm-up. ``p_full`` is computed once per
-example and cached. AdamW with the paper's defaults (learning rate 0.8 for
-log_alphas and multipliers, 200 learning-rate warm-up steps, no weight
-decay); the multipliers ascend (their gradients are negated).
+linearly from 0 over the sparsity warm-up. ``p_full`` is computed per
+micro-batch with one no-grad forward of the unpatched model
+(`_FullModelReference` says why it is not cached). AdamW with the paper's
+defaults (learning rate 0.8 for log_alphas and multipliers, 200
+learning-rate warm-up steps, no weight decay); the multipliers ascend (their
+gradients are negated).
 
 Runs save a checkpoint every ``checkpoint_every`` steps and whenever
 ``checkpoint_seconds`` (default 300) passed since the last one (atomically, to
@@ -33,6 +35,7 @@ with the same micro-batch size.
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import math
 import numbers
@@ -221,28 +224,68 @@ class _Multipliers(nn.Module):
         return lambdas[0] * gap + lambdas[1] * gap * gap
 
 
-class _FullModelCache:
-    """The full model at the target positions, per example, computed once:
-    log p_full (objective ``kl``), or its outputs (``mse``; `fastedge.objectives`)."""
+class _FullModelReference:
+    """The full model at a micro-batch's target positions: log p_full
+    (objective ``kl``) or its outputs (``mse``; `fastedge.objectives`),
+    computed with one no-grad forward of the unpatched model per micro-batch.
+    Nothing is kept per example, so memory does not grow with the number of
+    examples, and the KL is exact (the same float32 log-softmax as before).
 
-    def __init__(self, em: EdgeModel, examples, device, objective: objectives.Objective = objectives.Objective()):
-        self.em, self.examples, self.device, self.objective = em, examples, device, objective
-        self.cache: dict[int, torch.Tensor] = {}
+    Where the model takes ``logits_to_keep`` (Hugging Face causal LMs), the
+    head runs only at the positions that are a target in some row.
+
+    Why not a cache (bench/data_scale.py on a 2-core AMD EPYC: a 2-layer,
+    width-64 GPT-2 with GPT-2's 50,257-token vocabulary, batch 32, 8-token
+    induction examples with 3 targets; bench/results/data-scale-*.md). The
+    per-example cache of full-vocabulary log-probabilities held 201 KB per
+    target position on the model's device (0.6 MB per example here; 20 GB
+    for 100,000 one-target IOI examples on GPT-2), growing with every new
+    example sampled: after 200 steps, 0.5 GB at 1K examples, 2.8 GB at 10K,
+    3.7 GB at 100K, and 37 GB after 3,000 steps at 100K. Recomputed per
+    batch, peak RSS is 1,488 / 1,491 / 1,503 MB at 1K / 10K / 100K and the
+    CPU time per step 426 / 415 / 422 ms: flat. The price is the reference
+    forward, 156 of the step's 632 ms of wall time (25%; 30 to 35% before
+    the head ran at the targets only) for this tiny model, whose cost is its
+    50K-vocabulary head; in a real model the transformer body dominates,
+    and the plain forward is a fraction of the masked clean and corrupted
+    forward and its backward that every step runs anyway. A top-k cache (k
+    log-probabilities and indices plus the rest mass per target position,
+    on the CPU) would save that forward for k * 8 + 4 bytes per target (52
+    MB for k = 64 at 100K IOI examples, after a pass over all of them) but
+    make the KL inexact: lumping the rest into one bucket gives the KL of
+    the coarsened distributions, a lower bound whose error (the rest mass
+    times the KL between the two rest distributions) is largest when the
+    circuit drifts from the model, early in pruning. Exact and flat won;
+    tests/test_data_scale.py checks the KL against float64.
+    """
+
+    def __init__(self, em: EdgeModel, device, objective: objectives.Objective = objectives.Objective()):
+        self.em, self.device, self.objective = em, device, objective
+        # Hugging Face causal LMs take logits_to_keep (positions whose logits the head computes):
+        # the head then runs at the target positions only, not at every position
+        try:
+            self.keep = "logits_to_keep" in inspect.signature(em.model.forward).parameters
+        except (TypeError, ValueError):
+            self.keep = False
 
     @torch.no_grad()
-    def get(self, indices: list[int], collate) -> torch.Tensor:
-        missing = [i for i in indices if i not in self.cache]
-        if missing:
-            from fastedge.evaluate import full_logits
-            batch = collate([self.examples[i] for i in missing])
-            logits = full_logits(self.em, batch.input_ids.to(self.device),
-                                 batch.attention_mask.to(self.device)).float()
-            if not torch.isfinite(logits).all():  # no mask can fix the model's own output
-                raise NonFiniteLossError(non_finite_model_message(self.em.model))
-            for row, i in enumerate(missing):
-                targets = batch.target_mask[row].to(self.device)
-                self.cache[i] = self.objective.reference(logits[row][targets])
-        return torch.cat([self.cache[i] for i in indices])
+    def get(self, batch) -> torch.Tensor:
+        """The objective's reference at ``batch``'s target positions, in
+        row-major order ([targets, V]): what `Objective.divergence` takes."""
+        from fastedge.evaluate import full_logits
+        from fastedge.model import position_ids_from_attention_mask
+        ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+        targets = batch.target_mask.to(self.device)
+        columns = targets.any(0).nonzero().flatten()  # positions that are a target in some row, ascending
+        if self.keep and len(columns) < targets.shape[1]:
+            logits = self.em.model(ids, attention_mask=mask, position_ids=position_ids_from_attention_mask(mask),
+                                   logits_to_keep=columns).logits
+            logits = logits[targets[:, columns]].float()  # row-major over (row, kept position): the same order
+        else:
+            logits = full_logits(self.em, ids, mask)[targets].float()
+        if not torch.isfinite(logits).all():  # no mask can fix the model's own output
+            raise NonFiniteLossError(non_finite_model_message(self.em.model))
+        return self.objective.reference(logits)
 
 
 def _model_device(model) -> torch.device:
@@ -344,7 +387,7 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
             warnings.warn(f"resume: no checkpoint at {latest}; the run starts fresh from step 1")
 
     trainer = _Trainer(cfg=cfg, em=em, multipliers=multipliers, optimizer=optimizer, scheduler=scheduler,
-                       cache=_FullModelCache(em, train.examples, device, objectives.objective_of(data)),
+                       reference=_FullModelReference(em, device, objectives.objective_of(data)),
                        examples=train.examples,
                        device=device, micro=micro, n_micro=n_micro, group=group, latest=latest)
     writes = out_dir is not None and group.is_main  # only rank 0 writes files
@@ -460,7 +503,7 @@ class _Trainer:
     multipliers: _Multipliers
     optimizer: torch.optim.Optimizer
     scheduler: object
-    cache: _FullModelCache
+    reference: _FullModelReference
     examples: list
     device: torch.device
     micro: int                   # examples per micro-batch
@@ -542,11 +585,11 @@ def _micro_batch_loss(t: _Trainer, step: int, j: int, chunk: list[int], target: 
     from fastedge.tasks.base import collate
     cfg, em, multipliers, device = t.cfg, t.em, t.multipliers, t.device
     batch = collate([t.examples[i] for i in chunk])
-    full = t.cache.get(chunk, collate)
+    full = t.reference.get(batch)
     out = em(batch.input_ids.to(device), batch.corrupted_input_ids.to(device),
              attention_mask=batch.attention_mask.to(device), seed=_noise_seed(em.seed, step, t.n_micro, j))
     # the objective (KL, or MSE for tasks that ask for it), logged as "kl"
-    kl = t.cache.objective.divergence(full, out.logits[batch.target_mask.to(device)])
+    kl = t.reference.objective.divergence(full, out.logits[batch.target_mask.to(device)])
     sparsity = out.edge_sparsity if cfg.sparsity_estimate == "sampled" else _expected_sparsity(em)
     loss = kl + multipliers.penalty(multipliers.edge, sparsity, target)
     if multipliers.node is not None:

@@ -21,8 +21,14 @@ text before ``<predict>`` is the prompt, the text inside the tags the answer
 (one or more tokens), and nothing may follow ``</predict>``. The prompt and
 ``prompt + answer`` are tokenised separately (without special tokens); the
 prompt's tokens must be a prefix of the full text's tokens, and the rest are
-the answer's tokens. Every problem is a `TaskDataError` naming
-``path:line``; no line is ever skipped silently.
+the answer's tokens. The README's form with a space before the tag, ``"...
+to <predict>Mary</predict>"``, is accepted too: when its prompt's tokens are
+not a prefix (a GPT-2-style tokenizer puts the space in the answer's token),
+the trailing space moves into the answer (``" Mary"``;
+`fastedge.tasks.files.space_into_answer`). Every problem is a
+`TaskDataError` naming ``path:line``; no line is ever skipped silently. CSV,
+parquet and ``datasets`` folders with the same columns:
+`fastedge.tasks.files`.
 """
 from __future__ import annotations
 
@@ -40,9 +46,10 @@ from torch import Tensor
 
 SPLITS = ("train", "validation")
 IGNORE_INDEX = -100
+ENCODER_CACHE_SIZE = 10_000  # texts an Encoder remembers (about 1 KB each for an IOI prompt)
 PREDICT_OPEN = "<predict>"
 PREDICT_CLOSE = "</predict>"
-JSONL_KEYS = ("clean", "corrupted", "split", "meta")
+JSONL_KEYS = ("clean", "corrupted", "split", "meta")   # the keys a JSONL line may have (by default)
 
 
 class TaskDataError(ValueError):
@@ -154,17 +161,28 @@ def collate(examples: Sequence[Example], pad_id: int = 0) -> Batch:
 
 
 class TaskData:
-    """What every task returns: a name and a list of `Example`s."""
+    """What every task returns: a name and its `Example`s: a list, or an
+    `fastedge.tasks.store.ExampleStore` (the built-in tasks and the file
+    loaders build one: compact arrays, examples built on access), kept as
+    given."""
 
     def __init__(self, name: str, examples: Sequence[Example], meta: Optional[dict] = None):
+        from fastedge.tasks.store import ExampleStore
         self.name = name
-        self.examples = list(examples)
+        self.examples = examples if isinstance(examples, ExampleStore) else list(examples)
         self.meta = dict(meta or {})
+
+    def _store(self):
+        from fastedge.tasks.store import ExampleStore
+        return self.examples if isinstance(self.examples, ExampleStore) else None
 
     def split(self, name: str) -> "TaskData":
         """Only the examples of split ``name`` ("train" or "validation")."""
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}; the splits are {SPLITS}")
+        store = self._store()
+        if store is not None:
+            return TaskData(self.name, store.split(name), self.meta)
         return TaskData(self.name, [e for e in self.examples if e.split == name], self.meta)
 
     def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, pad_id: int = 0,
@@ -185,7 +203,9 @@ class TaskData:
 
     @property
     def max_length(self) -> int:
-        return max((len(e.clean_ids) for e in self.examples), default=0)
+        store = self._store()
+        return max(store.lengths() if store is not None else (len(e.clean_ids) for e in self.examples),
+                   default=0)
 
     def check_fits(self, *, vocab_size: int, max_positions: Optional[int] = None,
                    model_name: str = "the model") -> None:
@@ -193,6 +213,11 @@ class TaskData:
         outside [0, vocab_size) or a sequence longer than `max_positions`
         (a learned position embedding's size; None: no limit). The model
         would otherwise fail inside its embedding with an IndexError."""
+        store = self._store()
+        if store is not None and len(store):  # fast path: the arrays' extremes, then find the culprit
+            lo, hi = store.token_range()
+            if lo >= 0 and hi < vocab_size and (max_positions is None or self.max_length <= max_positions):
+                return
         for e in self.examples:
             where = e.source or f"an example of {self.name}"
             if max_positions is not None and len(e.clean_ids) > max_positions:
@@ -220,7 +245,8 @@ class TaskData:
         return self.examples[i]
 
     def __repr__(self) -> str:
-        counts = Counter(e.split for e in self.examples)
+        store = self._store()
+        counts = store.split_counts() if store is not None else Counter(e.split for e in self.examples)
         return (f"TaskData({self.name!r}, {len(self)} examples: {counts.get('train', 0)} train, "
                 f"{counts.get('validation', 0)} validation)")
 
@@ -294,7 +320,7 @@ class Encoder:
         ids = self._cache.get(text)
         if ids is None:
             ids = tuple(self._encode(text))
-            if len(self._cache) > 200_000:
+            if len(self._cache) >= ENCODER_CACHE_SIZE:  # bounded: a 100K-example task must not grow it
                 self._cache.clear()
             self._cache[text] = ids
         return ids
@@ -368,6 +394,14 @@ def validation_flags(n: int, validation_fraction: float) -> list[bool]:
 
 # -- generating a built-in task --------------------------------------------------------------
 
+def _text_key(clean: str, corrupted: str) -> bytes:
+    """8 bytes that stand for a (clean, corrupted) pair in the duplicate
+    check (a collision among 100,000 pairs has probability about 3e-10)."""
+    import hashlib
+    return hashlib.blake2b(f"{len(clean)}:{clean}{corrupted}".encode("utf-8", "surrogatepass"),
+                           digest_size=8).digest()
+
+
 @dataclass
 class Candidate:
     """Texts of one generated example, before tokenising."""
@@ -397,8 +431,9 @@ def generate_task(name: str, tokenizer, *, n_examples: int, seed: int, validatio
     sample = make_sampler(enc)
     rng = random.Random(seed)
     limit = 20 * n_examples + 2000 if max_attempts is None else int(max_attempts)
-    examples: list[Example] = []
-    seen: set[tuple[str, str]] = set()
+    from fastedge.tasks.store import ExampleStore
+    examples = ExampleStore()  # compact: no list of 100K Example objects
+    seen: set[bytes] = set()   # 8-byte digests of the texts drawn, not the texts
     rejected: Counter = Counter()
     details: dict[str, str] = {}
     attempts = 0
@@ -415,7 +450,7 @@ def generate_task(name: str, tokenizer, *, n_examples: int, seed: int, validatio
             rejected[r.reason] += 1
             details.setdefault(r.reason, r.detail)
             continue
-        key = (cand.clean_prompt + cand.clean_answer, cand.corrupted_prompt + cand.corrupted_answer)
+        key = _text_key(cand.clean_prompt + cand.clean_answer, cand.corrupted_prompt + cand.corrupted_answer)
         if key in seen:
             rejected["duplicate"] += 1
             details.setdefault("duplicate", "the same clean and corrupted texts were drawn before")
@@ -444,89 +479,20 @@ def generate_task(name: str, tokenizer, *, n_examples: int, seed: int, validatio
 
 # -- JSONL -------------------------------------------------------------------------------
 
-def _parse_tagged(text: str, where: str, key: str) -> tuple[str, str]:
-    if text.count(PREDICT_OPEN) != 1:
-        n = text.count(PREDICT_OPEN)
-        raise TaskDataError(f"{where}: {key!r} must hold exactly one {PREDICT_OPEN} tag, found {n}")
-    if text.count(PREDICT_CLOSE) != 1:
-        n = text.count(PREDICT_CLOSE)
-        raise TaskDataError(f"{where}: {key!r} must hold exactly one {PREDICT_CLOSE} tag, found {n}")
-    prompt, rest = text.split(PREDICT_OPEN)
-    if PREDICT_CLOSE not in rest:
-        raise TaskDataError(f"{where}: {key!r}: {PREDICT_CLOSE} comes before {PREDICT_OPEN}")
-    answer, after = rest.split(PREDICT_CLOSE)
-    if after != "":
-        raise TaskDataError(f"{where}: {key!r}: text after {PREDICT_CLOSE} ({after[:40]!r}); "
-                            f"the answer must end the text")
-    if prompt == "":
-        raise TaskDataError(f"{where}: {key!r}: empty prompt before {PREDICT_OPEN}")
-    if answer == "":
-        raise TaskDataError(f"{where}: {key!r}: empty answer inside {PREDICT_OPEN}...{PREDICT_CLOSE}")
-    return prompt, answer
-
-
 def load_jsonl(path, tokenizer, *, name: Optional[str] = None, prepend_bos: bool = False,
-               validation_fraction: Optional[float] = None) -> TaskData:
-    """Read a task from a JSONL file (format in the module docstring).
+               validation_fraction: Optional[float] = None, columns=None) -> TaskData:
+    """Read a task from a JSONL file (format in the module docstring), one
+    line at a time into an `fastedge.tasks.store.ExampleStore`.
 
     Lines without ``split`` are "train", or, with ``validation_fraction``,
     assigned as `validation_flags` does by their index among such lines.
     ``prepend_bos`` puts the tokenizer's BOS token before every sequence.
+    ``columns`` (`fastedge.tasks.files.Columns`) renames the keys. CSV,
+    parquet and ``datasets`` folders: `fastedge.tasks.files.load_data`.
     """
-    path = os.fspath(path)
-    enc = Encoder(tokenizer, prepend_bos=prepend_bos)
-    examples: list[Example] = []
-    unsplit: list[int] = []
-    with open(path, "rb") as f:
-        raw_lines = f.read().split(b"\n")
-    for line_no, raw in enumerate(raw_lines, start=1):
-        where = f"{path}:{line_no}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise TaskDataError(f"{where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-                                f"save the file as UTF-8") from None
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskDataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise TaskDataError(f"{where}: a line must be a JSON object, got {type(obj).__name__}")
-        for key in ("clean", "corrupted"):
-            if key not in obj:
-                raise TaskDataError(f"{where}: missing key {key!r}")
-            if not isinstance(obj[key], str):
-                raise TaskDataError(f"{where}: {key!r} must be a string, got {type(obj[key]).__name__}")
-        unknown = sorted(set(obj) - set(JSONL_KEYS))
-        if unknown:
-            raise TaskDataError(f"{where}: unknown key(s) {unknown}; allowed: {list(JSONL_KEYS)}")
-        split = obj.get("split", None)
-        if split is not None and split not in SPLITS:
-            raise TaskDataError(f"{where}: unknown split {split!r}; use one of {list(SPLITS)}")
-        meta = obj.get("meta", {})
-        if not isinstance(meta, dict):
-            raise TaskDataError(f"{where}: 'meta' must be an object, got {type(meta).__name__}")
-        c_prompt, c_answer = _parse_tagged(obj["clean"], where, "clean")
-        x_prompt, x_answer = _parse_tagged(obj["corrupted"], where, "corrupted")
-        try:
-            ex = build_example(enc, c_prompt, c_answer, x_prompt, x_answer, split=split or "train",
-                               source=where, meta=meta)
-        except Rejected as r:
-            raise TaskDataError(f"{where}: {r.detail}") from None
-        if split is None:
-            unsplit.append(len(examples))
-        examples.append(ex)
-    if validation_fraction is not None:
-        for i, flag in zip(unsplit, validation_flags(len(unsplit), validation_fraction)):
-            if flag:
-                examples[i].split = "validation"
-    if not examples:
-        raise TaskDataError(f"{path}: no examples")
-    if name is None:
-        name = os.path.splitext(os.path.basename(path))[0]
-    return TaskData(name, examples, {"path": path, "prepend_bos": prepend_bos})
+    from fastedge.tasks.files import Columns, load_data
+    return load_data(path, tokenizer, columns=columns or Columns(), name=name, prepend_bos=prepend_bos,
+                     validation_fraction=validation_fraction, format="jsonl")
 
 
 def example_to_jsonl(example: Example) -> str:

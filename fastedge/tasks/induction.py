@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 
 from fastedge.tasks.base import Example, TaskData, validation_flags
+from fastedge.tasks.store import ExampleStore
 
 
 def _vocab_size_of(tokenizer) -> Optional[int]:
@@ -79,26 +80,38 @@ def make_induction(n_examples: int = 1000, seed: int = 0, vocab_size: Optional[i
         raise ValueError(f"induction: bos_token_id {bos_token_id} lies in the token range [{first}, {V}); "
                          f"raise first_token above it")
     g = torch.Generator().manual_seed(int(seed))
-    if distinct:
-        perm = torch.rand(n, R, generator=g).argsort(dim=1) + first
-        clean, other = perm[:, :k], perm[:, k:2 * k]
-    else:
-        clean = torch.randint(first, V, (n, k), generator=g)
-        other = torch.randint(first, V, (n, k), generator=g)
     bos = [] if bos_token_id is None else [int(bos_token_id)]
     o = len(bos)
     positions = list(range(o + k, o + 2 * k - 1))
     flags = validation_flags(n, validation_fraction)
-    clean_l, other_l = clean.tolist(), other.tolist()
-    examples = []
-    for i in range(n):
-        t, s = clean_l[i], other_l[i]
+    examples = ExampleStore()
+    for i, (t, s) in enumerate(_draws(g, n, k, V, first, distinct)):
         examples.append(Example(clean_ids=bos + t + t, corrupted_ids=bos + s + t, target_positions=positions,
                                 clean_answer=t[1:], corrupted_answer=t[1:],
                                 split="validation" if flags[i] else "train", source=f"induction:{i}"))
     return TaskData("induction", examples, {"seed": seed, "vocab_size": V, "half_length": k,
                                             "first_token": first, "bos_token_id": bos_token_id,
                                             "distinct": distinct})
+
+
+def _draws(g: torch.Generator, n: int, k: int, V: int, first: int, distinct: bool):
+    """The (clean half, corrupted half) of each example, as lists, drawn in
+    blocks of rows: ``torch.rand`` fills a tensor in order on the CPU, so
+    drawing row blocks one after the other gives the rows of one
+    ``torch.rand(n, R)`` (a test checks it) without holding n x R floats at
+    once (20 GB for 100,000 examples over GPT-2's vocabulary)."""
+    R = V - first
+    if not distinct:
+        clean = torch.randint(first, V, (n, k), generator=g)    # 8 bytes a token: 19 MB for 100K x 2 x 12
+        other = torch.randint(first, V, (n, k), generator=g)
+        for start in range(0, n, 4096):                       # Python ints only for a block at a time
+            yield from zip(clean[start:start + 4096].tolist(), other[start:start + 4096].tolist())
+        return
+    rows = max(1, min(n, (1 << 22) // R))   # a block of at most 16 MB of floats
+    for start in range(0, n, rows):
+        perm = torch.rand(min(rows, n - start), R, generator=g).argsort(dim=1)[:, :2 * k] + first
+        for row in perm.tolist():
+            yield row[:k], row[k:]
 
 
 def induction_task(tokenizer=None, n_examples: int = 1000, seed: int = 0, validation_fraction: float = 0.2,
