@@ -398,3 +398,9 @@ def test_progress_on_a_terminal_is_tqdms_bar_with_the_training_kl_named():
     text = stream.getvalue()
     assert "\r" in text and "3/3" in text and "train_kl=4.20e-06" in text
     assert "pruning: step" not in text
+
+
+@pytest.mark.parametrize("bad", ["-1", "nan", "inf"])
+def test_checkpoint_minutes_must_be_a_finite_count_of_minutes(capsys, tmp_path, bad):
+    line = _one_line(capsys, ["prune", "--checkpoint-minutes", bad, "--out", str(tmp_path / "o")])
+    assert line.startswith("fastedge: --checkpoint-minutes must be 0 or more") and not (tmp_path / "o").exists()
