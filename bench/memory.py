@@ -42,11 +42,18 @@ traced (it must fit, and one more must not), and so is the grid's limit at
 the longest seq that fits. The paper's setting (effective batch 32 in
 micro-batches, seq 72) is traced as a whole step.
 
+Run time: the default run (CodeLlama-13B, three designs, the search and
+its verification) traces dozens of 40-layer steps and takes over 15 minutes
+on this project's CPU machine (2 cores shared with other jobs; issue 12).
+``--no-search --no-verify`` traces only the ``--micro-batch`` points (a
+few minutes), ``--designs fastedge`` one design, ``--quick`` a tiny Llama
+(seconds).
+
 Output: rows appended to ``<out>/memory.csv`` (date, torch version, git
 revision) and a markdown report ``<out>/memory-<model>-<date>.md``; ``<out>``
 is ``--out``, else ``$OUT``, else ``bench/results``.
 
-    python bench/memory.py                                  # CodeLlama-13B, all designs, limits
+    python bench/memory.py                                  # CodeLlama-13B, all designs, limits (15+ minutes)
     python bench/memory.py --designs fastedge --micro-batch 1,8,32 --no-search
     python bench/memory.py --model gpt2-small --seq 64
     python bench/memory.py --quick                          # a tiny Llama, small budgets (seconds)
@@ -437,6 +444,9 @@ def parse_args(argv=None):
 
 def run(args, log=print):
     UNIT[:] = [1e6, "MB"] if args.quick else [GB, "GB"]
+    if not args.quick and not args.no_search:
+        log("bench/memory.py: the search traces dozens of steps: over 15 minutes on a small shared CPU "
+            "(--no-search --no-verify: only the --micro-batch points; --quick: seconds)")
     designs = [d.strip() for d in args.designs.split(",") if d.strip()]
     for d in designs:
         if d not in DESIGNS:

@@ -3,7 +3,7 @@ from log_alpha) against the authors' formulation.
 
 What is measured
 ----------------
-One layer's worth of reader inputs (SPEC sections 2 and 5) at the shapes of a
+One layer's worth of reader inputs (README: "The operations"; docs/CONCEPTS.md section 5) at the shapes of a
 real pruning run:
 
 * GPT-2 small (158 writers, trailing shape ``T = (batch, seq, hidden) =
@@ -34,7 +34,7 @@ Providers, side by side in one run (``PROVIDERS`` for masked,
   ``[158, *T]`` writer tensors (clean and corrupted) and, per kind of reader,
   one einsum over each of them, always over all writers. For ``sampled`` the
   masks are sampled first in plain PyTorch (``naive_hard_concrete``: the
-  SPEC section 1 formula on ``torch.rand`` noise, autograd for the backward)
+  docs/CONCEPTS.md section 1 formula on ``torch.rand`` noise, autograd for the backward)
   from per-kind log_alphas in the authors' layout, with the sum of the edge
   masks; the backward reaches the log_alphas and the clean writer tensor.
 * ``torch``, ``triton``, ``cuda`` (and, on request, ``reference``): the
@@ -84,7 +84,7 @@ CPU the growth of the process's peak resident set, VmHWM, over the cell, or
 
 Bytes moved and bandwidth (``bytes_moved``, columns ``bytes_moved``,
 ``bw_gb_s``, ``frac_copy_bw``): the fewest bytes one call must move through
-memory (SPEC section 5), with ``R`` readers, ``W`` writers read, ``N =
+memory (docs/CONCEPTS.md section 5), with ``R`` readers, ``W`` writers read, ``N =
 batch * seq * hidden``, ``G`` base rows (2 for a layer, 1 for resid_post),
 ``e`` the element size of the case's dtype (stack, base, out and dout; 4 for
 float32, 2 for bfloat16) and 4 bytes for the fp32 mask, log_alpha, their
@@ -570,7 +570,7 @@ def naive_hard_concrete(log_alpha: torch.Tensor, u: Optional[torch.Tensor]) -> t
     """The authors' training-time mask, in plain PyTorch (autograd gives its
     backward): ``u ~ U(eps, 1 - eps)`` from torch's generator unless given,
     ``s = sigmoid((log u - log(1 - u) + log_alpha) / beta)``,
-    ``z = clamp(s (r - l) + l, 0, 1)`` (SPEC section 1)."""
+    ``z = clamp(s (r - l) + l, 0, 1)`` (docs/CONCEPTS.md section 1)."""
     if u is None:
         u = torch.rand(log_alpha.shape, dtype=log_alpha.dtype, device=log_alpha.device)
         u = u * (1 - 2 * C.EPS) + C.EPS
@@ -977,7 +977,7 @@ class CopyBandwidth:
 
 def measure_copy_bandwidth(device: torch.device, mib: int, st: Settings) -> CopyBandwidth:
     """Time ``dst.copy_(src)`` of two `mib` MiB uint8 buffers and count 2 x `mib`
-    MiB per copy (read plus written), like SPEC section 5's copy figure. GPU:
+    MiB per copy (read plus written), like docs/CONCEPTS.md section 5's copy figure. GPU:
     device-to-device, timed like a cell (`_cuda_samples`; one copy is far
     larger than L2). CPU: a memcpy through ``Tensor.copy_`` on the torch
     threads, timed with torch.utils.benchmark. The buffers are freed (and the
@@ -1111,7 +1111,7 @@ class Cell:
 
 
 def bytes_moved(op: str, mode: str, problem: Problem) -> int:
-    """The fewest bytes one call must move through memory (SPEC section 5);
+    """The fewest bytes one call must move through memory (docs/CONCEPTS.md section 5);
     the formula is in the module docstring ("Bytes moved")."""
     lay = problem.layout
     R, W = lay.n_readers, lay.n_writers

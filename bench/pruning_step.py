@@ -7,7 +7,7 @@ the full model's, plus the Lagrangian sparsity penalty), the backward into
 the masks and the AdamW update. With ``micro_batch`` smaller than the batch,
 the batch runs in micro-batches whose gradients accumulate before the update.
 
-`floor_step` is the lower bound a pruning step cannot beat (SPEC section 5):
+`floor_step` is the lower bound a pruning step cannot beat (docs/CONCEPTS.md section 5):
 one forward on the corrupted input (no grad) and one forward and backward of
 the unpatched model on the clean input. The backward runs to the input
 embeddings only: a pruning step computes no weight gradients either.

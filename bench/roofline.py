@@ -401,7 +401,7 @@ def kernel_table(card: dict, cal: dict, copy_tb_s: float) -> list:
     real layer shapes, and the fraction of the card's copy bandwidth their
     necessary bytes (forward: the stack prefix and the outputs; backward:
     dout twice, the buffer read and written, the stack once; dead writers'
-    rows not counted) reach: SPEC section 5's measure, modeled."""
+    rows not counted) reach: docs/CONCEPTS.md section 5's measure, modeled."""
     rows = []
     for shape, R, W, N, dtype in KERNEL_SHAPES:
         e = torch.empty((), dtype=dtype).element_size()

@@ -15,7 +15,7 @@ side by side in one run:
   einsum per kind of reader over all writers), starting from the same masks;
 * ``floor``: the unpatched model's corrupted forward plus its clean forward
   and backward (to the input embeddings): what no pruning step can beat
-  (SPEC section 5).
+  (docs/CONCEPTS.md section 5).
 
 Same random-weight model (nothing downloaded), same batch, same masks.
 Reported per kind: p20 / p50 / p80 step time, tokens per second, and peak

@@ -8,7 +8,7 @@ fp32 batch 32), checks each against an fp32 PyTorch computation of the same
 sum before timing it (a configuration that fails to compile or disagrees is
 reported, not timed), and prints one line per (shape, configuration): median
 time with `triton.testing.do_bench`, achieved bandwidth (the stack prefix and
-the outputs, each moved once; SPEC section 5) and its fraction of a
+the outputs, each moved once; docs/CONCEPTS.md section 5) and its fraction of a
 device-to-device copy measured in the same run. The current heuristic's row
 is marked ``*``. It records nothing: the lines go to stdout (bench/gpu.sh keeps
 them in its log), headed by the revision (`bench/results_csv.py`).

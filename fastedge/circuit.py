@@ -1,7 +1,7 @@
-"""From learned masks to a circuit, and circuits as files (SPEC section 3).
+"""From learned masks to a circuit, and circuits as files (docs/CONCEPTS.md section 4).
 
-A `Circuit` is a set of kept edges ``(writer, reader)`` in the names of SPEC
-section 1, the writers (nodes) it keeps, and the `EdgeGraph` they belong to.
+A `Circuit` is a set of kept edges ``(writer, reader)`` in the names of
+docs/CONCEPTS.md section 1, the writers (nodes) it keeps, and the `EdgeGraph` they belong to.
 
 `extract_circuit(em, target_sparsity)` turns an `EdgeModel`'s mask
 ``log_alpha``s (or plain tensors) into a circuit:
@@ -13,7 +13,7 @@ section 1, the writers (nodes) it keeps, and the `EdgeGraph` they belong to.
 2. **Node removal.** A writer whose deterministic node mask is
    ``<= node_threshold`` (default 0.5, i.e. ``node_log_alpha <= 0``) is
    removed with all its out-edges. The soft value is never exactly 0, so
-   SPEC's "node mask 0" needs a threshold; 0.5 is the midpoint of the
+   the authors' "node mask 0" needs a threshold; 0.5 is the midpoint of the
    deterministic range and the value at which the node's hard-concrete
    sample is more likely on than off. Node masks are not part of the
    sparsity search: the edge threshold alone sets the edge count.
@@ -730,7 +730,7 @@ def extract_circuit_by_threshold(em_or_masks, threshold: float = 0.5, *, graph: 
     """The circuit of the edges whose deterministic mask passes ``threshold``.
 
     No sparsity search: edge ``(w, r)`` is kept when
-    ``sigmoid(0.8 * log_alpha / beta) > threshold`` (SPEC section 1), after
+    ``sigmoid(0.8 * log_alpha / beta) > threshold`` (docs/CONCEPTS.md section 3), after
     node removal (writers with deterministic node mask ``<= node_threshold``
     lose their out-edges) and, with ``prune_dead``, dead-edge pruning (module
     docstring, steps 2 and 4). The default 0.5 (``log_alpha > 0``) is the

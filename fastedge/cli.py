@@ -1,6 +1,6 @@
 """The `fastedge` command line: prune, eval, draw, compare.
 
-    fastedge prune                       # the shipped induction model, on a CPU in about a minute
+    fastedge prune                       # the shipped induction model, on a CPU in about two minutes
     fastedge prune --model gpt2 --task ioi --target-sparsity 0.98 --steps 3000 --out runs/ioi
     fastedge eval --model gpt2 --task ioi --circuit runs/ioi/circuit.json
     fastedge draw runs/ioi/circuit.json --out circuit.pdf
@@ -82,15 +82,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["full", "fast"], default="full",
                    help="masked sums on the GPU: full (the fp32 masks carried to 2^-16 in bf16 products) "
                         "or fast (masks rounded once to the model's dtype: one product, the authors' precision)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate of log_alphas (default 0.8)")
-    p.add_argument("--lambda-lr", type=float, default=None, help="learning rate of the multipliers (default 0.8)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate of the masks' log_alphas (default 0.8; 0.1 for the shipped model, "
+                        "0.05 for tracr: models)")
+    p.add_argument("--lambda-lr", type=float, default=None,
+                   help="learning rate of the Lagrange multipliers (default 0.8; 0.01 for tracr: models)")
     p.add_argument("--ablation", choices=["interchange", "zero", "mean"], default=None,
-                   help="what a pruned edge carries (default interchange; zero for tracr: models)")
+                   help="what a removed edge passes to its reader instead of the writer's output: "
+                        "interchange (the writer's output on the corrupted input), zero, or mean (its "
+                        "mean output over training inputs) (default interchange; zero for tracr: models)")
     p.add_argument("--no-node-masks", action="store_true", help="learn edge masks only")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0, metavar="M",
+                   help="also a checkpoint whenever M minutes passed since the last one (default 5; "
+                        "0: only every --checkpoint-every steps)")
     p.add_argument("--out", default="fastedge-out", metavar="DIR", help="output folder (default ./fastedge-out)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run = p.add_mutually_exclusive_group()
+    run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the run already in --out (without it, a folder holding a run's "
+                          "log.jsonl or checkpoint is refused)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress output (neither fastedge's nor transformers' model-loading bars); "
+                        "without it, a terminal gets a progress bar and a log or pipe a line every "
+                        "1/20 of the steps")
 
     p = sub.add_parser("eval", help="evaluate a circuit (or the full model) on a task",
                        description="Prints KL to the full model, logit difference, accuracy and "
@@ -98,12 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_and_task(p)
     p.add_argument("--circuit", default=None, metavar="JSON", help="circuit.json (default: the full model)")
     p.add_argument("--masks", default=None, metavar="PT",
-                   help="masks.pt written by prune: with --sweep, circuits are extracted from these masks")
+                   help="masks.pt written by prune, read only with --sweep (circuits extracted from these "
+                        "masks at each sparsity); the run's own circuit is its circuit.json: --circuit")
     p.add_argument("--sweep", default=None, metavar="mib|S1,S2,...",
                    help="the faithfulness curve over circuits extracted from --masks, with MIB's CPR and CMD: "
                         "'mib' for MIB's edge fractions (kept 0.001 ... 1), or edge sparsities that span "
                         "MIB's range (include 0 and at least 0.999)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="examples per forward pass while evaluating (default 32; lower it when memory is short)")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the metrics to this JSON file")
 
     p = sub.add_parser("draw", help="draw a circuit as SVG (built in), PNG or PDF (graphviz), or DOT text")
@@ -120,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("first", metavar="A_JSON")
     p.add_argument("second", metavar="B_JSON")
     _add_model_and_task(p)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="examples per forward pass while evaluating (default 32)")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the comparison to this JSON file")
 
     p = sub.add_parser("report", help="rebuild a run's report.html (circuit, metrics, training plots)",
@@ -203,18 +221,45 @@ def load_model_and_task(args):
         name = "fastedge/shipped/" + shipped.SHIPPED_MODEL_NAME
     else:
         from transformers import AutoModelForCausalLM
+        _check_local_folder(args.model)
         try:
             model = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="eager")
         except (OSError, ValueError) as exc:
-            raise CliError(f"cannot load model {args.model!r}: {one_line(str(exc))}") from None
+            local = "" if Path(args.model).expanduser().exists() else \
+                f" (and there is no local folder {args.model})"
+            raise CliError(f"cannot load model {args.model!r}{local}: {one_line(str(exc))}") from None
         tokenizer, no_tokenizer = _load_tokenizer(args.model)
         name = args.model
     model = model.to(device).eval()
+    from fastedge.threads import pick_cpu_threads
+    pick_cpu_threads(model, device)   # one thread for tiny models on a CPU (fastedge.threads)
     if args.bf16:
         model = model.to(torch.bfloat16)
     task = load_task(args, tokenizer, shipped_model=args.model in (None, SHIPPED), no_tokenizer=no_tokenizer)
     check_task_fits_model(task, model, name)
     return model, task, name
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """A --model that can only be a local folder: a Hub id is ``name`` or
+    ``owner/name``, never absolute, never starting with . or ~, never with
+    two slashes or a backslash."""
+    return (name.startswith((".", "/", "~")) or name.endswith(("/", "\\")) or "\\" in name
+            or name.count("/") > 1 or Path(name).is_absolute())
+
+
+def _check_local_folder(name: str) -> None:
+    """A local model folder that is not there is reported as such, not as a
+    Hub id that transformers finds malformed or cannot download."""
+    path = Path(name).expanduser()
+    if _looks_like_a_path(name) and not path.exists():
+        parent = next((p for p in path.absolute().parents if p.exists()), None)
+        where = f" (the nearest existing folder is {parent})" if parent is not None else ""
+        raise CliError(f"--model {name}: no such folder{where}; give a folder saved with "
+                       f"save_pretrained, or a Hugging Face Hub name such as gpt2")
+    if path.exists() and not path.is_dir():
+        raise CliError(f"--model {name} is a file; give the folder that save_pretrained wrote "
+                       f"(with config.json), or a Hugging Face Hub name")
 
 
 def load_tracr_model_and_task(args, device):
@@ -313,8 +358,11 @@ def cmd_prune(args) -> int:
     # under torchrun (`torchrun --nproc_per_node N -m fastedge.cli prune ...`) every rank joins the
     # process group and prunes data parallel; only rank 0 prints and writes
     from fastedge import distributed
+    # every rank looks at --out before any rank writes there (rank 0 writes only after the barrier)
+    _check_output_folder(args)
     owns_group = distributed.init_from_env(device=args.device)
     try:
+        distributed.barrier(distributed.current())
         return _prune(args, main_rank=distributed.current().is_main)
     finally:
         if owns_group:
@@ -323,7 +371,9 @@ def cmd_prune(args) -> int:
 
 def _prune(args, *, main_rank: bool) -> int:
     from fastedge.prune import prune
-    if not main_rank:
+    # transformers' weight-loading bars too: with --no-progress, and in a log or pipe,
+    # where a bar is redrawn as lines
+    if not main_rank or args.no_progress or not _stderr_is_terminal():
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
     shipped_model = args.model in (None, SHIPPED)
@@ -338,6 +388,7 @@ def _prune(args, *, main_rank: bool) -> int:
                    seed=args.seed, ablation=args.ablation or defaults.get("ablation", "interchange"),
                    node_masks=not args.no_node_masks and defaults.get("node_masks", True),
                    checkpoint_every=args.checkpoint_every,
+                   checkpoint_seconds=_checkpoint_seconds(args.checkpoint_minutes),
                    progress=not args.no_progress, micro_batch_size=args.micro_batch_size,
                    recompute_readers=args.recompute_readers, precision=args.precision)
     for key in ("lr", "lambda_lr"):
@@ -364,6 +415,8 @@ def _prune(args, *, main_rank: bool) -> int:
     out = Path(args.out)
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
+        if args.overwrite:
+            _remove_run_files(out)
     result = prune(model, task, target_sparsity=target, steps=steps, out_dir=str(out),
                    resume=args.resume, model_name=name, task_name=getattr(task, "name", ""), **options)
     if not main_rank:
@@ -379,14 +432,62 @@ def _prune(args, *, main_rank: bool) -> int:
     faith_text = (f"faithfulness {faith:.3f}" if faith == faith
                   else "faithfulness n/a (clean and corrupted answers agree on this task)")
     objective = "kl" if "kl" in metrics else "mse"   # mse: numerical Tracr programs
+    from fastedge.run_summary import number, sparsity_note, training_line
+    training = training_line(result.history, objective)
+    if training:
+        print(training)
     print(f"circuit: {circuit.n_edges} edges kept of {circuit.graph.n_edges} "
-          f"(edge sparsity {circuit.edge_sparsity:.4f}); {objective.upper()} {metrics[objective]:.4g} "
-          f"(empty circuit {metrics['empty_' + objective]:.4g}), {faith_text}, accuracy {metrics['accuracy']:.3f} "
+          f"(edge sparsity {circuit.edge_sparsity:.4f}); on the validation split with these edges fixed: "
+          f"{objective.upper()} {number(metrics[objective])} to the full model "
+          f"(empty circuit {number(metrics['empty_' + objective])}), {faith_text}, accuracy {metrics['accuracy']:.3f} "
           f"(full model {metrics['full_accuracy']:.3f})")
+    note = sparsity_note(circuit)
+    if note:
+        print(f"note: {note}")
     print(f"wrote {out / 'circuit.json'}, {out / 'metrics.json'}, {drawn}, {out / 'log.jsonl'}, "
           f"{out / 'masks.pt'}, {out / 'checkpoints'}/ in {result.wall_seconds:.1f} s")
     _write_report(out)
     return 0
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+# what a prune run writes to --out (what --overwrite removes; nothing else in the folder)
+RUN_FILES = ("log.jsonl", "checkpoints/latest.pt", "masks.pt", "circuit.json", "metrics.json",
+             "circuit.svg", "report.html")
+
+
+def _checkpoint_seconds(minutes: float) -> Optional[float]:
+    """--checkpoint-minutes as PruneConfig.checkpoint_seconds (0: None, steps only)."""
+    if not math.isfinite(minutes) or minutes < 0:
+        raise ValueError(f"--checkpoint-minutes must be 0 or more (0: steps only), got {minutes:g}")
+    return minutes * 60.0 if minutes > 0 else None
+
+
+def _check_output_folder(args) -> None:
+    """Refuse to start a fresh run over another run's log and checkpoint
+    (it would silently replace them) unless --overwrite or --resume says so."""
+    if args.resume or args.overwrite:
+        return
+    out = Path(args.out)
+    found = [name for name in ("log.jsonl", "checkpoints/latest.pt") if (out / name).exists()]
+    if not found:
+        return
+    from fastedge.prune import checkpoint_step
+    step = checkpoint_step(out / "checkpoints" / "latest.pt")
+    held = " and ".join(found) + (f", checkpoint after step {step}" if step is not None else "")
+    raise CliError(f"--out {out} already holds a run ({held}); continue it with --resume, replace it "
+                   f"with --overwrite, or give another --out")
+
+
+def _remove_run_files(out: Path) -> None:
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
 
 
 def _write_report(out: Path) -> None:
@@ -590,10 +691,15 @@ def _interrupted(args, argv: list[str]) -> str:
     latest = Path(args.out) / "checkpoints" / "latest.pt"
     step = checkpoint_step(latest)
     if step is None:
-        again = shlex.join(["fastedge", *[a for a in argv if a != "--resume"]])
-        return (f"interrupted before the first checkpoint was written (one every "
-                f"{args.checkpoint_every} steps); nothing to resume, start again with: {again}")
-    resume = shlex.join(["fastedge", *argv, *([] if "--resume" in argv else ["--resume"])])
+        again = shlex.join(["fastedge", *[a for a in argv if a not in ("--resume", "--overwrite")],
+                            "--overwrite"])
+        every = f"one every {args.checkpoint_every} steps"
+        if args.checkpoint_minutes > 0:
+            every += f" or {args.checkpoint_minutes:g} minutes"
+        return (f"interrupted before the first checkpoint was written ({every}); "
+                f"nothing to resume, start again with: {again}")
+    kept = [a for a in argv if a != "--overwrite"]   # --resume and --overwrite exclude each other
+    resume = shlex.join(["fastedge", *kept, *([] if "--resume" in kept else ["--resume"])])
     return f"interrupted; the last checkpoint is {latest} (step {step}); resume with: {resume}"
 
 

@@ -1,4 +1,4 @@
-"""Hard-concrete constants (SPEC section 1; Louizos, Welling and Kingma 2018)."""
+"""Hard-concrete constants (docs/CONCEPTS.md section 3; Louizos, Welling and Kingma 2018)."""
 import math
 
 BETA = 2.0 / 3.0          # temperature

@@ -2,7 +2,7 @@
 
 Metrics, averaged over the target positions of every example:
 
-* ``kl``: KL(p_full || p_circuit) over the vocabulary (SPEC section 1);
+* ``kl``: KL(p_full || p_circuit) over the vocabulary (docs/CONCEPTS.md sections 3 and 4);
 * ``logit_diff``: logit of the clean answer minus logit of the corrupted answer;
 * ``accuracy``: how often the top token is the clean answer;
 * ``faithfulness``: the circuit's logit difference normalised between the

@@ -1,4 +1,4 @@
-"""The edge graph of a decoder-only transformer (SPEC section 1).
+"""The edge graph of a decoder-only transformer (docs/CONCEPTS.md section 1).
 
 Writers, in order: the embeddings (`tok_embeds`, `pos_embeds` for learned
 absolute positions; `embeds` for rotary models), then per layer `l` its

@@ -1,4 +1,4 @@
-"""An edge-prunable view of a Hugging Face causal LM (SPEC sections 1 and 4).
+"""An edge-prunable view of a Hugging Face causal LM (docs/CONCEPTS.md sections 1, 2 and 5).
 
 `patch(model)` returns an `EdgeModel` that reuses the model's parameters (no
 copies, the model frozen) and runs it as a graph of writers and readers:

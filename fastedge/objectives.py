@@ -1,5 +1,5 @@
 """How far the circuit's outputs are from the full model's, at the target
-positions: the term pruning minimises (SPEC section 1), chosen by the task.
+positions: the term pruning minimises (docs/CONCEPTS.md section 3), chosen by the task.
 
 * ``kl`` (the default; every language task): KL(p_full || p_circuit) over
   the output vocabulary, averaged over target positions. A task may set a

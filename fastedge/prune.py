@@ -1,5 +1,5 @@
 """Edge Pruning: learn masks that keep a model's behaviour on a task with few
-edges (SPEC sections 1 and 3).
+edges (docs/CONCEPTS.md sections 3 and 4).
 
 The objective of one step, minimised over the log_alphas and maximised over
 the Lagrange multipliers:
@@ -16,8 +16,10 @@ defaults (learning rate 0.8 for log_alphas and multipliers, 200
 learning-rate warm-up steps, no weight decay); the multipliers ascend (their
 gradients are negated).
 
-Runs save a checkpoint every ``checkpoint_every`` steps (atomically, to
-``out_dir/checkpoints/latest.pt``) and resume from it: a run killed and
+Runs save a checkpoint every ``checkpoint_every`` steps and whenever
+``checkpoint_seconds`` (default 300) passed since the last one (atomically, to
+``out_dir/checkpoints/latest.pt``) and resume from it, saying on stderr which
+step they continue from: a run killed and
 resumed ends with the same masks as an uninterrupted run with the same seed.
 A non-finite loss stops the run with `NonFiniteLossError`, which names the
 step and what was non-finite; the last good checkpoint is kept.
@@ -39,6 +41,7 @@ import math
 import numbers
 import os
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -51,6 +54,7 @@ from torch import nn
 
 from fastedge import distributed, jsonsafe, objectives
 from fastedge.model import EdgeModel, patch
+from fastedge.progress import make_progress
 
 CHECKPOINT_FORMAT = "fastedge.checkpoint/1"
 
@@ -97,18 +101,21 @@ class PruneConfig:
     bf16: bool = False                         # run the frozen model in bf16 (masks stay fp32)
     recompute_readers: bool = False
     precision: str = "full"                    # masked sums' products on the GPU: "full" or "fast" (patch)
-    # log_alpha ~ N(init_log_alpha, 0.01). 10 (SPEC): every sampled mask starts
+    # log_alpha ~ N(init_log_alpha, 0.01). 10 (the authors'): every sampled mask starts
     # at exactly 1, where the hard-concrete clamp passes almost no gradient, so
     # masks move only through rare unclamped samples (fine over thousands of
     # steps). A smaller mean (3: deterministic masks 0.97) gives dense gradients
-    # for short runs such as the shipped model's one-minute default.
+    # for short runs such as the shipped model's 1,000-step default.
     init_log_alpha: float = 10.0
-    # The s of the sparsity term: "sampled" (SPEC: 1 - sum of sampled edge
+    # The s of the sparsity term: "sampled" (docs/CONCEPTS.md: 1 - sum of sampled edge
     # masks / edges) or "expected" (1 - sum of P(z != 0) / edges, through
     # hard_concrete_l0), which has a gradient even where sampled masks are
     # clamped at 1 and so suits short runs.
     sparsity_estimate: str = "sampled"
     checkpoint_every: int = 100
+    # also a checkpoint whenever this many seconds passed since the last one
+    # (None: steps only), so that a slow run stopped early keeps its work
+    checkpoint_seconds: Optional[float] = 300.0
     eval_batch_size: int = 32
     progress: bool = True
 
@@ -117,7 +124,7 @@ class PruneConfig:
         option and the value given. Counts are integers (steps, batch sizes,
         checkpoint_every, eval_batch_size at least 1; warm-ups at least 0 and
         1); learning rates finite and positive; targets finite, in [0, 2]
-        (above 1 pushes harder, SPEC section 1; beyond 2 the penalty only
+        (above 1 pushes harder, docs/CONCEPTS.md section 3; beyond 2 the penalty only
         grows); circuit_sparsity in [0, 1]; seed an integer in [0, 2**40)
         (it is scaled by 1,000,003 into every step's noise seed, which must
         stay below 2**63)."""
@@ -134,6 +141,11 @@ class PruneConfig:
         _check_int("seed", self.seed, low=0)
         if self.seed >= SEED_LIMIT:
             raise ValueError(f"seed must be below 2**40 = {SEED_LIMIT}, got {self.seed}")
+        if self.checkpoint_seconds is not None:
+            _check_number("checkpoint_seconds", self.checkpoint_seconds, low=0.0)
+            if not self.checkpoint_seconds > 0:
+                raise ValueError(f"checkpoint_seconds must be positive (or None: steps only), "
+                                 f"got {self.checkpoint_seconds!r}")
         for name in ("lr", "lambda_lr"):
             value = _check_number(name, getattr(self, name))
             if not value > 0:
@@ -368,6 +380,9 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
             sampler.set_state(state["sampler"])
             history = state["history"]
             start = state["step"]
+            if group.is_main:
+                print(f"resuming from {latest}: step {start} of {cfg.steps} done, "
+                      f"continuing at step {start + 1}", file=sys.stderr, flush=True)
         elif group.is_main:
             warnings.warn(f"resume: no checkpoint at {latest}; the run starts fresh from step 1")
 
@@ -376,7 +391,8 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
                        examples=train.examples,
                        device=device, micro=micro, n_micro=n_micro, group=group, latest=latest)
     writes = out_dir is not None and group.is_main  # only rank 0 writes files
-    bar = _progress(cfg, start) if group.is_main else None
+    bar = make_progress(cfg.steps, start, enabled=cfg.progress) if group.is_main else None
+    last_saved = _clock()
     em.train()
     if writes:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -395,12 +411,11 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
                 log_file.write(jsonsafe.dumps(record) + "\n")
                 log_file.flush()
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.4f}",
-                                sparsity=f"{record['edge_sparsity']:.3f}", target=f"{record['target']:.3f}")
-            if writes and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+                bar.update(record)
+            if writes and _checkpoint_due(cfg, step + 1, _clock() - last_saved):
                 _save_checkpoint(latest, step + 1, cfg, em, multipliers, optimizer, scheduler, sampler,
                                  history, task)
+                last_saved = _clock()
     finally:
         if bar is not None:
             bar.close()
@@ -626,11 +641,15 @@ def _non_finite_message(step, kl, sparsity, loss, latest, checkpoint_every) -> s
     return f"step {step + 1}: {what}; stopped. " + _last_good(latest, checkpoint_every)
 
 
-def _progress(cfg: PruneConfig, start: int):
-    if not cfg.progress:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=cfg.steps, initial=start, desc="pruning", unit="step", dynamic_ncols=True)
+# the clock of time-based checkpoints (a test replaces it with a fake one)
+_clock = time.monotonic
+
+
+def _checkpoint_due(cfg: PruneConfig, done: int, since_last: float) -> bool:
+    """A checkpoint after `done` steps: every `checkpoint_every` steps, at the
+    last step, and when `checkpoint_seconds` passed since the last one."""
+    return (done % cfg.checkpoint_every == 0 or done == cfg.steps
+            or (cfg.checkpoint_seconds is not None and since_last >= cfg.checkpoint_seconds))
 
 
 def _save_checkpoint(path: Path, step, cfg, em, multipliers, optimizer, scheduler, sampler, history,

@@ -1,5 +1,5 @@
 """Hard-concrete masks in Triton: elementwise forward/backward and the fused
-sampler of the masked writer sum (SPEC section 1; `kernels.reference`).
+sampler of the masked writer sum (docs/CONCEPTS.md section 3; `kernels.reference`).
 
 Layers (STYLE.md): `@triton.jit` math helpers, then private kernels, then
 plain launchers that check inputs, allocate, pick blocks and launch.

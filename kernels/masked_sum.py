@@ -1,4 +1,4 @@
-"""The masked writer sum in Triton (SPEC section 2).
+"""The masked writer sum in Triton (README: "The operations").
 
     forward          out[r, n] = base[g(r), n] + sum_w m[r, w] * x[w, n]
     backward stack   dx[w, n] += sum_r m[r, w] * dout[r, n]

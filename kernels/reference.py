@@ -1,7 +1,7 @@
 """Plain-PyTorch reference of fastedge's ops, written for clarity.
 
 Masked writer sum: one einsum per reader. Hard concrete: the formulas of
-SPEC section 1 as written. Works in float64 as well as in the storage dtypes
+docs/CONCEPTS.md section 3 as written. Works in float64 as well as in the storage dtypes
 (accumulating in float32 for those). This is the `reference` backend and the
 starting point of every test and benchmark.
 """

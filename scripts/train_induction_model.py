@@ -263,7 +263,7 @@ def prune_experiment(model, heads, *, steps: int, lr: float, target: float, batc
     then fix the circuit at the deterministic masks > 0.5 and report.
 
     ``penalty="sampled"``: s from the sampled masks (``out.edge_sparsity``, as
-    in SPEC section 1). ``penalty="expected"``: s = 1 - mean P(z != 0)
+    in docs/CONCEPTS.md section 3). ``penalty="expected"``: s = 1 - mean P(z != 0)
     (``hard_concrete_l0``), whose gradient does not vanish while the masks
     sit clamped at 1 (with log_alpha ~ 10 a sampled mask is clamped at 1
     unless u < 2e-4, so the sampled sparsity barely moves at first)."""
@@ -340,7 +340,7 @@ def prune_experiment(model, heads, *, steps: int, lr: float, target: float, batc
           f"KL(full || circuit) {kl:.4f}, copying accuracy {acc:.4f} "
           f"(empty circuit: KL {kl_empty:.3f}, accuracy {acc_empty:.4f})")
     print(f"[prune] kept edges: {kept}")
-    print(f"[prune] without dangling edges (SPEC section 3): {len(pruned)} edges, sparsity "
+    print(f"[prune] without dangling edges (docs/CONCEPTS.md section 4): {len(pruned)} edges, sparsity "
           f"{1 - len(pruned) / g.n_edges:.3f}, KL {kl_pruned:.4f}, copying accuracy {acc_pruned:.4f}")
     print(f"[prune] mechanism edge(s) kept: {has_mech or 'NONE'}")
     em.unpatch()

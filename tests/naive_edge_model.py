@@ -1,5 +1,5 @@
 """A naive, float64 edge-pruned transformer forward pass: the test oracle of
-fastedge (SPEC section 1, written out as code).
+fastedge (docs/CONCEPTS.md sections 1-3, written out as code).
 
 It shares no code with fastedge (only `EdgeGraph`, for the names and order of
 writers and readers) and does not call the Hugging Face modules' forward: it
@@ -405,7 +405,7 @@ def _writer_place(name):
 
 
 def upstream_writers(m: Model, graph, reader: str) -> torch.Tensor:
-    """[n_writers] float64, 1 where writer w -> reader is an edge (SPEC section
+    """[n_writers] float64, 1 where writer w -> reader is an edge (docs/CONCEPTS.md section
     1), from the names alone: q/k/v readers of layer l read every writer of an
     earlier layer and the embeddings; m{l} also reads layer l's heads in a
     sequential block; resid_post reads everything. Checked against the graph's
@@ -517,7 +517,7 @@ def naive_writer_outputs(model, graph, input_ids, attention_mask=None) -> torch.
 
 def naive_edge_forward(model, graph, input_ids, corrupted_input_ids, edge_mask, node_mask=None,
                        attention_mask=None, ablation="interchange", mean_outputs=None) -> torch.Tensor:
-    """Logits [B, S, V] (float64) of the edge-masked model (SPEC section 1).
+    """Logits [B, S, V] (float64) of the edge-masked model (docs/CONCEPTS.md section 2).
 
     edge_mask: [n_readers, n_writers], graph order; entries for non-edges
         (w >= graph.reader_prefix[r]) are ignored.

@@ -1,4 +1,4 @@
-"""Circuits: extraction from masks (SPEC section 3), files, EAP-IG/MIB export,
+"""Circuits: extraction from masks (docs/CONCEPTS.md section 4), files, EAP-IG/MIB export,
 comparison and drawing."""
 import functools
 import json

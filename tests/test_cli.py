@@ -91,7 +91,8 @@ def test_local_model_folder_and_jsonl_data(tmp_path, capsys):
     bad.write_text(lines[0] + "\n{not json\n")
     capsys.readouterr()
     # bad data is refused with one line naming the line (exit status 2), not a traceback
-    assert main(["prune", "--model", str(folder), "--data", str(bad), "--steps", "1", "--out", str(out)]) == 2
+    assert main(["prune", "--model", str(folder), "--data", str(bad), "--steps", "1",
+                 "--out", str(tmp_path / "run-bad")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert [x for x in err.splitlines() if x.startswith("fastedge: ")][-1].startswith(

@@ -1,4 +1,4 @@
-"""The edge graph reproduces the counts of SPEC section 1."""
+"""The edge graph reproduces the counts of docs/CONCEPTS.md section 1."""
 import pytest
 from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
 

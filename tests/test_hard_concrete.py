@@ -14,7 +14,7 @@ BETA, L, R, EPS = 2 / 3, -0.1, 1.1, 1e-6
 
 
 def hc64(log_alpha, u, training):
-    """float64 hard concrete straight from SPEC section 1 (differentiable)."""
+    """float64 hard concrete straight from docs/CONCEPTS.md section 3 (differentiable)."""
     if not training:
         return torch.sigmoid(0.8 * log_alpha / BETA)
     s = torch.sigmoid((torch.log(u) - torch.log(1 - u) + log_alpha) / BETA)

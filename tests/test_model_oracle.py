@@ -158,7 +158,7 @@ def test_random_circuit_matches_oracle_under_the_same_01_masks(arch):
     assert torch.allclose(out, ref, atol=1e-10)
 
 
-# -- memory (SPEC section 4) --------------------------------------------------------
+# -- memory (docs/CONCEPTS.md section 5) --------------------------------------------------------
 
 def _saved_bytes(fn) -> int:
     """Bytes of distinct storages autograd keeps for the backward during fn()."""

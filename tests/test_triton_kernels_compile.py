@@ -6,7 +6,7 @@ and `ptxas -v` on the PTX reports registers and spills. The block sizes come
 from the same heuristic functions the launchers use, so this compiles what
 would run.
 
-Shapes (SPEC section 1): GPT-2 small (batch 32, seq 64, hidden 768, fp32;
+Shapes (the paper's GPT-2 and CodeLlama runs): GPT-2 small (batch 32, seq 64, hidden 768, fp32;
 37 readers per layer call: 12 q + 12 k + 12 v + 1 mlp, and 1 for resid_post;
 up to 158 writers) and CodeLlama-13B (bf16; N = 1 or 8 x 72 x 5120; 121
 readers: 40 q + 40 k + 40 v + 1 mlp, and 1; up to 1,641 writers).

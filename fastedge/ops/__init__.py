@@ -8,7 +8,7 @@
 * `hard_concrete(log_alpha, *, training, u=None, generator=None)`,
   `hard_concrete_l0(log_alpha)`, `hard_concrete_deterministic(log_alpha)`
 
-See SPEC section 2. Each is registered with `torch.library` (namespace
+See the README's "The operations". Each is registered with `torch.library` (namespace
 `fastedge`), so it works with autograd, fake tensors and `torch.compile`.
 """
 from __future__ import annotations
@@ -203,7 +203,7 @@ def draw_noise(shape, *, generator: Optional[torch.Generator] = None, device=Non
 def hard_concrete(log_alpha: Tensor, *, training: bool, u: Optional[Tensor] = None,
                   generator: Optional[torch.Generator] = None,
                   backend: Optional[str] = None) -> Tensor:
-    """Hard-concrete masks ``z`` (SPEC section 1), elementwise.
+    """Hard-concrete masks ``z`` (docs/CONCEPTS.md section 3), elementwise.
 
     Training: ``s = sigmoid((log u - log(1 - u) + log_alpha) / beta)``,
     ``z = clamp(s * (r - l) + l, 0, 1)`` with ``u`` given (same shape as
@@ -240,7 +240,7 @@ def hard_concrete_l0(log_alpha: Tensor) -> Tensor:
 
 def hard_concrete_deterministic(log_alpha: Tensor) -> Tensor:
     """The evaluation mask ``sigmoid(0.8 * log_alpha / beta)`` (before the
-    circuit threshold of SPEC section 3)."""
+    circuit threshold of docs/CONCEPTS.md section 4)."""
     return torch.sigmoid(log_alpha * (constants.DETERMINISTIC_SCALE / constants.BETA))
 
 

@@ -1,5 +1,5 @@
 """Tasks for Edge Pruning: clean and corrupted inputs of the same shape and the
-positions whose next-token distributions are scored (SPEC section 1).
+positions whose next-token distributions are scored (docs/CONCEPTS.md section 3).
 
 Built-in tasks (``get_task(name, tokenizer, **options)``)::
 

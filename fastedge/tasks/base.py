@@ -2,7 +2,7 @@
 built-in tasks share.
 
 An `Example` is a clean token sequence and a corrupted one of the same length
-(SPEC section 1: the interchange ablation runs the model on the corrupted
+(docs/CONCEPTS.md section 2: the interchange ablation runs the model on the corrupted
 input). Both are a prompt followed by an answer; the clean and the corrupted
 prompts have the same number of tokens, and so do the two answers, so the
 *target positions* are the same in both: the positions ``p`` whose logits

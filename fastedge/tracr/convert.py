@@ -147,7 +147,7 @@ def _label_name(label: str) -> str:
 
 
 def writer_output_dims(model: TracrForCausalLM) -> dict[str, np.ndarray]:
-    """Per writer (SPEC names), the residual dimensions it can write: the
+    """Per writer (the names of docs/CONCEPTS.md), the residual dimensions it can write: the
     nonzero columns of its output map (embeddings: the embedding matrix; a
     head: W_V W_O; an MLP: W2 on the hidden units W1 feeds)."""
     cfg, t = model.config, model.transformer
@@ -158,7 +158,7 @@ def writer_output_dims(model: TracrForCausalLM) -> dict[str, np.ndarray]:
         wv = att.v_proj.weight.detach().view(H, d, -1)            # [H, d, D]
         wo = att.o_proj.weight.detach().t().reshape(H, d, -1)     # [H, d, D]
         bv = att.v_proj.bias.detach().view(H, d)
-        bo = att.o_proj.bias.detach() != 0   # split across the heads (SPEC section 1)
+        bo = att.o_proj.bias.detach() != 0   # split across the heads (docs/CONCEPTS.md section 1)
         for h in range(H):
             ov = wv[h].t().double() @ wo[h].double()               # [D_in, D_out]
             writes = (ov != 0).any(0) | (bv[h].double() @ wo[h].double() != 0) | bo

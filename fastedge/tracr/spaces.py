@@ -57,14 +57,14 @@ def _heads(model: TracrForCausalLM, layer: int):
 
 
 def write_dims(model: TracrForCausalLM) -> dict[str, np.ndarray]:
-    """Per writer (SPEC names), the residual dimensions it writes with a
+    """Per writer (the names of docs/CONCEPTS.md), the residual dimensions it writes with a
     nonzero weight: `fastedge.tracr.convert.writer_output_dims`."""
     from fastedge.tracr.convert import writer_output_dims
     return writer_output_dims(model)
 
 
 def read_dims(model: TracrForCausalLM, writes: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Per reader (SPEC names), the residual dimensions whose value can change
+    """Per reader (the names of docs/CONCEPTS.md), the residual dimensions whose value can change
     what the reader computes.
 
     * ``a{l}.h{i}.q`` and ``.k``: the head's attention pattern is
