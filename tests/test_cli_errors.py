@@ -188,9 +188,9 @@ def test_unsupported_architecture(folders, tmp_path, capsys):
 def test_missing_or_unreadable_files(folders, tmp_path, case, capsys):
     argv, expect = {
         "missing data": (["eval", "--model", folders["model"], "--data", str(tmp_path / "nope.jsonl")],
-                         "nope.jsonl: No such file or directory"),
+                         "no such data file: " + str(tmp_path / "nope.jsonl")),
         "data is a folder": (["eval", "--model", folders["model"], "--data", str(tmp_path)],
-                             ": Is a directory"),
+                             str(tmp_path) + ": not a datasets folder written by save_to_disk"),
         "missing circuit": (["eval", "--circuit", str(tmp_path / "c.json")], "c.json"),
         "draw missing": (["draw", str(tmp_path / "c.json")], "c.json"),
     }[case]
