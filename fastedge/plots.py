@@ -136,8 +136,7 @@ def history_plots(records: Sequence[dict], *, objective: str = "kl",
 
     fig, (ax,) = _new_figure()
     _line(ax, steps, _series(records, keep, "loss"), name="loss", color=COLORS["loss"], lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    _label_axes(ax, "loss", legend=False)
     plots.append(Plot("loss", "Loss", figure_svg(fig),
                       "The training objective of each step: the divergence plus the Lagrangian sparsity "
                       "terms." + note))
@@ -147,8 +146,7 @@ def history_plots(records: Sequence[dict], *, objective: str = "kl",
     values = _series(records, keep, "kl")
     _line(ax, steps, values, name="kl", color=COLORS["kl"], lw=1)
     _divergence_scale(ax, values)
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"{label} (training batch)")
+    _label_axes(ax, f"{label} (training batch)", legend=False)
     plots.append(Plot("kl", label, figure_svg(fig),
                       f"{label} to the full model with sampled masks, on each step's training batch; the "
                       f"extracted circuit's {label} on the validation split is in the table." + note))
@@ -167,9 +165,7 @@ def history_plots(records: Sequence[dict], *, objective: str = "kl",
     if circuit_edge_sparsity is not None and math.isfinite(circuit_edge_sparsity):
         ax.axhline(circuit_edge_sparsity, color=COLORS["edge"], lw=0.8, ls=":",
                    label=f"extracted circuit ({circuit_edge_sparsity:.4f})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("sparsity")
-    ax.legend(loc="best", fontsize=8)
+    _label_axes(ax, "sparsity")
     plots.append(Plot("sparsity", "Sparsity against the target", figure_svg(fig),
                       "Sparsity of the sampled masks (1 - kept / all) and the target, raised linearly over "
                       "the warm-up." + note))
@@ -180,13 +176,20 @@ def history_plots(records: Sequence[dict], *, objective: str = "kl",
         if _has(records, key):
             _line(ax, steps, _series(records, keep, key), name=key, color=color, lw=1, ls=ls,
                   label=key.replace("node_lambda", "node lambda").replace("lambda", "λ"))
-    ax.set_xlabel("step")
-    ax.set_ylabel("multiplier")
-    ax.legend(loc="best", fontsize=8)
+    _label_axes(ax, "multiplier")
     plots.append(Plot("multipliers", "Lagrange multipliers", figure_svg(fig),
                       "λ1 and λ2 of the sparsity penalty λ1 (s - t) + λ2 (s - t)², trained by gradient "
                       "ascent." + note))
     return plots
+
+
+def _label_axes(ax, ylabel: str, *, legend: bool = True) -> None:
+    """A history plot's axes: steps along x, `ylabel` up, the legend (if
+    any) where it fits."""
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    if legend:
+        ax.legend(loc="best", fontsize=8)
 
 
 def _curve(points: Sequence[dict]) -> list[tuple[float, float]]:

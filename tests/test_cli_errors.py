@@ -78,12 +78,16 @@ def _no_loading_bars():
         hf_logging.enable_progress_bar()
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli-errors")
+def make_folders(root) -> dict:
+    """A tiny GPT-2 with its tokenizer and a JSONL task for it, under `root`."""
     data = root / "data.jsonl"
     data.write_text("\n".join(_lines()) + "\n")
     return {"root": root, "data": str(data), "model": _save_gpt2(root / "tiny")}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return make_folders(tmp_path_factory.mktemp("cli-errors"))
 
 
 @pytest.fixture(scope="module")

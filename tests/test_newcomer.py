@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fastedge.cli import build_parser, main
-from test_cli_errors import FAST, _lines, _save_gpt2
+from test_cli_errors import FAST, make_folders
 
 ROOT = Path(__file__).resolve().parents[1]
 prune_module = importlib.import_module("fastedge.prune")  # fastedge.prune is also a function
@@ -25,10 +25,7 @@ prune_module = importlib.import_module("fastedge.prune")  # fastedge.prune is al
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("newcomer")
-    data = root / "data.jsonl"
-    data.write_text("\n".join(_lines()) + "\n")
-    return {"root": root, "data": str(data), "model": _save_gpt2(root / "tiny")}
+    return make_folders(tmp_path_factory.mktemp("newcomer"))
 
 
 @pytest.fixture(autouse=True)
