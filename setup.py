@@ -98,7 +98,8 @@ setup(
     ],
     # the test extra brings Tracr too, so that the README's test command runs
     # the Tracr tests instead of skipping them
-    extras_require={"test": ["pytest>=7", "expecttest", "tracr-pypi", "pyarrow", "datasets"],
+    extras_require={"test": ["pytest>=7", "pytest-xdist", "expecttest", "tracr-pypi", "pyarrow",
+                             "datasets"],
                     # fastedge.tracr: compile RASP programs (tracr-pypi pulls JAX, Haiku, chex)
                     "tracr": ["tracr-pypi"],
                     # --data: parquet files, Hugging Face datasets folders (fastedge.tasks.files)

@@ -21,6 +21,14 @@ if not torch.cuda.is_available():
 # backend; a user's own XLA_FLAGS win.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 
+# The suite runs in two processes (pytest-xdist, `-n 2` in pyproject.toml): one
+# thread each, or four threads would fight over two cores (measured: tiny
+# models run up to 10 times slower under that contention). Subprocesses the
+# tests start inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
 import pytest  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
