@@ -49,7 +49,9 @@ RESULTS = "bench/results"             # benchmark output: never part of a revisi
 # Paths the fingerprint leaves out: what .gitignore ignores (build output,
 # caches) and hidden paths (.git, carried folders such as .whl), so that a
 # copy of the tree and its checkout hash the same files.
-_SKIP_DIRS = {"__pycache__", "build", "dist"}
+# ignored by git, so never carried to the device: the build's outputs and
+# the main job's default output folder (.gitignore)
+_SKIP_DIRS = {"__pycache__", "build", "dist", "fastedge-out"}
 _SKIP_SUFFIXES = (".pyc", ".so", ".tmp", ".egg-info")
 
 

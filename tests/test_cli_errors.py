@@ -414,7 +414,11 @@ def test_sigint_to_a_running_prune(folders, tmp_path):
            folders["data"], "--steps", "100000", "--batch-size", "2", "--no-progress",
            "--checkpoint-every", "1", "--out", str(out)]
     env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1")  # no loading bars on stderr
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # SIGINT as a terminal delivers it: a shell's background job (`.ci/run &`)
+    # or a pytest-xdist worker may ignore SIGINT, and a child inherits that
+    # (Python then installs no KeyboardInterrupt handler at all)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     latest = out / "checkpoints" / "latest.pt"
     deadline = time.time() + 300   # a loaded machine (CI) can take minutes to the first checkpoint
     while not latest.exists() and time.time() < deadline and proc.poll() is None:

@@ -258,7 +258,7 @@ def test_cli_reads_csv_with_column_flags_and_names_a_bad_row(tmp_path, capsys, g
     capsys.readouterr()
     assert main(["prune", "--model", str(folder), "--data", str(path), "--clean-column", "prompt",
                  "--corrupted-column", "other", "--target-column", "answer", "--steps", "1",
-                 "--out", str(out)]) == 2
+                 "--out", str(tmp_path / "run-bad")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert f"fastedge: {path}:7: unknown split 'held-out'" in err
