@@ -265,7 +265,6 @@ def _check_local_folder(name: str) -> None:
 def load_tracr_model_and_task(args, device):
     """``--model tracr:<program>``: compile the named RASP program
     (`fastedge.tracr.programs`); the task is its input space."""
-    import torch
     import fastedge.tracr as ft
     program = args.model[len(TRACR_PREFIX):]
     if args.task or args.data:
@@ -277,10 +276,10 @@ def load_tracr_model_and_task(args, device):
         raise CliError(str(exc)) from None
     if not ft.tracr_available():
         raise CliError(f"--model {args.model} needs Tracr: pip install -e \".[tracr]\"")
-    # Tracr models are a few dozen dimensions wide: one thread is fastest
-    torch.set_num_threads(1)
     tm = ft.programs.load(program)
     model = tm.model.to(device).eval()
+    from fastedge.threads import pick_cpu_threads
+    pick_cpu_threads(model, device)   # a few dozen dimensions wide: one thread, as for any tiny model
     task = ft.task(tm, n_examples=args.n_examples, seed=args.seed)
     return model, task, args.model
 
