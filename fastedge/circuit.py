@@ -98,7 +98,7 @@ from fastedge.graph import edge_indices as _edge_indices
 from fastedge.graph import writer_indices as _writer_indices
 
 __all__ = ["Circuit", "extract_circuit", "extract_circuit_by_threshold", "compare_circuits", "CIRCUIT_FORMAT",
-           "prune_dead_edges", "deterministic_edge_masks"]
+           "prune_dead_edges", "deterministic_edge_masks", "circuit_from_scores"]
 
 CIRCUIT_FORMAT = "fastedge.Circuit/1"
 ABLATIONS = ("interchange", "zero", "mean")
@@ -377,6 +377,83 @@ class Circuit:
         with open(path, "w") as f:
             json.dump(self.to_edge_list(), f)
 
+    # -- from attribution scores -------------------------------------------------------------------
+
+    @classmethod
+    def from_scores(cls, scores, n_edges: Optional[int] = None, sparsity: Optional[float] = None, *,
+                    absolute: bool = True, prune_dead: bool = True, graph: Optional[EdgeGraph] = None,
+                    ablation: Optional[str] = None, model_name: Optional[str] = None,
+                    task: Optional[str] = None) -> "Circuit":
+        """The circuit of the top-scoring edges, with exactly `n_edges` edges
+        (or ``round((1 - sparsity) * graph edges)``) after dead-edge pruning.
+
+        `scores`: `fastedge.attribution.EdgeScores`, or per-group ``[R_g,
+        W_g]`` tensors / one ``[n_edges]`` tensor in graph edge order with
+        `graph`. Edges rank by ``|score|`` (``absolute=False``: by the signed
+        score), ties in graph edge order. Then (`circuit_from_scores`):
+
+        1. the longest prefix of the ranking whose pruned circuit (the same
+           dead-edge pruning as extraction from masks, `prune_dead_edges`,
+           forward rule under interchange ablation only) has at most the
+           requested count: pruning can only add edges back as the prefix
+           grows, so a binary search finds it;
+        2. when pruning left it short (the next edge would complete a path
+           and bring several edges at once), the following edges in rank
+           order are added one at a time wherever the pruned circuit grows
+           and stays within the count, until it is reached (an edge that
+           pruning would remove on its own is skipped).
+
+        The count is then exact whenever some order of additions reaches it;
+        otherwise (tried: `FILL_ATTEMPTS` edges) the circuit has the closest
+        count below, a `UserWarning` says why, and ``info["count_note"]``
+        records it. ``info`` also records the prefix length and how many
+        edges the fill added. Nodes are the writers with a kept out-edge."""
+        from fastedge.attribution import EdgeScores
+        if isinstance(scores, EdgeScores):
+            if graph is not None and graph != scores.graph:
+                raise ValueError("graph= differs from the scores' graph")
+            graph = scores.graph
+            flat = scores.flat()
+            ablation = scores.ablation if ablation is None else ablation
+            model_name = scores.model_name if model_name is None else model_name
+            task = scores.task if task is None else task
+            meta = {"d_model": scores.d_model} if scores.d_model else {}
+            method = scores.method
+        else:
+            if graph is None:
+                raise ValueError("scores given as tensors need graph= (the EdgeGraph they belong to)")
+            if isinstance(scores, (list, tuple)):
+                _check_masks(list(scores), None, graph)
+                flat = torch.cat([torch.as_tensor(t).detach().double().cpu().flatten() for t in scores])
+            else:
+                flat = torch.as_tensor(scores).detach().double().cpu()
+                if flat.shape != (graph.n_edges,):
+                    raise ValueError(f"scores must be [{graph.n_edges}] (graph edge order) or one tensor "
+                                     f"per reader group, got {list(flat.shape)}")
+            meta, method = {}, ""
+        ablation = ablation or "interchange"
+        if ablation not in ABLATIONS:
+            raise ValueError(f"ablation must be one of {', '.join(ABLATIONS)}, got {ablation!r}")
+        if (n_edges is None) == (sparsity is None):
+            raise ValueError("give exactly one of n_edges= and sparsity=")
+        if sparsity is not None:
+            if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity <= 1:
+                raise ValueError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
+            n_edges = int(round((1.0 - float(sparsity)) * graph.n_edges))
+        elif isinstance(n_edges, bool) or not isinstance(n_edges, int) or not 0 <= n_edges <= graph.n_edges:
+            raise ValueError(f"n_edges must be an integer in [0, {graph.n_edges}], got {n_edges!r}")
+        if torch.isnan(flat).any():
+            raise ValueError(f"scores contain NaN ({int(torch.isnan(flat).sum())} edges)")
+        kept, info = circuit_from_scores(flat.abs() if absolute else flat, graph, n_edges,
+                                         forward=prune_dead and ablation == "interchange", prune_dead=prune_dead)
+        info.update(meta, method="scores", scores_method=method, absolute=bool(absolute),
+                    prune_dead=bool(prune_dead))
+        edge_w, _ = _edge_endpoints(graph)
+        writers = sorted(set(edge_w[kept].tolist()))
+        return cls(edges=[graph.edge(i) for i in torch.nonzero(kept).flatten().tolist()],
+                   nodes=[graph.writers[i] for i in writers], graph=graph, model_name=model_name or "",
+                   task=task or "", ablation=ablation, scores=flat.float(), info=info)
+
     # -- EAP-IG / MIB -------------------------------------------------------------------------------
 
     def to_eap_graph_json(self, path: Optional[PathLike] = None, *, d_model: Optional[int] = None,
@@ -591,6 +668,59 @@ def prune_dead_edges(kept: Tensor, graph: EdgeGraph, *, forward: bool = True) ->
                 alive = reaches[mlp[grp.layer]].view(1)
             m &= alive.unsqueeze(1)
             reaches[: grp.n_writers] |= m.any(0)
+
+
+FILL_ATTEMPTS = 4096  # edges `circuit_from_scores` tries one at a time after the prefix
+
+
+def circuit_from_scores(values: Tensor, graph: EdgeGraph, n_target: int, *, forward: bool,
+                        prune_dead: bool = True) -> tuple[Tensor, dict]:
+    """(kept [n_edges] bool, info) of `Circuit.from_scores`: the edges rank by
+    `values` (descending; ties in graph edge order); the longest prefix
+    whose pruned size is at most `n_target`, then single edges in rank order
+    that keep it within the count, until the count is reached."""
+    order = torch.argsort(values, descending=True, stable=True)
+
+    def finish(raw):
+        return prune_dead_edges(raw, graph, forward=forward) if prune_dead else raw
+
+    def top(k):
+        raw = torch.zeros(graph.n_edges, dtype=torch.bool)
+        raw[order[:k]] = True
+        return raw
+
+    lo, hi = 0, graph.n_edges          # largest k with |finish(top(k))| <= n_target
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if int(finish(top(mid)).sum()) <= n_target:
+            lo = mid
+        else:
+            hi = mid - 1
+    raw = top(lo)
+    kept = finish(raw)
+    count, filled, tried = int(kept.sum()), 0, 0
+    for i in order[lo:].tolist():
+        if count == n_target or tried >= FILL_ATTEMPTS:
+            break
+        tried += 1
+        raw[i] = True
+        trial = finish(raw)
+        n = int(trial.sum())
+        if count < n <= n_target:
+            kept, count, filled = trial, n, filled + 1
+        else:   # too many at once, or pruned away alone (kept out: it could bring a path later)
+            raw[i] = False
+    info = {"target_n_edges": int(n_target), "n_edges_prefix": int(lo), "n_edges_filled": filled}
+    if count != n_target:
+        note = (f"{count} edges instead of the {n_target} requested: every further edge tried "
+                f"({tried}, in rank order) either brings more than {n_target - count} edges at once or "
+                f"is pruned away on its own (an edge into a head or MLP with no path to the output, or "
+                f"out of one that nothing feeds, is pruned until its path completes, and then the path "
+                f"comes whole)")
+        info["count_note"] = note
+        import warnings
+        warnings.warn(note, stacklevel=3)
+    return kept, info
 
 
 # ---------------------------------------------------------------------------------------------
