@@ -150,6 +150,24 @@ class EdgeScores:
 
     # -- files --------------------------------------------------------------------------------------
 
+    def to_eap_graph_json(self, path=None, *, in_graph=None, d_model: Optional[int] = None) -> dict:
+        """The scores as EAP-IG's graph JSON (the MIB circuit track's format),
+        written to `path` when given: `fastedge.eap_graph.scores_to_eap_graph_json`,
+        whose module docstring gives the mapping (the embedding writers summed
+        into ``input``, each grouped k/v reader's score split evenly over its
+        query heads' copies, ``resid_post`` as ``logits``). `in_graph`: None
+        (no edge marked), True (all) or a `fastedge.Circuit`."""
+        from fastedge.eap_graph import scores_to_eap_graph_json
+        return scores_to_eap_graph_json(self, path, in_graph=in_graph, d_model=d_model)
+
+    @classmethod
+    def from_eap_graph_json(cls, path_or_dict, graph: EdgeGraph, **meta) -> "EdgeScores":
+        """Scores of `graph` from an EAP-IG graph JSON (a path or the dict):
+        `fastedge.eap_graph.scores_from_eap_graph_json` (``input``'s score to
+        the first embedding writer, k/v copies summed)."""
+        from fastedge.eap_graph import scores_from_eap_graph_json
+        return scores_from_eap_graph_json(path_or_dict, graph, **meta)
+
     def to_dict(self) -> dict:
         return {"format": SCORES_FORMAT, "graph": self.graph.to_dict(), "scores": self.scores,
                 "method": self.method, "sign": self.sign, "metric": self.metric, "ig_steps": self.ig_steps,
