@@ -245,6 +245,9 @@ def load_masks_as_scores(path, *, d_model: Optional[int] = None):
     from fastedge.graph import EdgeGraph
     from fastedge.prune import load_checkpoint_file
     state = load_checkpoint_file(path, "masks file")
+    if state.get("format") == "fastedge.scores/1":
+        raise ValueError(f"{os.fspath(path)} holds attribution scores (fastedge attribute), not a pruning run's "
+                         f"masks: give it as scores (export-mib --scores)")
     if "graph" not in state or "edge_model" not in state:
         raise ValueError(f"{os.fspath(path)}: a masks file holds the graph and the edge model's masks; this "
                          f"one has {', '.join(sorted(state))}")
