@@ -189,3 +189,14 @@ def test_refusals_are_one_line(folders, eap_ig, tmp_path, capsys):
     assert "holds attribution scores" in line
     line = _refused(capsys, ["eval", *_model_args(folders), "--circuit", "c.json", "--rank", "abs"])
     assert "--rank" in line
+
+
+def test_help_of_the_new_commands(capsys):
+    for argv in (["attribute", "--help"], ["export-mib", "--help"], ["eval", "--help"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--method", "--ig-steps", "--metric", "--sign", "--split", "--eap-json", "--model-tag",
+                   "--task-tag", "--form", "--fractions", "--d-model", "--scores", "--rank"):
+        assert option in text, option
