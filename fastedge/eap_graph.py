@@ -28,9 +28,12 @@ into the MLP; finally into ``logits``). Its graph differs from fastedge's
   input's gradient is the sum of the copies' gradients, so the copies'
   scores sum to fastedge's. Reading back, the copies are summed (as
   ``H / H_kv`` times the copy when they are all equal, so that an exported
-  file reads back to the same floats). A copy is in the graph when the
-  reader's edge is; reading a circuit back, a reader's edge is kept when
-  any copy is. With grouped heads ``cfg`` also carries
+  file reads back to the same floats). In a circuit, a copy is in the graph
+  when the reader's edge is *and* the circuit keeps its query head (the
+  head is among its nodes): a copy into a head whose output goes nowhere
+  cannot change the output, would count against MIB's size limits, and
+  EAP-IG's own ``Graph.prune`` would remove it. Reading a circuit back, a
+  reader's edge is kept when any copy is. With grouped heads ``cfg`` also carries
   ``n_key_value_heads`` (EAP-IG ignores keys it does not use).
 
 ``resid_post`` is ``logits``; heads ``a{l}.h{i}`` and MLPs ``m{l}`` keep
@@ -76,12 +79,14 @@ class EapLayout:
     fastedge reader its child reads through (a k/v copy: the shared k/v
     reader); ``writer[k]`` the fastedge writer of its parent, -1 for
     ``input`` (all embedding writers); ``kv_copy[k]`` whether the child is a
-    k or v input (one of ``H / H_kv`` copies)."""
+    k or v input (one of ``H / H_kv`` copies); ``head[k]`` the writer index
+    of the child's query head (-1 for an MLP or ``logits`` child)."""
     graph: EdgeGraph
     names: tuple
     reader: Tensor
     writer: Tensor
     kv_copy: Tensor
+    head: Tensor
     node_names: tuple
 
     @property
@@ -113,20 +118,22 @@ def eap_layout(graph: EdgeGraph) -> EapLayout:
 def _build_layout(g: EdgeGraph) -> EapLayout:
     n_emb, H, gs = len(g.embeddings), g.n_heads, g.n_heads // g.n_kv_heads
     ri = g.reader_index
-    names, readers, writers, kv = [], [], [], []
+    names, readers, writers, kv, child_heads = [], [], [], [], []
     stream = [("input", -1)]            # EAP parents upstream so far: (name, fastedge writer or -1)
 
-    def add(parent, child: str, reader: int, is_kv: bool) -> None:
+    def add(parent, child: str, reader: int, is_kv: bool, head: int = -1) -> None:
         names.append(f"{parent[0]}->{child}")
         readers.append(reader)
         writers.append(parent[1])
         kv.append(is_kv)
+        child_heads.append(head)
 
     def into_heads(parent, layer: int) -> None:
         for i in range(H):
-            add(parent, f"a{layer}.h{i}<q>", ri[f"a{layer}.h{i}.q"], False)
-            add(parent, f"a{layer}.h{i}<k>", ri[f"a{layer}.h{i // gs}.k"], True)
-            add(parent, f"a{layer}.h{i}<v>", ri[f"a{layer}.h{i // gs}.v"], True)
+            head = g.writer_index[f"a{layer}.h{i}"]
+            add(parent, f"a{layer}.h{i}<q>", ri[f"a{layer}.h{i}.q"], False, head)
+            add(parent, f"a{layer}.h{i}<k>", ri[f"a{layer}.h{i // gs}.k"], True, head)
+            add(parent, f"a{layer}.h{i}<v>", ri[f"a{layer}.h{i // gs}.v"], True, head)
 
     node_names = ["input"]
     for layer in range(g.n_layers):
@@ -149,7 +156,7 @@ def _build_layout(g: EdgeGraph) -> EapLayout:
     assert n_emb >= 1
     return EapLayout(graph=g, names=tuple(names), reader=torch.tensor(readers, dtype=torch.long),
                      writer=torch.tensor(writers, dtype=torch.long), kv_copy=torch.tensor(kv, dtype=torch.bool),
-                     node_names=tuple(node_names))
+                     head=torch.tensor(child_heads, dtype=torch.long), node_names=tuple(node_names))
 
 
 def eap_cfg(graph: EdgeGraph, d_model: int) -> dict:
@@ -231,10 +238,11 @@ def eap_to_scores(eap: Tensor, graph: EdgeGraph) -> Tensor:
     return out
 
 
-def kept_to_eap(kept: Tensor, graph: EdgeGraph) -> Tensor:
+def kept_to_eap(kept: Tensor, graph: EdgeGraph, nodes: Optional[Tensor] = None) -> Tensor:
     """Which EAP-IG edges ([K] bool) a set of kept fastedge edges ([n_edges]
-    bool) keeps: ``input -> child`` when any embedding's edge is kept, every
-    k/v copy of a kept k/v edge."""
+    bool) keeps: ``input -> child`` when any embedding's edge is kept, the
+    k/v copies of a kept k/v edge; with `nodes` (``[n_writers]`` bool, the
+    circuit's writers) only the copies into query heads among them."""
     lay = eap_layout(graph)
     kept = _flat(kept, graph, "kept").bool()
     out = kept[lay.fastedge_edge()]
@@ -244,7 +252,20 @@ def kept_to_eap(kept: Tensor, graph: EdgeGraph) -> Tensor:
         for per in _per_embedding(kept, lay):
             anyone |= per
         out = torch.where(from_input, anyone, out)
+    if nodes is not None and lay.kv_copy.any():
+        nodes = torch.as_tensor(nodes).bool().cpu()
+        if nodes.shape != (graph.n_writers,):
+            raise ValueError(f"nodes must be [{graph.n_writers}] bool (one per writer), got {list(nodes.shape)}")
+        out &= ~lay.kv_copy | nodes[lay.head.clamp(min=0)]
     return out
+
+
+def _circuit_kept(circuit) -> Tensor:
+    """A circuit's EAP-IG edges: k/v copies only into the query heads it keeps."""
+    g = circuit.graph
+    nodes = torch.zeros(g.n_writers, dtype=torch.bool)
+    nodes[[g.writer_index[w] for w in circuit.nodes]] = True
+    return kept_to_eap(circuit.edge_mask(), g, nodes)
 
 
 def eap_to_kept(eap_kept: Tensor, graph: EdgeGraph) -> Tensor:
@@ -268,7 +289,7 @@ def eap_to_kept(eap_kept: Tensor, graph: EdgeGraph) -> Tensor:
 
 def eap_edge_count_of(circuit) -> int:
     """A `fastedge.Circuit`'s size in EAP-IG's graph (MIB's count)."""
-    return int(kept_to_eap(circuit.edge_mask(), circuit.graph).sum())
+    return int(_circuit_kept(circuit).sum())
 
 
 # -- the JSON ----------------------------------------------------------------------------------------
@@ -332,7 +353,7 @@ def scores_to_eap_graph_json(scores, path: Optional[PathLike] = None, *, in_grap
     elif isinstance(in_graph, Circuit):
         if in_graph.graph != graph:
             raise ValueError("in_graph is a circuit of another graph than the scores'")
-        kept, nodes = kept_to_eap(in_graph.edge_mask(), graph), _node_flags(lay, set(in_graph.nodes), False)
+        kept, nodes = _circuit_kept(in_graph), _node_flags(lay, set(in_graph.nodes), False)
     else:
         raise TypeError(f"in_graph must be None, True or a Circuit, got {type(in_graph).__name__}")
     d = _assemble(lay, eap_cfg(graph, int(d_model)), scores_to_eap(scores.flat(), graph), kept, nodes)
@@ -349,7 +370,7 @@ def circuit_to_eap_graph_json(circuit, path: Optional[PathLike] = None, *, d_mod
     if d_model is None:
         raise ValueError("EAP-IG's graph config needs the model's hidden size: pass d_model=")
     lay = eap_layout(circuit.graph)
-    kept = kept_to_eap(circuit.edge_mask(), circuit.graph)
+    kept = _circuit_kept(circuit)
     d = _assemble(lay, eap_cfg(circuit.graph, int(d_model)), kept.double(), kept,
                   _node_flags(lay, set(circuit.nodes), False))
     return _write(d, path)

@@ -153,11 +153,13 @@ def test_circuit_round_trip(arch, tmp_path):
     scores = _random_scores(graph, 2, d_model)
     circuit = Circuit.from_scores(scores, n_edges=graph.n_edges // 7)
     d = circuit_to_eap_graph_json(circuit, tmp_path / "c.json", d_model=d_model)
-    # kept EAP edges, written out from the names: any kept embedding edge keeps input's, k/v copies follow
-    kept = circuit.edge_set()
+    # kept EAP edges, written out from the names: any kept embedding edge keeps input's; a k/v edge's
+    # copies into the query heads the circuit keeps (a copy into a head with no out-edge cannot matter)
+    kept, nodes = circuit.edge_set(), set(circuit.nodes)
     for name, edge in d["edges"].items():
         parent, child = name.split("->")
         writers = list(graph.embeddings) if parent == "input" else [parent]
+        head_kept = True
         if child == "logits":
             reader = "resid_post"
         elif "<" in child:
@@ -165,9 +167,10 @@ def test_circuit_round_trip(arch, tmp_path):
             layer, i = head.split(".h")
             group = graph.n_heads // graph.n_kv_heads
             reader = f"{head}.q" if letter == "q" else f"{layer}.h{int(i) // group}.{letter}"
+            head_kept = letter == "q" or head in nodes
         else:
             reader = child
-        assert edge["in_graph"] == any((w, reader) in kept for w in writers), name
+        assert edge["in_graph"] == (any((w, reader) in kept for w in writers) and head_kept), name
         assert edge["score"] == (1.0 if edge["in_graph"] else 0.0)
     assert sum(e["in_graph"] for e in d["edges"].values()) == eap_edge_count_of(circuit)
     loaded = circuit_from_eap_graph_json(tmp_path / "c.json", graph)
