@@ -62,7 +62,7 @@ from torch import Tensor
 from fastedge.graph import EdgeGraph
 
 __all__ = ["EapLayout", "eap_layout", "eap_cfg", "eap_edge_count", "eap_edge_count_of", "scores_to_eap",
-           "eap_to_scores", "kept_to_eap", "eap_to_kept", "scores_to_eap_graph_json",
+           "eap_to_scores", "kept_to_eap", "eap_to_kept", "eap_edge_count_of_kept", "scores_to_eap_graph_json",
            "scores_from_eap_graph_json", "circuit_to_eap_graph_json", "circuit_from_eap_graph_json",
            "read_eap_graph_json"]
 
@@ -88,6 +88,7 @@ class EapLayout:
     kv_copy: Tensor
     head: Tensor
     node_names: tuple
+    edge_writer: Tensor             # [n_edges] writer index of each fastedge edge
 
     @property
     def n_edges(self) -> int:
@@ -156,7 +157,8 @@ def _build_layout(g: EdgeGraph) -> EapLayout:
     assert n_emb >= 1
     return EapLayout(graph=g, names=tuple(names), reader=torch.tensor(readers, dtype=torch.long),
                      writer=torch.tensor(writers, dtype=torch.long), kv_copy=torch.tensor(kv, dtype=torch.bool),
-                     head=torch.tensor(child_heads, dtype=torch.long), node_names=tuple(node_names))
+                     head=torch.tensor(child_heads, dtype=torch.long), node_names=tuple(node_names),
+                     edge_writer=torch.cat([torch.arange(grp.n_writers).repeat(grp.n_readers) for grp in g.groups]))
 
 
 def eap_cfg(graph: EdgeGraph, d_model: int) -> dict:
@@ -290,6 +292,15 @@ def eap_to_kept(eap_kept: Tensor, graph: EdgeGraph) -> Tensor:
 def eap_edge_count_of(circuit) -> int:
     """A `fastedge.Circuit`'s size in EAP-IG's graph (MIB's count)."""
     return int(_circuit_kept(circuit).sum())
+
+
+def eap_edge_count_of_kept(kept: Tensor, graph: EdgeGraph) -> int:
+    """`eap_edge_count_of` the circuit of kept fastedge edges ([n_edges]
+    bool) whose nodes are the writers with a kept out-edge."""
+    kept = _flat(kept, graph, "kept").bool()
+    nodes = torch.zeros(graph.n_writers, dtype=torch.bool)
+    nodes[eap_layout(graph).edge_writer[kept]] = True
+    return int(kept_to_eap(kept, graph, nodes).sum())
 
 
 # -- the JSON ----------------------------------------------------------------------------------------

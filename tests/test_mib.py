@@ -252,7 +252,7 @@ def test_binary_circuits_respect_mibs_limits(tmp_path):
         # it is the top edges by |score| (after dead-edge pruning), as fastedge builds them
         row = next(r for r in result["circuits"] if r["fraction"] == fraction)
         assert row["n_edges_mib"] == n and row["limit"] == int(fraction * total)
-        rebuilt = Circuit.from_scores(scores, n_edges=row["n_edges"])
+        rebuilt = Circuit.from_scores(scores, n_edges=row["n_edges_requested"])
         assert circuit_to_eap_graph_json(rebuilt, d_model=48) == d
     # with these random scores the limits are met within a few edges (not a promise in general)
     assert previous >= int(0.5 * total) - 5
