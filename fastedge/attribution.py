@@ -205,6 +205,11 @@ def _replace(s: EdgeScores, **changes) -> EdgeScores:
 
 # -- metrics ----------------------------------------------------------------------------------------
 
+def _upcast(logits: Tensor) -> Tensor:
+    """Logits in float32 at least (float64 stays float64)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 def _target_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Per-row mean of ``values`` [B, S] over the positions where ``mask`` [B, S] holds."""
     mask = mask.to(values.dtype)
@@ -214,7 +219,7 @@ def _target_mean(values: Tensor, mask: Tensor) -> Tensor:
 def logit_diff(logits: Tensor, batch) -> Tensor:
     """Per example: logit of the clean answer minus that of the corrupted
     answer, averaged over the example's target positions ([B])."""
-    logits = logits.float()
+    logits = _upcast(logits)
     target = batch.target_mask.to(logits.device)
     clean = batch.clean_answer.to(logits.device).clamp(min=0)
     corrupted = batch.corrupted_answer.to(logits.device).clamp(min=0)
@@ -225,14 +230,14 @@ def logit_diff(logits: Tensor, batch) -> Tensor:
 def answer_logprob(logits: Tensor, batch) -> Tensor:
     """Per example: log-probability of the clean answer, averaged over the
     example's target positions ([B])."""
-    log_p = F.log_softmax(logits.float(), dim=-1)
+    log_p = F.log_softmax(_upcast(logits), dim=-1)
     clean = batch.clean_answer.to(logits.device).clamp(min=0)
     return _target_mean(log_p.gather(-1, clean[..., None])[..., 0], batch.target_mask.to(logits.device))
 
 
 def kl_to_full(logits: Tensor, full_log_probs: Tensor, where: Tensor) -> Tensor:
     """Per example: KL(p_full || p) averaged over the positions `where` ([B])."""
-    log_p = F.log_softmax(logits.float(), dim=-1)
+    log_p = F.log_softmax(_upcast(logits), dim=-1)
     kl = (full_log_probs.exp() * (full_log_probs - log_p)).sum(-1)
     return _target_mean(kl, where)
 
@@ -428,12 +433,12 @@ def _attribute_batch(em, batch, method: str, steps: int, scorer: _Metric, device
     if method == "eap":
         with torch.enable_grad():
             out = em(ids, corrupted, attention_mask=attention, seed=0)
-            full = F.log_softmax(out.logits.detach().float(), -1) if scorer.needs_full else None
+            full = F.log_softmax(_upcast(out.logits.detach()), -1) if scorer.needs_full else None
             _backward(scorer(out.logits, batch, full))
         return 1
     clean = em.writer_deltas(ids, corrupted, attention_mask=attention)
     deltas = clean.writer_deltas
-    full = F.log_softmax(clean.logits.float(), -1) if scorer.needs_full else None
+    full = F.log_softmax(_upcast(clean.logits), -1) if scorer.needs_full else None
     g = em.graph
     n_emb = len(g.embeddings)
     if method == "eap-ig-inputs":
