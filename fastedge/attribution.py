@@ -39,7 +39,10 @@ input (interchange, the default), zero, or means.
 
 Metrics: ``"logit_diff"`` (logit of the clean answer minus that of the
 corrupted answer, averaged over an example's target positions; the default
-for tasks), ``"kl"`` (KL(p_full || p) at the target positions, averaged;
+for tasks), ``"logprob"`` (log-probability of the clean answer, averaged
+likewise; the default for tasks whose clean and corrupted answers are the
+same tokens, such as induction, where the logit difference is 0
+everywhere), ``"kl"`` (KL(p_full || p) at the target positions, averaged;
 for raw tensors, over every non-padded position; note that its gradient at
 the full model is 0, so EAP with ``"kl"`` scores every edge 0 to first
 order: use it with the EAP-IG methods), or a callable mapping logits
@@ -71,7 +74,7 @@ from fastedge.graph import EdgeGraph
 
 METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations")
 SIGNS = ("gate", "eap-ig")
-METRICS = ("logit_diff", "kl")
+METRICS = ("logit_diff", "logprob", "kl")
 SCORES_FORMAT = "fastedge.scores/1"
 
 
@@ -220,6 +223,11 @@ def _replace(s: EdgeScores, **changes) -> EdgeScores:
 
 # -- metrics ----------------------------------------------------------------------------------------
 
+def _upcast(logits: Tensor) -> Tensor:
+    """Logits in float32 at least (float64 stays float64)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 def _target_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Per-row mean of ``values`` [B, S] over the positions where ``mask`` [B, S] holds."""
     mask = mask.to(values.dtype)
@@ -229,7 +237,7 @@ def _target_mean(values: Tensor, mask: Tensor) -> Tensor:
 def logit_diff(logits: Tensor, batch) -> Tensor:
     """Per example: logit of the clean answer minus that of the corrupted
     answer, averaged over the example's target positions ([B])."""
-    logits = logits.float()
+    logits = _upcast(logits)
     target = batch.target_mask.to(logits.device)
     clean = batch.clean_answer.to(logits.device).clamp(min=0)
     corrupted = batch.corrupted_answer.to(logits.device).clamp(min=0)
@@ -237,9 +245,17 @@ def logit_diff(logits: Tensor, batch) -> Tensor:
     return _target_mean(diff, target)
 
 
+def answer_logprob(logits: Tensor, batch) -> Tensor:
+    """Per example: log-probability of the clean answer, averaged over the
+    example's target positions ([B])."""
+    log_p = F.log_softmax(_upcast(logits), dim=-1)
+    clean = batch.clean_answer.to(logits.device).clamp(min=0)
+    return _target_mean(log_p.gather(-1, clean[..., None])[..., 0], batch.target_mask.to(logits.device))
+
+
 def kl_to_full(logits: Tensor, full_log_probs: Tensor, where: Tensor) -> Tensor:
     """Per example: KL(p_full || p) averaged over the positions `where` ([B])."""
-    log_p = F.log_softmax(logits.float(), dim=-1)
+    log_p = F.log_softmax(_upcast(logits), dim=-1)
     kl = (full_log_probs.exp() * (full_log_probs - log_p)).sum(-1)
     return _target_mean(kl, where)
 
@@ -247,18 +263,23 @@ def kl_to_full(logits: Tensor, full_log_probs: Tensor, where: Tensor) -> Tensor:
 class _Metric:
     """One value per example from a run's logits: a named metric or a callable."""
 
-    def __init__(self, metric, has_task: bool):
-        if metric is None:
-            metric = "logit_diff" if has_task else None
+    def __init__(self, metric, has_task: bool, same_answers: bool = False):
+        if metric is None and has_task:
+            metric = "logprob" if same_answers else "logit_diff"
+        elif metric == "logit_diff" and same_answers:
+            import warnings
+            warnings.warn("metric 'logit_diff' is 0 for every example of this task (its clean and corrupted "
+                          "answers are the same tokens), so every score is 0; use 'logprob', or 'kl' with an "
+                          "EAP-IG method", stacklevel=3)
         if metric is None:
             raise ValueError("attribution on raw tensors needs metric=: 'kl', or a callable mapping "
                              "logits [B, S, V] to one value per example")
         if isinstance(metric, str):
             if metric not in METRICS:
                 raise ValueError(f"metric must be one of {', '.join(METRICS)} or a callable, got {metric!r}")
-            if metric == "logit_diff" and not has_task:
-                raise ValueError("metric 'logit_diff' needs a task (its clean and corrupted answers); "
-                                 "with raw tensors pass metric='kl' or a callable")
+            if metric in ("logit_diff", "logprob") and not has_task:
+                raise ValueError(f"metric {metric!r} needs a task (its answers); "
+                                 f"with raw tensors pass metric='kl' or a callable")
             self.name, self.fn, self.takes_batch = metric, None, True
         elif callable(metric):
             self.name, self.fn = getattr(metric, "__name__", "callable"), metric
@@ -274,6 +295,8 @@ class _Metric:
     def __call__(self, logits: Tensor, batch, full_log_probs: Optional[Tensor]) -> Tensor:
         if self.name == "logit_diff" and self.fn is None:
             value = logit_diff(logits, batch)
+        elif self.name == "logprob" and self.fn is None:
+            value = answer_logprob(logits, batch)
         elif self.name == "kl" and self.fn is None:
             value = kl_to_full(logits, full_log_probs, batch.target_mask.to(logits.device))
         else:
@@ -316,7 +339,8 @@ def attribute(model, task_or_ids, corrupted_ids: Optional[Tensor] = None, *, met
 
     * ``attribute(model, task, method=...)``: over the task's `split`
       (default "train"; the first `n_examples` if given), in batches of
-      `batch_size`; `metric` defaults to "logit_diff".
+      `batch_size`; `metric` defaults to "logit_diff" ("logprob" where the
+      clean and corrupted answers are the same tokens).
     * ``attribute(model, clean_ids, corrupted_ids, metric=fn, method=...)``:
       raw ``[B, S]`` token tensors (and `attention_mask`); `metric` is "kl" or
       a callable of the logits ``[B, S, V]`` giving ``[B]``.
@@ -335,9 +359,9 @@ def attribute(model, task_or_ids, corrupted_ids: Optional[Tensor] = None, *, met
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer of at least 1, got {batch_size!r}")
     has_task = not isinstance(task_or_ids, Tensor)
-    scorer = _Metric(metric, has_task)
-    batches, n_total, task_label = _batches(task_or_ids, corrupted_ids, attention_mask, batch_size, split,
-                                            n_examples)
+    batches, n_total, task_label, same_answers = _batches(task_or_ids, corrupted_ids, attention_mask,
+                                                          batch_size, split, n_examples)
+    scorer = _Metric(metric, has_task, same_answers)
 
     owned = not isinstance(model, EdgeModel)
     if owned:
@@ -379,7 +403,8 @@ def attribute(model, task_or_ids, corrupted_ids: Optional[Tensor] = None, *, met
 
 
 def _batches(task_or_ids, corrupted_ids, attention_mask, batch_size, split, n_examples):
-    """(a function giving the batches, the number of examples, the task's name)."""
+    """(a function giving the batches, the number of examples, the task's
+    name, whether every example's clean and corrupted answers agree)."""
     if isinstance(task_or_ids, Tensor):
         ids = task_or_ids
         if ids.dim() != 2:
@@ -399,7 +424,7 @@ def _batches(task_or_ids, corrupted_ids, attention_mask, batch_size, split, n_ex
                 yield _RawBatch(ids[lo:lo + batch_size],
                                 None if corrupted_ids is None else corrupted_ids[lo:lo + batch_size],
                                 mask[lo:lo + batch_size])
-        return raw, ids.shape[0], ""
+        return raw, ids.shape[0], "", False
     if corrupted_ids is not None:
         raise TypeError("corrupted ids go with clean ids (tensors); a task carries its own")
     data = task_or_ids.split(split)
@@ -413,7 +438,8 @@ def _batches(task_or_ids, corrupted_ids, attention_mask, batch_size, split, n_ex
         from fastedge.tasks.base import collate
         for lo in range(0, len(examples), batch_size):
             yield collate(examples[lo:lo + batch_size])
-    return tasks, len(examples), getattr(task_or_ids, "name", "")
+    same = all(e.clean_answer == e.corrupted_answer for e in examples)
+    return tasks, len(examples), getattr(task_or_ids, "name", ""), same
 
 
 def _attribute_batch(em, batch, method: str, steps: int, scorer: _Metric, device) -> int:
@@ -425,12 +451,12 @@ def _attribute_batch(em, batch, method: str, steps: int, scorer: _Metric, device
     if method == "eap":
         with torch.enable_grad():
             out = em(ids, corrupted, attention_mask=attention, seed=0)
-            full = F.log_softmax(out.logits.detach().float(), -1) if scorer.needs_full else None
+            full = F.log_softmax(_upcast(out.logits.detach()), -1) if scorer.needs_full else None
             _backward(scorer(out.logits, batch, full))
         return 1
     clean = em.writer_deltas(ids, corrupted, attention_mask=attention)
     deltas = clean.writer_deltas
-    full = F.log_softmax(clean.logits.float(), -1) if scorer.needs_full else None
+    full = F.log_softmax(_upcast(clean.logits), -1) if scorer.needs_full else None
     g = em.graph
     n_emb = len(g.embeddings)
     if method == "eap-ig-inputs":

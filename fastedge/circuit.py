@@ -401,7 +401,10 @@ class Circuit:
            and bring several edges at once), the following edges in rank
            order are added one at a time wherever the pruned circuit grows
            and stays within the count, until it is reached (an edge that
-           pruning would remove on its own is skipped).
+           pruning would remove on its own is skipped);
+        3. failing that, from the next prefix (which overshoots), its edges
+           are dropped worst-ranked first wherever the pruned circuit
+           shrinks and stays at or above the count.
 
         The count is then exact whenever some order of additions reaches it;
         otherwise (tried: `FILL_ATTEMPTS` edges) the circuit has the closest
@@ -710,13 +713,37 @@ def circuit_from_scores(values: Tensor, graph: EdgeGraph, n_target: int, *, forw
             kept, count, filled = trial, n, filled + 1
         else:   # too many at once, or pruned away alone (kept out: it could bring a path later)
             raw[i] = False
-    info = {"target_n_edges": int(n_target), "n_edges_prefix": int(lo), "n_edges_filled": filled}
+    trimmed = 0
+    if count != n_target and lo < graph.n_edges:
+        # from above: the next prefix overshoots; drop its edges worst-ranked first
+        # wherever the pruned circuit shrinks and stays at or above the count
+        raw_hi = top(lo + 1)
+        kept_hi = finish(raw_hi)
+        count_hi, tried = int(kept_hi.sum()), 0
+        for i in reversed(order[:lo + 1].tolist()):
+            if count_hi == n_target or tried >= FILL_ATTEMPTS:
+                break
+            if not kept_hi[i]:
+                continue
+            tried += 1
+            raw_hi[i] = False
+            trial = finish(raw_hi)
+            n = int(trial.sum())
+            if n_target <= n < count_hi:
+                kept_hi, count_hi, trimmed = trial, n, trimmed + 1
+            else:
+                raw_hi[i] = True
+        if count_hi == n_target:
+            kept, count, filled = kept_hi, count_hi, 0
+        else:
+            trimmed = 0
+    info = {"target_n_edges": int(n_target), "n_edges_prefix": int(lo), "n_edges_filled": filled,
+            "n_edges_trimmed": trimmed}
     if count != n_target:
-        note = (f"{count} edges instead of the {n_target} requested: every further edge tried "
-                f"({tried}, in rank order) either brings more than {n_target - count} edges at once or "
-                f"is pruned away on its own (an edge into a head or MLP with no path to the output, or "
-                f"out of one that nothing feeds, is pruned until its path completes, and then the path "
-                f"comes whole)")
+        note = (f"{count} edges instead of the {n_target} requested: no edge added after the longest "
+                f"prefix within the count, nor dropped from the next one, changes the pruned circuit by "
+                f"few enough edges (an edge into a head or MLP with no path to the output, or out of one "
+                f"that nothing feeds, is pruned until its path completes, and then the path comes whole)")
         info["count_note"] = note
         import warnings
         warnings.warn(note, stacklevel=3)

@@ -96,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "interchange (the writer's output on the corrupted input), zero, or mean (its "
                         "mean output over training inputs) (default interchange; zero for tracr: models)")
     p.add_argument("--no-node-masks", action="store_true", help="learn edge masks only")
+    p.add_argument("--init-from", default=None, metavar="SCORES",
+                   help="warm start: initialise the edge masks from attribution scores (a file written by "
+                        "fastedge attribute, or a run's masks.pt), by rank: the best edges start where "
+                        "masks start without scores, the worst at log_alpha 0")
+    p.add_argument("--preselect", type=float, default=None, metavar="FRACTION",
+                   help="with --init-from: train only this top fraction of the edges by score and hold every "
+                        "other edge at 0 (Hybrid Attribution and Pruning); the sparsity target ramps from "
+                        "1 - FRACTION")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
     p.add_argument("--checkpoint-minutes", type=float, default=5.0, metavar="M",
                    help="also a checkpoint whenever M minutes passed since the last one (default 5; "
@@ -397,6 +405,10 @@ def _prune(args, *, main_rank: bool) -> int:
                    checkpoint_seconds=_checkpoint_seconds(args.checkpoint_minutes),
                    progress=not args.no_progress, micro_batch_size=args.micro_batch_size,
                    recompute_readers=args.recompute_readers, precision=args.precision)
+    if args.preselect is not None:
+        if args.init_from is None:
+            raise ValueError("--preselect needs --init-from (the scores that rank the edges)")
+        options["preselect"] = args.preselect
     for key in ("lr", "lambda_lr"):
         value = getattr(args, key)
         if value is not None:
@@ -417,6 +429,10 @@ def _prune(args, *, main_rank: bool) -> int:
     from fastedge.prune import PruneConfig
     _check_task_options(args)
     PruneConfig(target_sparsity=target, steps=steps, **options).validate()
+    init_from = None
+    if args.init_from is not None:   # read (and checked) before the model loads
+        from fastedge.prune import load_init_scores
+        init_from = load_init_scores(args.init_from)
     model, task, name = load_model_and_task(args)
     out = Path(args.out)
     if main_rank:
@@ -424,7 +440,8 @@ def _prune(args, *, main_rank: bool) -> int:
         if args.overwrite:
             _remove_run_files(out)
     result = prune(model, task, target_sparsity=target, steps=steps, out_dir=str(out),
-                   resume=args.resume, model_name=name, task_name=getattr(task, "name", ""), **options)
+                   resume=args.resume, model_name=name, task_name=getattr(task, "name", ""),
+                   init_from=init_from, **options)
     if not main_rank:
         return 0
     circuit = result.circuit
