@@ -33,9 +33,11 @@ def add_attribute_parser(sub, add_model_and_task) -> None:
                         "embeddings interpolated from corrupted to clean; eap-ig-activations: over each "
                         "component's interpolated outputs (default eap-ig-inputs)")
     p.add_argument("--ig-steps", type=int, default=5, help="interpolation steps of the EAP-IG methods (default 5)")
-    p.add_argument("--metric", default=None, metavar="logit_diff|kl",
+    p.add_argument("--metric", default=None, metavar="logit_diff|logprob|kl",
                    help="what the scores are the derivative of: the logit difference of the clean and corrupted "
-                        "answers (default) or KL to the full model (0 for plain EAP: use it with EAP-IG)")
+                        "answers (default), the clean answer's log-probability (the default where the two "
+                        "answers are the same, as in induction), or KL to the full model (0 for plain EAP: use "
+                        "it with EAP-IG)")
     p.add_argument("--sign", default="gate", metavar="gate|eap-ig",
                    help="gate: the derivative in the edge's mask (default); eap-ig: the EAP-IG library's "
                         "(corrupted - clean) convention, minus the gate derivative")
@@ -176,14 +178,11 @@ def cmd_attribute(args) -> int:
     ablation = args.ablation or ("zero" if (args.model or "").startswith(TRACR_PREFIX) else "interchange")
     model, task, name = load_model_and_task(args)
     from fastedge.attribution import attribute
-    metric, why = args.metric, ""
-    if _answers_agree(task, args.split):
-        if metric is None:
-            metric, why = "kl", " (the task's clean and corrupted answers are the same: no logit difference)"
-        elif metric == "logit_diff":
-            why = " (the task's clean and corrupted answers are the same: every score is 0; try --metric kl)"
+    why = ""
+    if args.metric is None and _answers_agree(task, args.split):   # the library then picks logprob
+        why = " (the task's clean and corrupted answers are the same: no logit difference)"
     start = time.perf_counter()
-    scores = attribute(model, task, method=args.method, ig_steps=args.ig_steps, metric=metric,
+    scores = attribute(model, task, method=args.method, ig_steps=args.ig_steps, metric=args.metric,
                        batch_size=args.batch_size, sign=args.sign, ablation=ablation, split=args.split,
                        n_examples=args.n_examples, model_name=name, task_name=getattr(task, "name", ""))
     seconds = time.perf_counter() - start
@@ -202,10 +201,8 @@ def cmd_attribute(args) -> int:
 
 def _answers_agree(task, split: str) -> bool:
     """Whether every example of the split has the same clean and corrupted
-    answer (the shipped induction task, Tracr programs): its logit
-    difference is 0 whatever the circuit."""
-    if task.meta.get("faithfulness") == "objective":
-        return True
+    answer (the shipped induction task): its logit difference is 0 whatever
+    the circuit, and `fastedge.attribute` defaults to "logprob"."""
     data = task.split(split)
     examples = list(data.examples)
     return bool(examples) and all(list(e.clean_answer) == list(e.corrupted_answer) for e in examples)

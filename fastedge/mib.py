@@ -43,8 +43,9 @@ Decisions, and what was not checked:
   more important to the metric: fastedge's gate sign (``d metric / d
   mask``) for the logit difference, which is the sign of MIB's own
   importance files (EAP-IG's (corrupted - clean) convention applied to the
-  *negated* logit difference that MIB attributes), and the opposite sign
-  for ``"kl"`` (a divergence, lower is better). MIB's evaluation ranks
+  *negated* logit difference that MIB attributes), likewise for
+  ``"logprob"``, and the opposite sign for ``"kl"`` (a divergence, lower
+  is better). MIB's evaluation ranks
   signed scores unless run with ``--absolute``. A pruning run's masks
   become scores by their ``log_alpha`` (`fastedge.EdgeScores.from_masks`):
   higher is kept more surely, to be ranked signed (``absolute=False``).

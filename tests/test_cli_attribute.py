@@ -71,15 +71,16 @@ def test_attribute_writes_scores_and_eap_json(folders, eap_ig, capsys):
     assert torch.allclose(eap.flat(), plain.flat(), rtol=1e-5, atol=1e-7)
 
 
-def test_attribute_on_the_shipped_model_uses_kl(tmp_path, capsys):
+def test_attribute_on_the_shipped_model_says_why_its_metric(tmp_path, capsys):
     """The induction task's clean and corrupted answers are the same token:
-    its logit difference is 0, so the default metric there is KL."""
+    its logit difference is 0, so the default metric there is the answer's
+    log-probability, and the line says why."""
     assert main(["attribute", "--n-examples", "24", "--method", "eap-ig-inputs", "--ig-steps", "2",
                  "--out", str(tmp_path / "s.pt")]) == 0
     line = capsys.readouterr().out.strip()
-    assert "metric kl (the task's clean and corrupted answers are the same" in line
+    assert "metric logprob (the task's clean and corrupted answers are the same" in line
     scores = EdgeScores.load(tmp_path / "s.pt")
-    assert scores.metric == "kl" and scores.flat().abs().max() > 0
+    assert scores.metric == "logprob" and scores.flat().abs().max() > 0
 
 
 def test_eval_sweep_of_scores(folders, eap_ig, tmp_path):
@@ -114,7 +115,8 @@ def test_sweep_scores_evaluates_the_top_circuits(folders, eap_ig):
     areas = faithfulness_areas([p["edge_fraction"] for p in result["points"]],
                                [p["faithfulness"] for p in result["points"]])
     assert result["cpr"] == areas["cpr"] and result["cmd"] == areas["cmd"]
-    shipped = fastedge.patch(fastedge.shipped.load_shipped_model())
+    from fastedge import shipped as shipped_model
+    shipped = fastedge.patch(shipped_model.load_shipped_model())
     with pytest.raises(ValueError, match="another graph"):
         sweep_scores(shipped, task, scores, sparsities)
 
