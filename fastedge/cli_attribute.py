@@ -234,6 +234,10 @@ def cmd_export_mib(args) -> int:
         if not Path(args.masks).exists():
             raise CliError(f"--masks {args.masks}: no such file (fastedge prune writes RUN_DIR/masks.pt)")
         scores = load_masks_as_scores(args.masks, d_model=args.d_model)
+    if scores.d_model is None and args.d_model is None:
+        raise CliError(f"{args.scores or args.masks} does not record the model's hidden size, which EAP-IG's "
+                       f"format needs (masks record it only through the run's circuit.json beside them): "
+                       f"give --d-model")
     result = export_submission(scores, args.out, model_tag=args.model_tag, task_tag=args.task_tag,
                                method_tag=args.method, form=args.form,
                                fractions=MIB_CIRCUIT_FRACTIONS if fractions is None else fractions,

@@ -189,6 +189,14 @@ def test_refusals_are_one_line(folders, eap_ig, tmp_path, capsys):
     line = _refused(capsys, ["export-mib", "--masks", str(eap_ig), "--model-tag", "gpt2", "--task-tag", "ioi",
                              "--method", "m", "--out", str(tmp_path / "x")])
     assert "holds attribution scores" in line
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    torch.save({"format": "fastedge.masks/1", "graph": EdgeScores.load(eap_ig).graph.to_dict(),
+                "edge_model": {f"edge_log_alpha.{i}": torch.zeros(g.n_readers, g.n_writers)
+                               for i, g in enumerate(EdgeScores.load(eap_ig).graph.groups)}}, lone / "masks.pt")
+    line = _refused(capsys, ["export-mib", "--masks", str(lone / "masks.pt"), "--model-tag", "gpt2",
+                             "--task-tag", "ioi", "--method", "m", "--out", str(tmp_path / "x")])
+    assert "give --d-model" in line
     line = _refused(capsys, ["eval", *_model_args(folders), "--circuit", "c.json", "--rank", "abs"])
     assert "--rank" in line
 
