@@ -202,6 +202,12 @@ class EdgeScores:
         tensors with `graph`). Higher means kept more surely; rank with
         ``absolute=False``."""
         from fastedge.circuit import _unpack_masks
+        if isinstance(em_or_masks, dict) and "edge_model" in em_or_masks and "graph" in em_or_masks:
+            # a loaded masks.pt (or checkpoint): {"format", "graph", "edge_model"}
+            saved = EdgeGraph.from_dict(em_or_masks["graph"])
+            if graph is not None and graph != saved:
+                raise ValueError("graph= differs from the masks file's graph")
+            graph, em_or_masks = saved, em_or_masks["edge_model"]
         edges, _, graph, found = _unpack_masks(em_or_masks, graph, None)
         meta.setdefault("method", "edge-pruning")
         meta.setdefault("ablation", found.get("ablation", "interchange"))

@@ -462,87 +462,38 @@ class Circuit:
     def to_eap_graph_json(self, path: Optional[PathLike] = None, *, d_model: Optional[int] = None,
                           legacy_nodes: bool = False) -> dict:
         """The circuit in the graph JSON of EAP-IG (``Graph.to_json`` /
-        ``Graph.from_json``), which the MIB benchmark's circuit track reads.
-
-        ``{"cfg": {"n_layers", "n_heads", "parallel_attn_mlp", "d_model"},
-        "nodes": {name: {"in_graph": bool}}, "edges": {name: {"score": float,
-        "in_graph": bool}}}`` with every node and edge of EAP-IG's graph of the
-        model (``legacy_nodes=True`` writes the older ``{name: bool}`` nodes).
-        Names: ``input``, ``a{l}.h{i}``, ``m{l}``, ``logits``; edges
-        ``"{parent}->{child}"`` with ``<q>``/``<k>``/``<v>`` after an attention
-        child (``a0.h0->a1.h2<k>``).
-
-        Mapping from fastedge names:
-
-        * the embedding writers (``tok_embeds``, ``pos_embeds`` or ``embeds``)
-          are EAP-IG's single ``input``: an edge from ``input`` is kept if the
-          edge from any embedding is, and its score is the largest of theirs;
-          node ``input`` is in the graph if any embedding is;
-        * ``resid_post`` is ``logits`` (always in the graph, as in EAP-IG);
-        * reader ``a{l}.h{i}.q`` is child ``a{l}.h{i}<q>``; with grouped-query
-          attention EAP-IG has one k and one v input per *query* head, so the
-          k/v reader ``a{l}.h{j}.k`` of k/v head ``j`` becomes ``a{l}.h{i}<k>``
-          for every query head ``i`` of its group (``i // (H / H_kv) == j``),
-          all with the same kept state and score, and ``cfg`` also carries
-          ``n_key_value_heads``;
-        * score: the deterministic edge mask value where the circuit has
-          ``scores``, else 1.0 for kept and 0.0 for other edges.
+        ``Graph.from_json``), which the MIB benchmark's circuit track reads:
+        `fastedge.eap_graph.circuit_to_eap_graph_json` (the mapping of the
+        two graphs is in that module's docstring: one ``input`` for the
+        embedding writers, ungrouped k/v copies into the query heads the
+        circuit keeps, ``resid_post`` as ``logits``). Where the circuit has
+        ``scores`` (the deterministic mask values of an extracted circuit, or
+        the attribution scores of `Circuit.from_scores`) they are the edges'
+        scores, mapped as attribution scores are (summed over embeddings,
+        split over k/v copies); else 1.0 for kept and 0.0 for other edges.
 
         ``d_model`` (the model's hidden size, which EAP-IG's loader needs)
-        defaults to the one recorded at extraction. Writes ``path`` when given.
-        """
-        g = self.graph
+        defaults to the one recorded at extraction. ``legacy_nodes=True``
+        writes the older ``{name: bool}`` nodes. Writes ``path`` when given."""
+        from fastedge import eap_graph
         if d_model is None:
             d_model = self.info.get("d_model")
         if d_model is None:
             raise ValueError("EAP-IG's graph config needs the model's hidden size: pass d_model= "
                              "(it is recorded automatically when the circuit is extracted from an EdgeModel)")
-        H, L, gs = g.n_heads, g.n_layers, _heads_per_kv(g)
-        cfg = {"n_layers": L, "n_heads": H, "parallel_attn_mlp": bool(g.parallel_blocks),
-               "d_model": int(d_model)}
-        if g.n_kv_heads != H:
-            cfg["n_key_value_heads"] = g.n_kv_heads
-        # per reader: kept state and score of each EAP parent (input = the embeddings merged)
-        n_emb = len(g.embeddings)
-        kept = self.edge_mask()
-        scores = self.scores if self.scores is not None else kept.float()
-        merged_kept, merged_score = [], []
-        for r in range(g.n_readers):
-            start, prefix = g.reader_edge_start[r], g.reader_prefix[r]
-            k, sc = kept[start:start + prefix], scores[start:start + prefix]
-            merged_kept.append([bool(k[:n_emb].any())] + k[n_emb:].tolist())
-            merged_score.append([float(sc[:n_emb].max())] + sc[n_emb:].tolist())
-        parent_pos = {"input": 0}
-        parent_pos.update({w: i - n_emb + 1 for i, w in enumerate(g.writers) if i >= n_emb})
-
-        def add(parents, children):
-            """EAP edges parent -> child for every pair; children: (EAP name, our reader index)."""
-            for parent in parents:
-                p = parent_pos[parent]
-                for child, r in children:
-                    edges[f"{parent}->{child}"] = {"score": merged_score[r][p], "in_graph": merged_kept[r][p]}
-
-        ri = g.reader_index
-        node_set = set(self.nodes)
-        nodes = {"input": any(e in node_set for e in g.embeddings)}
-        edges = {}
-        stream = ["input"]
-        for l in range(L):
-            heads = [f"a{l}.h{i}" for i in range(H)]
-            attn_children = [(f"{head}<{letter}>",
-                              ri[f"{head}.q" if letter == "q" else f"a{l}.h{i // gs}.{letter}"])
-                             for i, head in enumerate(heads) for letter in "qkv"]
-            add(stream, attn_children)
-            add(stream if g.parallel_blocks else stream + heads, [(f"m{l}", ri[f"m{l}"])])
-            for head in heads:
-                nodes[head] = head in node_set
-            nodes[f"m{l}"] = f"m{l}" in node_set
-            stream = stream + heads + [f"m{l}"]
-        add(stream, [("logits", ri["resid_post"])])
-        nodes["logits"] = True
-        if not legacy_nodes:
-            nodes = {name: {"in_graph": v} for name, v in nodes.items()}
-        out = {"cfg": cfg, "nodes": nodes, "edges": edges}
+        if self.scores is None:
+            out = eap_graph.circuit_to_eap_graph_json(self, d_model=d_model)
+        else:
+            from fastedge.attribution import EdgeScores
+            groups, pos = [], 0
+            for g in self.graph.groups:
+                k = g.n_readers * g.n_writers
+                groups.append(self.scores[pos:pos + k].view(g.n_readers, g.n_writers))
+                pos += k
+            scores = EdgeScores(graph=self.graph, scores=groups, d_model=int(d_model), ablation=self.ablation)
+            out = eap_graph.scores_to_eap_graph_json(scores, in_graph=self)
+        if legacy_nodes:
+            out["nodes"] = {name: v["in_graph"] for name, v in out["nodes"].items()}
         if path is not None:
             with open(path, "w") as f:
                 json.dump(out, f)

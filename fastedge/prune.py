@@ -904,8 +904,7 @@ def load_init_scores(init_from):
     if state.get("format") == SCORES_FORMAT:
         return EdgeScores.from_dict(state)
     if state.get("format") == "fastedge.masks/1":
-        from fastedge.graph import EdgeGraph
-        return EdgeScores.from_masks(state["edge_model"], graph=EdgeGraph.from_dict(state["graph"]))
+        return EdgeScores.from_masks(state)
     raise CheckpointError(f"{init_from}: holds {state.get('format')!r}, neither scores "
                           f"({SCORES_FORMAT!r}) nor masks ('fastedge.masks/1')")
 
@@ -927,7 +926,7 @@ def warm_start_log_alphas(scores, *, top: float, floor: float = 0.0, preselect: 
     ``method == "edge-pruning"``, or as `absolute` says), best first, ties in
     graph edge order. Rank ``k`` of ``n`` starts at ``top - (top - floor) *
     k / (n - 1)``: the best edge where every mask starts without scores (the
-    SPEC init, ``init_log_alpha``), the worst at `floor` (default 0, the
+    initial value, ``init_log_alpha``), the worst at `floor` (default 0, the
     deterministic mask's midpoint, whose hard-concrete sample is still
     non-zero 83% of the time). Every mask thus starts on, so the sparsity
     target's ramp from 0 keeps its meaning, and the low-ranked edges sit
