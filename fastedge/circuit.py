@@ -98,7 +98,7 @@ from fastedge.graph import edge_indices as _edge_indices
 from fastedge.graph import writer_indices as _writer_indices
 
 __all__ = ["Circuit", "extract_circuit", "extract_circuit_by_threshold", "compare_circuits", "CIRCUIT_FORMAT",
-           "prune_dead_edges", "deterministic_edge_masks", "circuit_from_scores"]
+           "prune_dead_edges", "deterministic_edge_masks", "circuit_from_scores", "joining_edges"]
 
 CIRCUIT_FORMAT = "fastedge.Circuit/1"
 ABLATIONS = ("interchange", "zero", "mean")
@@ -398,8 +398,10 @@ class Circuit:
            requested count: pruning can only add edges back as the prefix
            grows, so a binary search finds it;
         2. when pruning left it short (the next edge would complete a path
-           and bring several edges at once), the following edges in rank
-           order are added one at a time wherever the pruned circuit grows
+           and bring several edges at once), the best-ranked edges that join
+           two live components (each adds exactly itself: `joining_edges`),
+           then the following edges in rank order one at a time wherever
+           the pruned circuit grows
            and stays within the count, until it is reached (an edge that
            pruning would remove on its own is skipped);
         3. failing that, from the next prefix (which overshoots), its edges
@@ -627,6 +629,45 @@ def prune_dead_edges(kept: Tensor, graph: EdgeGraph, *, forward: bool = True) ->
 FILL_ATTEMPTS = 4096  # edges `circuit_from_scores` tries one at a time after the prefix
 
 
+def joining_edges(kept: Tensor, graph: EdgeGraph, *, forward: bool = True) -> Tensor:
+    """[n_edges] bool: the edges outside `kept` (a circuit that dead-edge
+    pruning leaves as it is) that join two live components, so that adding
+    any of them adds exactly that edge: the writer is fed (an embedding, or a
+    head or MLP with a kept edge into one of its readers; every writer when
+    the forward rule is off) and the reader's component reaches the output
+    (``resid_post``, or a head or MLP with a kept out-edge: in a pruned
+    circuit that edge is itself live). `prune_dead_edges` keeps such an edge
+    and nothing else changes: its writer was already fed, and its reader's
+    component already fed and reaching."""
+    H, Hkv, gs = graph.n_heads, graph.n_kv_heads, _heads_per_kv(graph)
+    edge_w, edge_r = _edge_endpoints(graph)
+    has_out = torch.zeros(graph.n_writers, dtype=torch.bool)
+    has_out[edge_w[kept]] = True
+    has_in = torch.zeros(graph.n_readers, dtype=torch.bool)
+    has_in[edge_r[kept]] = True
+    reaches = torch.zeros(graph.n_readers, dtype=torch.bool)
+    fed = torch.zeros(graph.n_writers, dtype=torch.bool)
+    fed[:len(graph.embeddings)] = True
+    for grp in graph.groups:
+        r0 = grp.first_reader
+        if grp.kind == "resid_post":
+            reaches[r0] = True
+        elif grp.kind == "mlp":
+            w = graph.writer_index[f"m{grp.layer}"]
+            reaches[r0] = has_out[w]
+            fed[w] = has_in[r0]
+        else:
+            h0 = graph.writer_index[f"a{grp.layer}.h0"]
+            heads = has_out[h0:h0 + H]
+            kv = heads.view(Hkv, gs).any(1)
+            reaches[r0:r0 + H + 2 * Hkv] = torch.cat([heads, kv, kv])
+            q, k, v = has_in[r0:r0 + H], has_in[r0 + H:r0 + H + Hkv], has_in[r0 + H + Hkv:r0 + H + 2 * Hkv]
+            fed[h0:h0 + H] = q | (k | v).repeat_interleave(gs)
+    if not forward:
+        fed[:] = True
+    return ~kept & fed[edge_w] & reaches[edge_r]
+
+
 def circuit_from_scores(values: Tensor, graph: EdgeGraph, n_target: int, *, forward: bool,
                         prune_dead: bool = True) -> tuple[Tensor, dict]:
     """(kept [n_edges] bool, info) of `Circuit.from_scores`: the edges rank by
@@ -653,6 +694,15 @@ def circuit_from_scores(values: Tensor, graph: EdgeGraph, n_target: int, *, forw
     raw = top(lo)
     kept = finish(raw)
     count, filled, tried = int(kept.sum()), 0, 0
+    if prune_dead and count < n_target:
+        # first the best-ranked edges that join two live components: each adds
+        # exactly itself (no pass of the pruning needed), whatever the graph's size
+        safe = joining_edges(kept, graph, forward=forward)
+        take = order[safe[order]][:n_target - count]
+        raw[take] = True
+        kept = kept.clone()
+        kept[take] = True
+        count, filled = count + len(take), len(take)
     for i in order[lo:].tolist():
         if count == n_target or tried >= FILL_ATTEMPTS:
             break

@@ -203,3 +203,22 @@ def test_cli_prune_from_scores_and_masks(tmp_path, capsys, monkeypatch):
     assert "nothing.pt" in line
     line = _refused(capsys, [*fast, "--init-from", "a/circuit.json", "--out", "e"], status=2)
     assert "circuit.json" in line
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama-gqa", "neox-parallel"])
+@pytest.mark.parametrize("forward", [True, False])
+def test_joining_edges_are_exactly_the_single_additions_that_count(arch, forward):
+    """Added alone to a pruned circuit, an edge adds exactly itself when
+    `joining_edges` says it joins two live components, and nothing otherwise."""
+    from fastedge.circuit import joining_edges
+    scores = _random_scores(arch, seed=5, ablation="interchange" if forward else "zero")
+    g = scores.graph
+    for n in (3, g.n_edges // 5, g.n_edges // 2):
+        kept = Circuit.from_scores(scores, n_edges=n).edge_mask()
+        joining = joining_edges(kept, g, forward=forward)
+        assert not (joining & kept).any()
+        for i in torch.nonzero(~kept).flatten().tolist():
+            trial = kept.clone()
+            trial[i] = True
+            added = int(prune_dead_edges(trial, g, forward=forward).sum()) - int(kept.sum())
+            assert added == int(joining[i]), (n, g.edge(i), added)
