@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recompute-readers", action="store_true",
                    help="recompute each layer's reader inputs in the backward (less memory: use it for "
                         "large models; CodeLlama-13B at micro-batches of 8 x 72 tokens needs it on 80 GB)")
+    p.add_argument("--shard", choices=["fsdp"], default=None,
+                   help="under torchrun: shard the frozen model's weights over the ranks with FSDP2, one "
+                        "block per unit, for models too large for one device (default: every rank holds "
+                        "the whole model)")
     p.add_argument("--precision", choices=["full", "fast"], default="full",
                    help="masked sums on the GPU: full (the fp32 masks carried to 2^-16 in bf16 products) "
                         "or fast (masks rounded once to the model's dtype: one product, the authors' precision)")
@@ -410,6 +414,9 @@ def _prune(args, *, main_rank: bool) -> int:
     from fastedge.prune import PruneConfig
     _check_task_options(args)
     PruneConfig(target_sparsity=target, steps=steps, **options).validate()
+    if args.shard:
+        from fastedge.sharding import check_command_line
+        check_command_line(args)
     model, task, name = load_model_and_task(args)
     out = Path(args.out)
     if main_rank:
@@ -417,7 +424,8 @@ def _prune(args, *, main_rank: bool) -> int:
         if args.overwrite:
             _remove_run_files(out)
     result = prune(model, task, target_sparsity=target, steps=steps, out_dir=str(out),
-                   resume=args.resume, model_name=name, task_name=getattr(task, "name", ""), **options)
+                   resume=args.resume, model_name=name, task_name=getattr(task, "name", ""),
+                   shard=args.shard, **options)
     if not main_rank:
         return 0
     circuit = result.circuit

@@ -1,0 +1,289 @@
+"""Sharding the frozen model over ranks with FSDP2 (`torch.distributed.fsdp.fully_shard`).
+
+    torchrun --nproc_per_node 8 -m fastedge.cli prune --model M --task T --shard fsdp ...
+    fastedge.prune(model, task, shard="fsdp")          # under an initialised process group
+
+`shard_edge_model(em)` shards a patched model's frozen parameters over the
+default process group: each transformer block is one FSDP unit, and the
+root unit holds the rest (embeddings, final norm, unembedding). Each rank
+keeps 1/N of every parameter as a `DTensor` shard. The masks, the Lagrange
+multipliers and the optimizer stay replicated, and the micro-batches are
+split over the ranks as in plain data parallelism (`fastedge.distributed`):
+the mesh is the same ranks, so every rank is both a data-parallel worker and
+a holder of 1/N of the weights.
+
+Why FSDP's own hooks are not enough
+-----------------------------------
+FSDP unshards a unit in the pre-forward hook of its module and reshards it
+after. `EdgeModel` never calls a block's `forward`: it reads the block's
+weights through per-head views (`fastedge.adapters`) from its own layer loop
+(`EdgeModel._run`), so those hooks never fire. The loop therefore drives
+the unit itself, through `FSDPWeights` (the object `EdgeModel._weights`
+holds; `PlainWeights` does nothing):
+
+* forward: ``enter(layer)`` unshards the layer's block (waiting for its
+  prefetch) and starts an asynchronous all-gather of the next unit;
+  ``leave(layer)`` reshards it. At most the current and the next unit are
+  unsharded at a time.
+* backward: autograd keeps the tensors the forward saved, among them views
+  of the *unsharded* parameters (a projection saves its weight). FSDP2
+  frees an unsharded parameter by shrinking its storage to 0 bytes and, on
+  the next unshard, grows the same storage back and copies the gathered
+  values in: the saved views are valid again exactly while the unit is
+  unsharded (and a backward that runs on a resharded unit fails loudly:
+  "setStorage: ... out of bounds for storage of size 0"). ``gate(layer,
+  outputs)`` puts a gradient hook on each output of a reader region (the
+  attention heads, the MLP's partial sum, the MLP output, the logits) that
+  unshards the unit before the region's backward (and before its
+  checkpoint recomputation, with ``recompute_readers``) and prefetches the
+  unit before it, resharding every other unit.
+
+  The backward visits the units in reverse order, one at a time: the
+  order token of `fastedge.model` makes every writer's backward wait for
+  every reader that could read it, so layer L - 1's outputs receive their
+  gradients only after all of layer L's readers are done. The last unit
+  of a backward is resharded by a callback queued on the autograd engine.
+
+The HF model's own forward (the full-model reference of `fastedge.prune`,
+`fastedge.evaluate`) runs through FSDP's hooks as usual.
+
+Every forward and backward is collective: all ranks must run the same
+number of them, with the same structure. `fastedge.prune` keeps that true
+when one rank's loss is not finite (it still runs its backward passes and
+stops at the step's end with every other rank); an exception on one rank
+inside a forward (a bug) leaves the others waiting in an all-gather until
+the process group's timeout.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+SHARD_MODES = ("fsdp",)
+
+# Models whose own forward calls parts of a block rather than the block
+# (Tracr's, which returns the residual stream between its attention and its
+# MLP): FSDP's hooks must sit on those parts, which form the layer's unit
+# together (one `fully_shard` of the list: one all-gather).
+_UNIT_PARTS = {"tracr": ("self_attn", "mlp")}
+
+
+def check_shard(shard: Optional[str]) -> Optional[str]:
+    """`shard` as given (None or "fsdp"); anything else is refused."""
+    if shard is not None and shard not in SHARD_MODES:
+        raise ValueError(f"shard must be None (every rank holds the whole model) or one of "
+                         f"{', '.join(map(repr, SHARD_MODES))}, got {shard!r}")
+    return shard
+
+
+class PlainWeights:
+    """The weights are ordinary tensors: nothing to do around their use."""
+    sharded = False
+
+    def enter(self, layer: Optional[int]) -> None:
+        pass
+
+    def leave(self, layer: Optional[int]) -> None:
+        pass
+
+    def gate(self, layer: Optional[int], outputs):
+        return outputs
+
+
+PLAIN = PlainWeights()
+
+
+def is_fsdp_module(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(module, FSDPModule)
+
+
+def shard_model(model: nn.Module, blocks, mesh=None, *, bare: bool = False) -> None:
+    """`fully_shard` each of `blocks` (the model's transformer blocks), then
+    the model itself (the root unit: everything else), over `mesh` (default:
+    every rank of the default process group). Every unit reshards after
+    its forward, the root too (FSDP keeps the root unsharded by default,
+    which would hold the embedding and the unembedding for a whole step).
+    `bare`: the parameters are on the meta device (`load_sharded`), so
+    FSDP's lazy initialisation waits for the real ones."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("shard='fsdp' needs an initialised process group: run under torchrun "
+                           "(the command line joins it) or call fastedge.distributed.init_from_env() first")
+    if mesh is None:
+        device = next(model.parameters()).device
+        kind = "cuda" if device.type == "cuda" else "cpu"
+        mesh = init_device_mesh(kind, (dist.get_world_size(),))
+    for unit in layer_units(model, blocks):
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    if not bare:
+        _lazy_init_root(model)
+
+
+def layer_units(model: nn.Module, blocks) -> list:
+    """Each layer's FSDP unit: its block, or the list of the block's parts
+    that the model's forward calls (`_UNIT_PARTS`)."""
+    parts = _UNIT_PARTS.get(getattr(getattr(model, "config", None), "model_type", None))
+    if parts is None:
+        return list(blocks)
+    return [[getattr(block, name) for name in parts] for block in blocks]
+
+
+def _lazy_init_root(model: nn.Module) -> None:
+    """FSDP's root state initialises on the root's first forward; the layer
+    loop may unshard blocks before any such forward (a mean-ablation
+    reference, evaluation), so initialise it now. (A private method: its
+    absence in another PyTorch only means the first root forward does it.)"""
+    state = getattr(model, "_get_fsdp_state", lambda: None)()
+    init = getattr(state, "_lazy_init", None)
+    if init is not None:
+        init()
+
+
+class FSDPWeights:
+    """The unshard/reshard protocol of the layer loop (module docstring).
+
+    Units: ``None`` is the root (embeddings, final norm, unembedding), ``0
+    .. L - 1`` the blocks. Forward order: root (embedding), blocks 0 ..
+    L - 1, root (final reader); backward order: root, L - 1 .. 0."""
+    sharded = True
+
+    def __init__(self, model: nn.Module, blocks, prefetch: bool = True):
+        self.root = model
+        # a module of each layer's unit (FSDP unshards the whole unit through any of them)
+        self.blocks = [u[0] if isinstance(u, list) else u for u in layer_units(model, blocks)]
+        self.prefetch = prefetch
+        self._unsharded: dict = {}     # unit -> None (unsharded) or a pending async handle
+        self._callback_queued = False
+        self.log: Optional[list] = None  # tests: ("unshard" | "reshard", unit, "forward" | "backward")
+
+    # -- units -----------------------------------------------------------------------
+    def _module(self, unit):
+        return self.root if unit is None else self.blocks[unit]
+
+    def _record(self, what, unit, phase):
+        if self.log is not None:
+            self.log.append((what, unit, phase))
+
+    def _ensure(self, unit, phase) -> None:
+        handle = self._unsharded.get(unit)
+        if handle is not None:
+            handle.wait()
+        # (a no-op when FSDP has the unit unsharded already; called anyway,
+        # since FSDP's own hooks, in the model's plain forward, may have
+        # resharded a unit this object still counts as unsharded)
+        self._module(unit).unshard()
+        if unit not in self._unsharded or handle is not None:
+            self._record("unshard", unit, phase)
+        self._unsharded[unit] = None
+
+    def _start(self, unit, phase) -> None:
+        """Prefetch: start the unit's all-gather without waiting for it."""
+        if not self.prefetch or unit in self._unsharded:
+            return
+        self._unsharded[unit] = self._module(unit).unshard(async_op=True)
+        self._record("prefetch", unit, phase)
+
+    def _reshard(self, unit, phase) -> None:
+        handle = self._unsharded.pop(unit, "absent")
+        if handle == "absent":
+            return
+        if handle is not None:  # a prefetch never used: finish it before freeing
+            handle.wait()
+        self._module(unit).reshard()
+        self._record("reshard", unit, phase)
+
+    def _keep_only(self, keep, phase) -> None:
+        for unit in [u for u in self._unsharded if u not in keep]:
+            self._reshard(unit, phase)
+
+    def reshard_all(self) -> None:
+        for unit in list(self._unsharded):
+            self._reshard(unit, "end")
+
+    # -- forward -----------------------------------------------------------------------
+    def enter(self, position: int) -> None:
+        """Before the forward uses a unit's weights: unshard it, prefetch the
+        next. `position`: -1 the embedding (root), 0 .. L - 1 the blocks, L
+        the final reader (root)."""
+        unit = self._unit(position)
+        self._ensure(unit, "forward")
+        if position + 1 <= len(self.blocks):
+            nxt = self._unit(position + 1)
+            if nxt != unit:
+                self._start(nxt, "forward")
+
+    def leave(self, position: int) -> None:
+        """After the forward's last use of the unit's weights."""
+        self._reshard(self._unit(position), "forward")
+
+    def _unit(self, position: Optional[int]):
+        """The FSDP unit of a position: a block's index, or None for the root."""
+        if position is None or position < 0 or position >= len(self.blocks):
+            return None
+        return position
+
+    # -- backward ------------------------------------------------------------------------
+    def gate(self, layer: Optional[int], outputs):
+        """A gradient hook on each output of a reader region that needs a
+        gradient: it unshards the region's unit before the region's backward
+        runs (`outputs` is returned unchanged)."""
+        tensors = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        for t in tensors:
+            if isinstance(t, Tensor) and t.requires_grad and t.grad_fn is not None:
+                t.register_hook(self._hook(layer))
+        return outputs
+
+    def _hook(self, layer):
+        def hook(grad):
+            self._backward_enter(layer)
+            return None
+        return hook
+
+    def _backward_enter(self, position: Optional[int]) -> None:
+        """The backward reached a region of `position` (None: the final
+        reader): unshard its unit, prefetch the unit before it, reshard the rest."""
+        unit = self._unit(position)
+        if not self._callback_queued:
+            # the engine runs this when the whole backward is done: reshard the last units
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+            self._callback_queued = True
+        before = [len(self.blocks) - 1] if unit is None else ([unit - 1] if unit > 0 else [])
+        before = [b for b in before if b >= 0]
+        self._keep_only({unit, *before}, "backward")
+        self._ensure(unit, "backward")
+        for b in before:
+            self._start(b, "backward")
+
+    def _backward_done(self) -> None:
+        self._callback_queued = False
+        self.reshard_all()
+
+
+def shard_edge_model(em, *, prefetch: bool = True):
+    """Shard `em`'s frozen model with FSDP2 (module docstring) and make its
+    layer loop drive the units; returns `em`. A model already sharded
+    (`load_sharded`) keeps its shards."""
+    model = em.model
+    blocks = em.adapter.blocks
+    if not is_fsdp_module(model):
+        shard_model(model, blocks)
+    else:
+        _lazy_init_root(model)
+    em._weights = FSDPWeights(model, blocks, prefetch=prefetch)
+    return em
+
+
+def check_command_line(args) -> None:
+    """`fastedge prune --shard fsdp` runs under torchrun (an initialised
+    process group); refused otherwise, before the model loads."""
+    import torch.distributed as dist
+    from fastedge.cli_errors import CliError
+    if not (dist.is_available() and dist.is_initialized()):
+        raise CliError(f"--shard {args.shard} shards the model over the ranks of a torchrun launch: run "
+                       f"torchrun --nproc_per_node N -m fastedge.cli prune ... --shard {args.shard}")
