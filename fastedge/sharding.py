@@ -100,9 +100,10 @@ def is_fsdp_module(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def shard_model(model: nn.Module, blocks, mesh=None, *, bare: bool = False) -> None:
-    """`fully_shard` each of `blocks` (the model's transformer blocks), then
-    the model itself (the root unit: everything else), over `mesh` (default:
+def shard_model(model: nn.Module, blocks, mesh=None, *, embeddings=None, bare: bool = False) -> None:
+    """`fully_shard` each of `blocks` (the model's transformer blocks), the
+    `embeddings` (a list of modules: one unit; None: they stay in the root),
+    then the model itself (the root unit: everything else), over `mesh` (default:
     every rank of the default process group). Every unit reshards after
     its forward, the root too (FSDP keeps the root unsharded by default,
     which would hold the embedding and the unembedding for a whole step).
@@ -120,9 +121,25 @@ def shard_model(model: nn.Module, blocks, mesh=None, *, bare: bool = False) -> N
         mesh = init_device_mesh(kind, (dist.get_world_size(),))
     for unit in layer_units(model, blocks):
         fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+    if embeddings:
+        fully_shard(embeddings if len(embeddings) > 1 else embeddings[0], mesh=mesh, reshard_after_forward=True)
     fully_shard(model, mesh=mesh, reshard_after_forward=True)
     if not bare:
         _lazy_init_root(model)
+
+
+def embedding_unit(adapter) -> Optional[list]:
+    """The embeddings as a unit of their own (token, and learned position
+    embeddings where the model has them), unless the unembedding shares the
+    token embedding's weight (GPT-2): then they stay in the root. Apart,
+    the forward holds the embedding only at its start and the final reader
+    the unembedding only: at Llama-3-70B shape each is 2.1 GB, whose
+    all-gather transiently needs as much again."""
+    token = adapter.token_embedding
+    head = getattr(adapter.lm_head, "weight", None)
+    if head is not None and head is token.weight:
+        return None
+    return [m for m in (token, adapter.position_embedding) if m is not None]
 
 
 def layer_units(model: nn.Module, blocks) -> list:
@@ -148,13 +165,17 @@ def _lazy_init_root(model: nn.Module) -> None:
 class FSDPWeights:
     """The unshard/reshard protocol of the layer loop (module docstring).
 
-    Units: ``None`` is the root (embeddings, final norm, unembedding), ``0
-    .. L - 1`` the blocks. Forward order: root (embedding), blocks 0 ..
-    L - 1, root (final reader); backward order: root, L - 1 .. 0."""
+    Units: ``None`` is the root (final norm, unembedding, and the
+    embeddings when tied to it), ``"embed"`` the embeddings when they are a
+    unit of their own (`embed`: a module of it), ``0 .. L - 1`` the blocks.
+    Forward order: embeddings, blocks 0 .. L - 1, root (final reader);
+    backward order: root, L - 1 .. 0 (the embeddings have no backward: no
+    gradient reaches them)."""
     sharded = True
 
-    def __init__(self, model: nn.Module, blocks, prefetch: bool = True):
+    def __init__(self, model: nn.Module, blocks, prefetch: bool = True, embed=None):
         self.root = model
+        self.embed = embed
         # a module of each layer's unit (FSDP unshards the whole unit through any of them)
         self.blocks = [u[0] if isinstance(u, list) else u for u in layer_units(model, blocks)]
         self.prefetch = prefetch
@@ -164,6 +185,8 @@ class FSDPWeights:
 
     # -- units -----------------------------------------------------------------------
     def _module(self, unit):
+        if unit == "embed":
+            return self.embed
         return self.root if unit is None else self.blocks[unit]
 
     def _record(self, what, unit, phase):
@@ -212,18 +235,22 @@ class FSDPWeights:
         next. `position`: -1 the embedding (root), 0 .. L - 1 the blocks, L
         the final reader (root)."""
         unit = self._unit(position)
+        nxt = self._unit(position + 1) if position + 1 <= len(self.blocks) else unit
+        # anything else still unsharded (a forward that stopped early: the
+        # writers' outputs for mean ablation end before the final reader) goes
+        self._keep_only({unit, nxt}, "forward")
         self._ensure(unit, "forward")
-        if position + 1 <= len(self.blocks):
-            nxt = self._unit(position + 1)
-            if nxt != unit:
-                self._start(nxt, "forward")
+        if nxt != unit:
+            self._start(nxt, "forward")
 
     def leave(self, position: int) -> None:
         """After the forward's last use of the unit's weights."""
         self._reshard(self._unit(position), "forward")
 
     def _unit(self, position: Optional[int]):
-        """The FSDP unit of a position: a block's index, or None for the root."""
+        """The FSDP unit of a position: a block's index, "embed", or None for the root."""
+        if position is not None and position < 0 and self.embed is not None:
+            return "embed"
         if position is None or position < 0 or position >= len(self.blocks):
             return None
         return position
@@ -271,11 +298,14 @@ def shard_edge_model(em, *, prefetch: bool = True):
     (`load_sharded`) keeps its shards."""
     model = em.model
     blocks = em.adapter.blocks
+    embeddings = embedding_unit(em.adapter)
     if not is_fsdp_module(model):
-        shard_model(model, blocks)
+        shard_model(model, blocks, embeddings=embeddings)
     else:
         _lazy_init_root(model)
-    em._weights = FSDPWeights(model, blocks, prefetch=prefetch)
+    if embeddings is not None and not is_fsdp_module(embeddings[0]):
+        embeddings = None  # sharded elsewhere with the embeddings in the root
+    em._weights = FSDPWeights(model, blocks, prefetch=prefetch, embed=embeddings and embeddings[0])
     return em
 
 
