@@ -56,6 +56,7 @@ the process group's timeout.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -98,6 +99,32 @@ PLAIN = PlainWeights()
 def is_fsdp_module(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
     return isinstance(module, FSDPModule)
+
+
+@contextlib.contextmanager
+def gathered(module: nn.Module):
+    """`module`'s FSDP unit unsharded inside the block (a no-op for a module
+    that FSDP does not shard, or one whose unit is unsharded already):
+    `fastedge.adapters.Adapter` reads a block's per-head shapes through it.
+    Collective when it gathers: every rank must enter it."""
+    from torch.distributed.tensor import DTensor
+    unit = _unit_module(module)
+    if unit is None or not any(isinstance(p, DTensor) for p in module.parameters()):
+        yield
+        return
+    unit.unshard()
+    try:
+        yield
+    finally:
+        unit.reshard()
+
+
+def _unit_module(module: nn.Module) -> Optional[nn.Module]:
+    """The FSDP module whose unit holds `module`'s parameters (itself, or
+    its first FSDP child: Tracr's blocks are sharded by parts), or None."""
+    if is_fsdp_module(module):
+        return module
+    return next((m for m in module.modules() if is_fsdp_module(m)), None)
 
 
 def shard_model(model: nn.Module, blocks, mesh=None, *, embeddings=None, bare: bool = False) -> None:
@@ -317,3 +344,98 @@ def check_command_line(args) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         raise CliError(f"--shard {args.shard} shards the model over the ranks of a torchrun launch: run "
                        f"torchrun --nproc_per_node N -m fastedge.cli prune ... --shard {args.shard}")
+
+
+def load_sharded(name_or_path: str, *, dtype: Optional[torch.dtype] = None, device=None, mesh=None,
+                 attn_implementation: str = "eager") -> nn.Module:
+    """A Hugging Face causal LM whose parameters each rank holds only as its
+    FSDP2 shards, never whole: the model is built on the ``meta`` device,
+    sharded (`shard_model`: the units `shard_edge_model` uses), its shards
+    allocated on `device` (default: cuda:LOCAL_RANK where CUDA is, else
+    the CPU), and each rank reads its rows of every tensor from the
+    checkpoint's safetensors files with `torch.distributed.checkpoint`
+    (`HuggingFaceStorageReader`, which reads slices). The non-persistent
+    buffers (rotary frequencies), which the meta device leaves empty, are
+    recomputed by transformers' own initialisation (`_init_weights`, what
+    `from_pretrained` does for them). `name_or_path`: a local folder saved
+    with `save_pretrained` (safetensors), or a Hub name (downloaded first
+    with huggingface_hub). Every rank calls it (it is collective)."""
+    import os
+    from pathlib import Path
+
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fastedge.adapters import Adapter
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+        folder = Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors"]))
+    if not any(folder.glob("*.safetensors")):
+        raise ValueError(f"{folder} has no .safetensors files: sharded loading reads safetensors checkpoints "
+                         f"(save the model with save_pretrained(..., safe_serialization=True))")
+    if device is None:
+        device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available()
+                  else torch.device("cpu"))
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    model.eval().requires_grad_(False)
+    adapter = Adapter(model)
+    if mesh is None:
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("load_sharded needs an initialised process group (torchrun, then "
+                               "fastedge.distributed.init_from_env())")
+        mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
+    reader = dcp.HuggingFaceStorageReader(str(folder))
+    # model key -> file key (before sharding: transformers looks the renames up by the model's class)
+    stored_as = _stored_names(model, reader.read_metadata().state_dict_metadata)
+    shard_model(model, adapter.blocks, mesh, embeddings=embedding_unit(adapter), bare=True)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for module in model.modules():  # modules that own buffers and no parameters: rotary embeddings
+            if next(module.buffers(recurse=False), None) is not None and \
+                    next(module.parameters(recurse=False), None) is None:
+                model._init_weights(module)
+    state = {stored_as[key]: tensor for key, tensor in model.state_dict().items() if key in stored_as}
+    names = {}  # each parameter's names: a tied one (GPT-2's unembedding) is stored under one of them
+    for key, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(key)
+    missing = [keys[0] for keys in names.values() if not any(k in stored_as for k in keys)]
+    if missing:
+        raise ValueError(f"{folder}: the checkpoint lacks {len(missing)} of the model's tensors "
+                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+    dcp.load(state, storage_reader=reader)
+    _lazy_init_root(model)
+    return model
+
+
+def _stored_names(model: nn.Module, stored) -> dict:
+    """{model key: the key the checkpoint stores it under}. transformers
+    renames some keys on loading (GPT-NeoX's ``embed_out`` is the model's
+    ``lm_head``): its own renaming table (`get_model_conversion_mapping`)
+    is applied to the stored keys. Conversions other than renames (tensors
+    split or merged on loading) are not supported here."""
+    import re
+    renames = []
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:  # an older transformers: checkpoint keys are the model's
+        transforms = []
+    else:
+        transforms = get_model_conversion_mapping(model)
+    for t in transforms:
+        if not isinstance(t, WeightRenaming):
+            raise ValueError(f"sharded loading cannot convert {type(model).__name__}'s checkpoint "
+                             f"({type(t).__name__} {t.source_patterns} -> {t.target_patterns})")
+        renames += [(src, t.target_patterns[0]) for src in t.source_patterns]
+    out = {}
+    for key in stored:
+        name = key
+        for src, dst in renames:
+            name = re.sub(src, dst, name)
+        out[name] = key
+    return out

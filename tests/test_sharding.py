@@ -39,6 +39,9 @@ VARIANTS = {"gpt2": {}, "llama-gqa": dict(recompute_readers=True), "mistral": di
             "qwen2": dict(recompute_readers=True), "neox-parallel": dict(recompute_readers=True),
             "neox-sequential": {}, "tracr": dict(ablation="zero", recompute_readers=True)}
 NAMES = ARCHITECTURES + ["tracr"]
+# saved with save_pretrained and loaded on the meta device, each rank reading its shards
+# (fastedge.sharding.load_sharded); gpt2: the unembedding tied to the embedding; neox: renamed keys
+LOADED = ["llama-gqa", "gpt2", "neox-parallel"]
 TIMEOUT = 400  # a guard against a hang (a collective that one rank never joins)
 
 
@@ -101,6 +104,15 @@ def _worker(out: Path) -> None:
     finally:
         sharding.FSDPWeights.__init__ = init
 
+    for name in LOADED:  # meta-device loading, then pruning the already sharded model
+        model = sharding.load_sharded(str(out / f"saved-{name}"), dtype=torch.float64, device="cpu")
+        full = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}
+        buffers = {k: b.clone() for k, b in model.named_buffers()}
+        local = {k: tuple(v.to_local().shape) for k, v in model.state_dict().items() if isinstance(v, DTensor)}
+        r = prune(model, _task(), target_sparsity=0.5, steps=STEPS, shard="fsdp",
+                  **dict(OPTS, **VARIANTS[name]))
+        results[f"loaded-{name}"] = dict(_state(r), full=full, buffers=buffers, local=local)
+
     import fastedge
     forward, calls = fastedge.EdgeModel.forward, {"n": 0}
 
@@ -147,6 +159,8 @@ def run(tmp_path_factory):
     """Two sharded ranks under torchrun (every architecture in one launch),
     and the same runs in one process."""
     out = tmp_path_factory.mktemp("fsdp")
+    for name in LOADED:
+        _model(name).save_pretrained(out / f"saved-{name}")
     code, output = _torchrun([__file__, str(out)], out)
     assert code == 0, output[-6000:]
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
@@ -210,6 +224,24 @@ def test_at_most_two_units_are_unsharded_and_none_after_the_run(run, name):
         assert {"forward", "backward", "end"} <= phases  # the backward unsharded units again, and resharded them
         backward_units = [u for what, u, phase in log if phase == "backward" and what == "unshard"]
         assert None in backward_units and 0 in backward_units, backward_units
+
+
+@pytest.mark.parametrize("name", LOADED)
+def test_a_model_loaded_shard_by_shard_has_the_saved_weights_and_prunes_the_same(run, name):
+    _, ranks, single = run
+    want = _model(name)
+    params = dict(want.named_parameters(remove_duplicate=False))
+    for rank in ranks:
+        got = rank[f"loaded-{name}"]
+        for key, value in got["full"].items():
+            assert torch.equal(value, want.state_dict()[key]), key
+        for key, value in got["buffers"].items():  # rotary frequencies: recomputed, not left empty
+            assert torch.equal(value, dict(want.named_buffers())[key]), key
+        for key, shape in got["local"].items():  # each rank holds only its half
+            assert shape[0] == -(-params[key].shape[0] // 2) or rank is ranks[1], key
+        torch.testing.assert_close(got["masks"], single[name]["masks"], rtol=1e-12, atol=1e-12)
+        assert ([h["kl"] for h in got["history"]]
+                == pytest.approx([h["kl"] for h in single[name]["history"]], rel=1e-12, abs=1e-12))
 
 
 def test_a_non_finite_loss_on_one_rank_stops_every_sharded_rank(run):
