@@ -223,6 +223,10 @@ def load_model_and_task(args):
         from fastedge import shipped
         model = shipped.load_shipped_model()
         name = "fastedge/shipped/" + shipped.SHIPPED_MODEL_NAME
+    elif getattr(args, "shard", None):  # --shard fsdp: each rank reads only its shards (fastedge.sharding)
+        from fastedge.sharding import load_for_command_line
+        model, tokenizer, no_tokenizer = load_for_command_line(args, device, _check_local_folder, _load_tokenizer)
+        name = args.model
     else:
         from transformers import AutoModelForCausalLM
         _check_local_folder(args.model)

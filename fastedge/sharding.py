@@ -336,6 +336,20 @@ def shard_edge_model(em, *, prefetch: bool = True):
     return em
 
 
+def load_for_command_line(args, device, check_folder, load_tokenizer):
+    """`fastedge prune --model M --shard fsdp` (not the shipped or a Tracr
+    model): `load_sharded` in the run's dtype (--bf16), and the tokenizer.
+    Returns (model, tokenizer or None, why none)."""
+    from fastedge.cli_errors import CliError, one_line
+    check_folder(args.model)
+    try:
+        model = load_sharded(args.model, dtype=torch.bfloat16 if args.bf16 else None, device=device)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot load model {args.model!r} shard by shard: {one_line(str(exc))}") from None
+    tokenizer, no_tokenizer = load_tokenizer(args.model)
+    return model, tokenizer, no_tokenizer
+
+
 def check_command_line(args) -> None:
     """`fastedge prune --shard fsdp` runs under torchrun (an initialised
     process group); refused otherwise, before the model loads."""
@@ -378,6 +392,9 @@ def load_sharded(name_or_path: str, *, dtype: Optional[torch.dtype] = None, devi
         device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available()
                   else torch.device("cpu"))
     config = AutoConfig.from_pretrained(folder)
+    if dtype is None:  # the checkpoint's own, as from_pretrained takes it
+        dtype = getattr(config, "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     model.eval().requires_grad_(False)

@@ -60,6 +60,15 @@ def _model(name):
     return tiny_model(name, dtype=torch.float64)
 
 
+def _word_tokenizer():
+    """A tokenizer of the tiny models' vocabulary: words w0 .. w36."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", bos_token="w0", eos_token="w0")
+
+
 def _task():
     return make_induction(n_examples=24, seed=1, vocab_size=VOCAB, half_length=4, first_token=1, bos_token_id=0)
 
@@ -136,6 +145,12 @@ def _worker(out: Path) -> None:
         code = main(["prune", "--steps", "2", "--batch-size", "4", "--n-examples", "24", "--out", str(out / "cli"),
                      "--no-progress", "--device", "cpu", "--shard", "fsdp"])
     results["cli"] = (code, printed.getvalue())
+    printed = io.StringIO()  # a saved model: loaded shard by shard, in bf16
+    with contextlib.redirect_stdout(printed):
+        code = main(["prune", "--model", str(out / "saved-llama-gqa"), "--task", "induction", "--bf16",
+                     "--steps", "2", "--batch-size", "4", "--n-examples", "24", "--out", str(out / "cli-loaded"),
+                     "--no-progress", "--device", "cpu", "--shard", "fsdp"])
+    results["cli-loaded"] = (code, printed.getvalue())
     torch.save(results, out / f"rank{group.rank}.pt")
     distributed.destroy()
 
@@ -161,6 +176,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
     for name in LOADED:
         _model(name).save_pretrained(out / f"saved-{name}")
+    _word_tokenizer().save_pretrained(out / "saved-llama-gqa")  # for the command line
     code, output = _torchrun([__file__, str(out)], out)
     assert code == 0, output[-6000:]
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
@@ -256,6 +272,10 @@ def test_command_line_shards_under_torchrun(run):
     assert code0 == code1 == 0
     assert printed0.count("circuit:") == 1 and printed1 == ""
     assert len((out / "cli" / "log.jsonl").read_text().splitlines()) == 2
+    (code0, printed0), (code1, printed1) = ranks[0]["cli-loaded"], ranks[1]["cli-loaded"]
+    assert code0 == code1 == 0, printed0
+    assert printed0.count("circuit:") == 1 and printed1 == ""
+    assert len((out / "cli-loaded" / "log.jsonl").read_text().splitlines()) == 2
 
 
 def test_shard_is_checked():
