@@ -113,6 +113,24 @@ def _worker(out: Path) -> None:
     finally:
         sharding.FSDPWeights.__init__ = init
 
+    # sharded over two ranks, killed in step 3 after the checkpoint at step 2; one process resumes it (below)
+    class Killed(Exception):
+        pass
+    calls, original = {"n": 0}, torch.optim.AdamW.step
+
+    def dying_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Killed()
+        return original(self, *args, **kwargs)
+    torch.optim.AdamW.step = dying_step
+    try:
+        prune(_model("gpt2"), _task(), target_sparsity=0.5, steps=STEPS, shard="fsdp", out_dir=str(out / "resume"),
+              **dict(OPTS, **VARIANTS["gpt2"], checkpoint_every=2))
+    except Killed:
+        results["killed_after"] = torch.load(out / "resume" / "checkpoints" / "latest.pt", weights_only=False)["step"]
+    finally:
+        torch.optim.AdamW.step = original
     for name in LOADED:  # meta-device loading, then pruning the already sharded model
         model = sharding.load_sharded(str(out / f"saved-{name}"), dtype=torch.float64, device="cpu")
         full = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}
@@ -184,6 +202,9 @@ def run(tmp_path_factory):
     torch.set_num_threads(1)  # as on each rank: the same kernels, the same roundings per micro-batch
     try:
         single = {name: _state(_prune(name)) for name in NAMES}
+        # resumed in one process, unsharded, from the checkpoint of two sharded ranks
+        single["resumed"] = _state(prune(_model("gpt2"), _task(), target_sparsity=0.5, steps=STEPS,
+                                         out_dir=str(out / "resume"), resume=True, **OPTS))
     finally:
         torch.set_num_threads(threads)
     return out, ranks, single
@@ -258,6 +279,14 @@ def test_a_model_loaded_shard_by_shard_has_the_saved_weights_and_prunes_the_same
         torch.testing.assert_close(got["masks"], single[name]["masks"], rtol=1e-12, atol=1e-12)
         assert ([h["kl"] for h in got["history"]]
                 == pytest.approx([h["kl"] for h in single[name]["history"]], rel=1e-12, abs=1e-12))
+
+
+def test_one_process_resumes_a_sharded_two_rank_run(run):
+    _, ranks, single = run
+    assert ranks[0]["killed_after"] == ranks[1]["killed_after"] == 2
+    torch.testing.assert_close(single["resumed"]["masks"], single["gpt2"]["masks"], rtol=1e-12, atol=1e-12)
+    assert ([h["lambda1"] for h in single["resumed"]["history"]]
+            == pytest.approx([h["lambda1"] for h in single["gpt2"]["history"]], rel=1e-12, abs=1e-12))
 
 
 def test_a_non_finite_loss_on_one_rank_stops_every_sharded_rank(run):
