@@ -107,9 +107,11 @@ def gathered(module: nn.Module):
     that FSDP does not shard, or one whose unit is unsharded already):
     `fastedge.adapters.Adapter` reads a block's per-head shapes through it.
     Collective when it gathers: every rank must enter it."""
-    from torch.distributed.tensor import DTensor
-    unit = _unit_module(module)
-    if unit is None or not any(isinstance(p, DTensor) for p in module.parameters()):
+    import sys
+    dtensor = sys.modules.get("torch.distributed.tensor")  # not imported: no parameter can be sharded
+    sharded = dtensor is not None and any(isinstance(p, dtensor.DTensor) for p in module.parameters())
+    unit = _unit_module(module) if sharded else None
+    if unit is None:
         yield
         return
     unit.unshard()
