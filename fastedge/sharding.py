@@ -4,8 +4,11 @@
     fastedge.prune(model, task, shard="fsdp")          # under an initialised process group
 
 `shard_edge_model(em)` shards a patched model's frozen parameters over the
-default process group: each transformer block is one FSDP unit, and the
-root unit holds the rest (embeddings, final norm, unembedding). Each rank
+default process group: each transformer block is one FSDP unit, the
+embeddings another (unless the unembedding shares their weight), and the
+root unit holds the rest (final norm, unembedding). `load_sharded` builds
+a saved model that way on the meta device and reads each rank's shards
+from the checkpoint, so that no rank ever holds the whole model. Each rank
 keeps 1/N of every parameter as a `DTensor` shard. The masks, the Lagrange
 multipliers and the optimizer stay replicated, and the micro-batches are
 split over the ranks as in plain data parallelism (`fastedge.distributed`):
@@ -21,10 +24,11 @@ weights through per-head views (`fastedge.adapters`) from its own layer loop
 the unit itself, through `FSDPWeights` (the object `EdgeModel._weights`
 holds; `PlainWeights` does nothing):
 
-* forward: ``enter(layer)`` unshards the layer's block (waiting for its
-  prefetch) and starts an asynchronous all-gather of the next unit;
-  ``leave(layer)`` reshards it. At most the current and the next unit are
-  unsharded at a time.
+* forward: ``enter(position)`` unshards the unit of a position (-1 the
+  embeddings, 0 .. L - 1 the blocks, L the final reader's root), waiting
+  for its prefetch, and starts an asynchronous all-gather of the next
+  unit; ``leave(position)`` reshards it. At most the current and the next
+  unit are unsharded at a time.
 * backward: autograd keeps the tensors the forward saved, among them views
   of the *unsharded* parameters (a projection saves its weight). FSDP2
   frees an unsharded parameter by shrinking its storage to 0 bytes and, on
