@@ -11,6 +11,7 @@ This file is also the worker that torchrun runs on every rank
 import contextlib
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -191,20 +192,32 @@ def _torchrun(args, cwd: Path):
 def run(tmp_path_factory):
     """Two sharded ranks under torchrun (every architecture in one launch),
     and the same runs in one process."""
-    out = tmp_path_factory.mktemp("fsdp")
-    for name in LOADED:
-        _model(name).save_pretrained(out / f"saved-{name}")
-    _word_tokenizer().save_pretrained(out / "saved-llama-gqa")  # for the command line
-    code, output = _torchrun([__file__, str(out)], out)
-    assert code == 0, output[-6000:]
+    # one launch for the whole session: pytest-xdist's workers share the folder above their own
+    # and take turns at the lock; the first runs torchrun, the others read its results
+    from filelock import FileLock
+    shared = tmp_path_factory.getbasetemp().parent
+    out = shared / "fsdp-run"
+    with FileLock(str(shared / "fsdp-run.lock")):
+        if not (out / "done").exists():
+            if out.exists():
+                shutil.rmtree(out)
+            out.mkdir()
+            for name in LOADED:
+                _model(name).save_pretrained(out / f"saved-{name}")
+            _word_tokenizer().save_pretrained(out / "saved-llama-gqa")  # for the command line
+            code, output = _torchrun([__file__, str(out)], out)
+            assert code == 0, output[-6000:]
+            (out / "done").write_text("")
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as on each rank: the same kernels, the same roundings per micro-batch
     try:
         single = {name: _state(_prune(name)) for name in NAMES}
         # resumed in one process, unsharded, from the checkpoint of two sharded ranks
+        mine = tmp_path_factory.mktemp("resume") / "resume"  # a copy: other workers resume it too
+        shutil.copytree(out / "resume", mine)
         single["resumed"] = _state(prune(_model("gpt2"), _task(), target_sparsity=0.5, steps=STEPS,
-                                         out_dir=str(out / "resume"), resume=True, **OPTS))
+                                         out_dir=str(mine), resume=True, **OPTS))
     finally:
         torch.set_num_threads(threads)
     return out, ranks, single
