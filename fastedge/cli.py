@@ -1,4 +1,4 @@
-"""The `fastedge` command line: prune, eval, draw, compare.
+"""The `fastedge` command line: prune, eval, draw, compare, report, attribute, export-mib.
 
     fastedge prune                       # the shipped induction model, on a CPU in about two minutes
     fastedge prune --model gpt2 --task ioi --target-sparsity 0.98 --steps 3000 --out runs/ioi
@@ -6,6 +6,9 @@
     fastedge draw runs/ioi/circuit.json --out circuit.pdf
     fastedge compare a/circuit.json b/circuit.json [--model M --task T]
     fastedge report runs/ioi [--sweep sweep.json]   # rebuild runs/ioi/report.html
+    fastedge attribute --model gpt2 --task ioi --method eap-ig-inputs --out scores.pt   # fastedge.cli_attribute
+    fastedge eval --model gpt2 --task ioi --scores scores.pt --sweep mib
+    fastedge export-mib --scores scores.pt --model-tag gpt2 --task-tag ioi --method eap-ig --out mib/
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+from fastedge import cli_attribute  # attribute, export-mib, eval --scores
 from fastedge.cli_errors import EXIT_FAILED, EXIT_INTERRUPTED, CliError, describe, one_line
 
 SHIPPED = "shipped"
@@ -96,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "interchange (the writer's output on the corrupted input), zero, or mean (its "
                         "mean output over training inputs) (default interchange; zero for tracr: models)")
     p.add_argument("--no-node-masks", action="store_true", help="learn edge masks only")
+    p.add_argument("--init-from", default=None, metavar="SCORES",
+                   help="warm start: initialise the edge masks from attribution scores (a file written by "
+                        "fastedge attribute, or a run's masks.pt), by rank: the best edges start where "
+                        "masks start without scores, the worst at log_alpha 0")
+    p.add_argument("--preselect", type=float, default=None, metavar="FRACTION",
+                   help="with --init-from: train only this top fraction of the edges by score and hold every "
+                        "other edge at 0 (Hybrid Attribution and Pruning); the sparsity target ramps from "
+                        "1 - FRACTION")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
     p.add_argument("--checkpoint-minutes", type=float, default=5.0, metavar="M",
                    help="also a checkpoint whenever M minutes passed since the last one (default 5; "
@@ -126,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32,
                    help="examples per forward pass while evaluating (default 32; lower it when memory is short)")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the metrics to this JSON file")
+    cli_attribute.add_eval_scores_options(p)
 
     p = sub.add_parser("draw", help="draw a circuit as SVG (built in), PNG or PDF (graphviz), or DOT text")
     p.add_argument("circuit", metavar="CIRCUIT_JSON")
@@ -153,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", default=None, metavar="JSON",
                    help="the result of fastedge eval --masks RUN_DIR/masks.pt --sweep ... --out JSON "
                         "(default: RUN_DIR/sweep.json when there is one)")
+    cli_attribute.add_attribute_parser(sub, _add_model_and_task)
+    cli_attribute.add_export_mib_parser(sub)
     for p in sub.choices.values():  # --debug after the command too (SUPPRESS keeps the global value)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show the Python traceback of an error instead of a one-line message")
@@ -398,6 +413,10 @@ def _prune(args, *, main_rank: bool) -> int:
                    checkpoint_seconds=_checkpoint_seconds(args.checkpoint_minutes),
                    progress=not args.no_progress, micro_batch_size=args.micro_batch_size,
                    recompute_readers=args.recompute_readers, precision=args.precision)
+    if args.preselect is not None:
+        if args.init_from is None:
+            raise ValueError("--preselect needs --init-from (the scores that rank the edges)")
+        options["preselect"] = args.preselect
     for key in ("lr", "lambda_lr"):
         value = getattr(args, key)
         if value is not None:
@@ -421,6 +440,10 @@ def _prune(args, *, main_rank: bool) -> int:
     if args.shard:
         from fastedge.sharding import check_command_line
         check_command_line(args)
+    init_from = None
+    if args.init_from is not None:   # read (and checked) before the model loads
+        from fastedge.prune import load_init_scores
+        init_from = load_init_scores(args.init_from)
     model, task, name = load_model_and_task(args)
     out = Path(args.out)
     if main_rank:
@@ -429,7 +452,7 @@ def _prune(args, *, main_rank: bool) -> int:
             _remove_run_files(out)
     result = prune(model, task, target_sparsity=target, steps=steps, out_dir=str(out),
                    resume=args.resume, model_name=name, task_name=getattr(task, "name", ""),
-                   shard=args.shard, **options)
+                   init_from=init_from, shard=args.shard, **options)
     if not main_rank:
         return 0
     circuit = result.circuit
@@ -524,6 +547,11 @@ def cmd_eval(args) -> int:
     from fastedge.evaluate import evaluate
     _check_task_options(args)
     _check_batch_size(args)
+    if args.scores:
+        from fastedge.cli_attribute import eval_scores_sweep
+        return eval_scores_sweep(args)
+    if args.rank is not None:
+        raise ValueError("--rank orders the edges of --scores; it is read only with --scores")
     if args.sweep is not None:
         if not args.masks:
             raise CliError("--sweep needs --masks (the masks.pt that prune wrote)")
@@ -637,7 +665,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     commands = {"prune": cmd_prune, "eval": cmd_eval, "draw": cmd_draw, "compare": cmd_compare,
-                "report": cmd_report}
+                "report": cmd_report, "attribute": cli_attribute.cmd_attribute,
+                "export-mib": cli_attribute.cmd_export_mib}
     if args.debug:
         _check_options(args)
         return commands[args.command](args)

@@ -138,6 +138,9 @@ class EdgeModelOutput:
     n_edges: int
     node_mask_sum: Optional[Tensor] = None  # sum of node masks, when node masks are on
     n_nodes: int = 0
+    # the run's writer stack (y_w - y~_w of every writer, [n_writers, B, S, D]), when asked
+    # for with `EdgeModel.writer_deltas` (attribution pins it: `_Pin`)
+    writer_deltas: Optional[Tensor] = None
 
     @property
     def edge_sparsity(self) -> Tensor:
@@ -236,6 +239,49 @@ def _fused_norm_mode(mode: Optional[str]) -> Optional[str]:
 def position_ids_from_attention_mask(attention_mask: Tensor) -> Tensor:
     """Positions that skip padding: ``cumsum(mask) - 1``, 0 at pads."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class _Pin:
+    """A run whose writer deltas are given instead of computed (attribution:
+    `fastedge.attribution`, EAP-IG).
+
+    The stack holds ``deltas`` (``y_w - y~_w`` of a clean and an ablated run,
+    [n_writers, B, S, D]) whatever this run's own writers output, while each
+    reader still reads this run's residual stream: writer ``w``'s ablated
+    value is taken as ``y~'_w = y_w - deltas_w`` (``y_w`` this run's output,
+    no gradient), so that with every mask 1 the reader's input
+    ``sum_w y~'_w + sum_w deltas_w`` is this run's residual stream, the
+    gradient reaches ``y_w`` through the stack rows (``deltas_w + (y_w -
+    y_w.detach())``: the value ``deltas_w`` exactly, the derivative 1), and
+    the gradient of edge mask ``z[r, w]`` is ``deltas_w . d metric / d in_r``:
+    the fixed clean-minus-ablated difference against this run's gradient.
+
+    ``patch = (lo, hi, alpha)``: writers ``[lo, hi)`` (one group: the
+    embeddings, a layer's heads, or an MLP) output the interpolation
+    ``y~_w + alpha * deltas_w = y_w - (1 - alpha) * deltas_w`` instead, as
+    constants (no gradient flows into them), where ``y_w`` is this run's
+    output (equal to the clean run's wherever nothing upstream is patched)."""
+
+    def __init__(self, deltas: Tensor, patch: Optional[tuple] = None):
+        self.deltas, self.patch = deltas, patch
+
+    def output(self, start: int, y: Tensor) -> Tensor:
+        """Writers ``[start, start + len(y))``'s outputs, patched where asked."""
+        if self.patch is None:
+            return y
+        lo, hi, alpha = self.patch
+        stop = start + y.shape[0]
+        if stop <= lo or start >= hi:
+            return y
+        if start < lo or stop > hi:
+            raise AssertionError(f"a patch covers whole writer groups: [{lo}, {hi}) vs [{start}, {stop})")
+        return (y - (1 - alpha) * self.deltas[start:stop]).detach()
+
+    def ablated(self, start: int, y: Tensor) -> Tensor:
+        return y.detach() - self.deltas[start:start + y.shape[0]]
+
+    def delta(self, start: int, y: Tensor) -> Tensor:
+        return self.deltas[start:start + y.shape[0]] + (y - y.detach())
 
 
 class EdgeModel(nn.Module):
@@ -366,6 +412,42 @@ class EdgeModel(nn.Module):
     def circuit_fixed(self) -> bool:
         return self._fixed_masks is not None
 
+    # -- attribution (fastedge.attribution) ----------------------------------------------
+
+    def unit_masks(self) -> list[Tensor]:
+        """Fix every edge mask at 1 as leaf tensors that require grad (one
+        ``[R_g, W_g]`` per reader group, the mask dtype) and return them: a
+        backward then leaves in each ``.grad`` the derivative of the output in
+        every edge mask at all-ones, ``(y_w - y~_w) . d out / d in_r`` (the
+        EAP score), accumulated over backwards. Node masks play no part.
+        `reset_masks` or `set_circuit` undoes it."""
+        device = self.edge_log_alpha[0].device
+        masks = [torch.ones(g.n_readers, g.n_writers, device=device, dtype=self.mask_dtype,
+                            requires_grad=True) for g in self.graph.groups]
+        self._fixed_masks = masks
+        return masks
+
+    def writer_deltas(self, input_ids: Tensor, corrupted_input_ids: Optional[Tensor] = None,
+                      attention_mask: Optional[Tensor] = None) -> EdgeModelOutput:
+        """A forward without gradients whose output also carries the run's
+        writer stack (``writer_deltas``: ``y_w - y~_w`` of every writer,
+        ``[n_writers, B, S, D]``) under the model's masks as they stand."""
+        with torch.no_grad():
+            return self.forward(input_ids, corrupted_input_ids, attention_mask, seed=0, keep_stack=True)
+
+    def pinned_forward(self, input_ids: Tensor, deltas: Tensor, attention_mask: Optional[Tensor] = None,
+                       patch: Optional[tuple] = None) -> EdgeModelOutput:
+        """A forward on `input_ids` whose stack holds `deltas` (`_Pin`): with
+        `unit_masks`, its backward gives ``deltas_w . d out / d in_r`` at this
+        run's point; ``patch = (lo, hi, alpha)`` interpolates writers
+        ``[lo, hi)`` between their ablated (0) and clean (1) outputs."""
+        self._check_patched()
+        B, S = input_ids.shape
+        expect = (self.graph.n_writers, B, S, self.adapter.hidden_size)
+        if tuple(deltas.shape) != expect:
+            raise ValueError(f"deltas must be [n_writers, B, S, hidden] = {list(expect)}, got {list(deltas.shape)}")
+        return self._run(input_ids, None, attention_mask, pin=_Pin(deltas, patch))
+
     # -- mean ablation -----------------------------------------------------------------
 
     @torch.no_grad()
@@ -385,7 +467,8 @@ class EdgeModel(nn.Module):
     # -- forward -----------------------------------------------------------------------
 
     def forward(self, input_ids: Tensor, corrupted_input_ids: Optional[Tensor] = None,
-                attention_mask: Optional[Tensor] = None, seed: Optional[int] = None) -> EdgeModelOutput:
+                attention_mask: Optional[Tensor] = None, seed: Optional[int] = None,
+                keep_stack: bool = False) -> EdgeModelOutput:
         self._check_patched()
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -404,9 +487,10 @@ class EdgeModel(nn.Module):
             seed = self.seed * 1_000_003 + int(self.step)
             if self.training and torch.is_grad_enabled():
                 self.step += 1
-        return self._run(input_ids, corrupted_input_ids, attention_mask, seed=seed)
+        return self._run(input_ids, corrupted_input_ids, attention_mask, seed=seed, keep_stack=keep_stack)
 
-    def _run(self, input_ids, corrupted_input_ids, attention_mask, seed=0, collect_writers=False):
+    def _run(self, input_ids, corrupted_input_ids, attention_mask, seed=0, collect_writers=False,
+             keep_stack=False, pin: Optional[_Pin] = None):
         a, g = self.adapter, self.graph
         B, S = input_ids.shape
         if attention_mask is None:
@@ -415,25 +499,30 @@ class EdgeModel(nn.Module):
         masks_by_window = {}
         dtype = a.token_embedding.weight.dtype
         device = input_ids.device
-        ablation = "zero" if collect_writers else self.ablation
+        ablation = "zero" if collect_writers else "pinned" if pin is not None else self.ablation
         training_graph = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
 
         run = _Run(self, seed, training_graph and not collect_writers, collect_writers)
-        run.stack = torch.empty((g.n_writers, B, S, a.hidden_size), dtype=dtype, device=device)
+        # (a pinned run's stack is its deltas: each write copies the same values in place)
+        run.stack = (pin.deltas if pin is not None
+                     else torch.empty((g.n_writers, B, S, a.hidden_size), dtype=dtype, device=device))
         run.grad_buffer = (torch.zeros_like(run.stack, dtype=self.grad_buffer_dtype or dtype)
                            if run.needs_grad else None)
         run.token = torch.zeros((), device=device, requires_grad=run.needs_grad)
 
         self._weights.enter(-1)  # the embedding (fastedge.sharding: units unsharded around their use)
         clean = a.embed(input_ids, positions)
-        if ablation == "interchange":
+        if ablation == "pinned":
+            clean = [pin.output(w, y[None])[0] for w, y in enumerate(clean)]
+            corrupted = [pin.ablated(w, y[None])[0] for w, y in enumerate(clean)]
+        elif ablation == "interchange":
             corrupted = a.embed(corrupted_input_ids, positions)
         elif ablation == "zero":
             corrupted = [None] * len(clean)
         else:
             corrupted = [self._mean(w, S) for w in range(len(clean))]
         for w, (y, y_c) in enumerate(zip(clean, corrupted)):
-            run.write(w, (y if y_c is None else y - y_c)[None])
+            run.write(w, pin.delta(w, y[None]) if pin is not None else (y if y_c is None else y - y_c)[None])
         resid_c = _sum_or_none(corrupted)
         if ablation == "mean":
             resid_c = self._mean_prefix(0, len(clean), S)
@@ -464,7 +553,12 @@ class EdgeModel(nn.Module):
             # share of the writers before the layer (see `_Run.read_layer`)
             heads, mlp_partial = run.region(self._attn_readers, layer, attn_group, mlp_group, resid_c,
                                             cos_sin, attn_bias)
-            run.write(first_head, heads if heads_c is None else heads - heads_c)
+            if pin is not None:
+                heads = pin.output(first_head, heads)
+                heads_c = pin.ablated(first_head, heads)
+                run.write(first_head, pin.delta(first_head, heads))
+            else:
+                run.write(first_head, heads if heads_c is None else heads - heads_c)
             attn_c = None if heads_c is None else heads_c.sum(0)
             # the MLP: its partial sum, the corrupted attention output (part of
             # its base) and its reads of this layer's heads
@@ -479,9 +573,13 @@ class EdgeModel(nn.Module):
                     y_mlp_c = a.mlp(layer, a.mlp_norm(layer, mlp_base))
             elif ablation == "mean":
                 y_mlp_c = self._mean(mlp_writer, S)
+            elif pin is not None:
+                y_mlp = pin.output(mlp_writer, y_mlp[None])[0]
+                y_mlp_c = pin.ablated(mlp_writer, y_mlp[None])[0]
             else:
                 y_mlp_c = None
-            run.write(mlp_writer, (y_mlp if y_mlp_c is None else y_mlp - y_mlp_c)[None])
+            run.write(mlp_writer, pin.delta(mlp_writer, y_mlp[None]) if pin is not None
+                      else (y_mlp if y_mlp_c is None else y_mlp - y_mlp_c)[None])
             resid_c = _add(_add(resid_c, attn_c), y_mlp_c)
             self._weights.leave(layer)
         if collect_writers:
@@ -490,7 +588,8 @@ class EdgeModel(nn.Module):
         logits = run.region(self._final_reader, None, g.groups[-1], resid_c)
         self._weights.leave(len(a.blocks))
         return EdgeModelOutput(logits=logits, edge_mask_sum=run.edge_sum, n_edges=g.n_edges,
-                               node_mask_sum=run.node_sum(), n_nodes=g.n_writers)
+                               node_mask_sum=run.node_sum(), n_nodes=g.n_writers,
+                               writer_deltas=run.stack if keep_stack else None)
 
     # Reader regions: a group's masked sum and what its readers apply to it.
     # With recompute_readers they run under activation checkpointing, so the

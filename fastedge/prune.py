@@ -112,6 +112,15 @@ class PruneConfig:
     # hard_concrete_l0), which has a gradient even where sampled masks are
     # clamped at 1 and so suits short runs.
     sparsity_estimate: str = "sampled"
+    # Warm start (`prune(init_from=scores)`, `warm_start_log_alphas`): edges ranked by their
+    # scores start at log_alpha from init_log_alpha (the best) down to init_floor (the
+    # worst), linearly in rank. init_from records which scores ("sha256:..."), for resume.
+    init_from: Optional[str] = None
+    init_floor: float = 0.0
+    # Preselection (HAP): only the top fraction of edges by the init_from scores is trained;
+    # every other edge mask is fixed at 0 (log_alpha -inf). The sparsity target then ramps
+    # from 1 - preselect (where the run starts) instead of from 0.
+    preselect: Optional[float] = None
     checkpoint_every: int = 100
     # also a checkpoint whenever this many seconds passed since the last one
     # (None: steps only), so that a slow run stopped early keeps its work
@@ -157,6 +166,14 @@ class PruneConfig:
         if self.circuit_sparsity is not None:
             _check_number("circuit_sparsity", self.circuit_sparsity, low=0.0, high=1.0)
         _check_number("init_log_alpha", self.init_log_alpha)
+        _check_number("init_floor", self.init_floor)
+        if self.init_floor > self.init_log_alpha:
+            raise ValueError(f"init_floor ({self.init_floor!r}) must not exceed init_log_alpha "
+                             f"({self.init_log_alpha!r}): the worst-ranked edge starts at the floor")
+        if self.preselect is not None:
+            _check_number("preselect", self.preselect)
+            if not 0.0 < self.preselect <= 1.0:
+                raise ValueError(f"preselect must be a fraction of the edges in (0, 1], got {self.preselect!r}")
         if self.sparsity_estimate not in ("sampled", "expected"):
             raise ValueError(f"sparsity_estimate must be 'sampled' or 'expected', got {self.sparsity_estimate!r}")
         if self.ablation not in ("interchange", "zero", "mean"):
@@ -170,9 +187,17 @@ class PruneConfig:
             return self.sparsity_warmup_steps
         return max(1, (self.steps * 5) // 6)
 
+    @property
+    def target_start(self) -> float:
+        """Where the sparsity target starts: 0, or with preselection the
+        sparsity the run starts at (1 - preselect: the other edges are fixed at 0)."""
+        return 0.0 if self.preselect is None else min(1.0 - self.preselect, self.target_sparsity)
+
     def target_at(self, step: int) -> float:
-        """The sparsity target of `step` (0-based): linear from 0 over the warm-up."""
-        return self.target_sparsity * min(1.0, (step + 1) / self.warmup)
+        """The sparsity target of `step` (0-based): linear from `target_start`
+        (0 without preselection) to the target over the warm-up."""
+        t0 = self.target_start
+        return t0 + (self.target_sparsity - t0) * min(1.0, (step + 1) / self.warmup)
 
 
 SEED_LIMIT = 2 ** 40     # seed * 1_000_003 + training forwards stays below 2**63
@@ -294,7 +319,7 @@ def _model_device(model) -> torch.device:
 
 def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int = 3000,
           out_dir: Optional[str] = None, resume: bool = False, task_name: str = "",
-          model_name: str = "", shard: Optional[str] = None, **options) -> PruneResult:
+          model_name: str = "", init_from=None, shard: Optional[str] = None, **options) -> PruneResult:
     """Prune `model` (a Hugging Face causal LM, or an `EdgeModel`) on a task
     (`fastedge.tasks.TaskData`). Returns the circuit at the target sparsity,
     its metrics on the validation split, and the training history.
@@ -303,6 +328,13 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
     lr, lambda_lr, seed, bf16, checkpoint_every, ...). With `out_dir`,
     checkpoints go to ``out_dir/checkpoints`` and `resume=True` continues
     from the latest one.
+
+    Warm start and preselection: `init_from` (`fastedge.attribution.EdgeScores`,
+    or the path of a scores file or of a run's ``masks.pt``) initialises the
+    edge log_alphas by rank (`warm_start_log_alphas`); with
+    ``preselect=f`` only the top fraction `f` of the edges is trained and
+    every other edge mask is fixed at 0 (HAP: Hybrid Attribution and
+    Pruning), the sparsity target ramping from ``1 - f``.
 
     When `torch.distributed` is initialised with more than one rank (torchrun;
     see `fastedge.distributed`), the steps run data parallel: each rank runs
@@ -313,6 +345,12 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
     over the ranks with FSDP2, one block per unit (`fastedge.sharding`).
     """
     cfg = PruneConfig(target_sparsity=target_sparsity, steps=steps, **options)
+    init_scores = None
+    if init_from is not None:
+        init_scores = load_init_scores(init_from)
+        cfg.init_from = scores_fingerprint(init_scores)
+    elif cfg.preselect is not None:
+        raise ValueError("preselect needs init_from (the scores that rank the edges)")
     cfg.validate()
     sharding.check_shard(shard)
     group = distributed.current()
@@ -344,6 +382,17 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
     device = _model_device(em.model)
     torch.manual_seed(cfg.seed)
     em.reset_masks(generator=torch.Generator(device="cpu").manual_seed(cfg.seed), mean=cfg.init_log_alpha)
+    fixed_off = None
+    if init_scores is not None:
+        if init_scores.graph != em.graph:
+            raise ValueError(f"init_from: the scores are for another graph ({init_scores.graph.n_edges} edges, "
+                             f"{init_scores.graph.n_layers} layers) than this model's ({em.graph.n_edges} edges, "
+                             f"{em.graph.n_layers} layers)")
+        start, fixed_off = warm_start_log_alphas(init_scores, top=cfg.init_log_alpha, floor=cfg.init_floor,
+                                                 preselect=cfg.preselect)
+        with torch.no_grad():   # the rank-mapped values, plus the usual N(0, 0.01) init noise
+            for p, value in zip(em.edge_log_alpha, start):
+                p.add_(value.to(p) - cfg.init_log_alpha)
     em.to(device)
     em.seed = cfg.seed
     em.step.zero_()
@@ -393,7 +442,8 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
     trainer = _Trainer(cfg=cfg, em=em, multipliers=multipliers, optimizer=optimizer, scheduler=scheduler,
                        reference=_FullModelReference(em, device, objectives.objective_of(data)),
                        examples=train.examples,
-                       device=device, micro=micro, n_micro=n_micro, group=group, latest=latest)
+                       device=device, micro=micro, n_micro=n_micro, group=group, latest=latest,
+                       fixed_off=None if fixed_off is None else [m.to(device) for m in fixed_off])
     writes = out_dir is not None and group.is_main  # only rank 0 writes files
     bar = make_progress(cfg.steps, start, enabled=cfg.progress) if group.is_main else None
     last_saved = _clock()
@@ -515,6 +565,7 @@ class _Trainer:
     group: distributed.Group
     latest: Optional[Path]       # the checkpoint, for error messages
     node_sparsity: Optional[torch.Tensor] = None  # the last micro-batch's sampled node sparsity, for the log
+    fixed_off: Optional[list] = None  # preselection: per group, the edges held at log_alpha -inf
 
 
 def _train_step(t: _Trainer, step: int, indices: list[int]) -> dict:
@@ -573,6 +624,10 @@ def _train_step(t: _Trainer, step: int, indices: list[int]) -> dict:
     lr_used = t.optimizer.param_groups[0]["lr"]
     t.optimizer.step()
     t.scheduler.step()
+    if t.fixed_off is not None:   # preselection: the other edges stay at 0 whatever the optimizer did
+        with torch.no_grad():
+            for p, off in zip(em.edge_log_alpha, t.fixed_off):
+                p.masked_fill_(off, float("-inf"))
     record = {"step": step + 1, **totals, "target": target,
               "lambda1": multipliers.edge[0].item(), "lambda2": multipliers.edge[1].item(), "lr": lr_used}
     if multipliers.node is not None:   # a node target: its schedule and multipliers
@@ -720,7 +775,8 @@ def load_checkpoint_file(path, what: str = "checkpoint", map_location="cpu",
     `CheckpointError` that names it and what to do."""
     path = Path(path)
     remedy = ("delete it to start fresh, or restore a good copy" if what == "checkpoint"
-              else "run prune again to rewrite it")
+              else "write scores with fastedge attribute --out, or give a prune run's masks.pt"
+              if what == "scores file" else "run prune again to rewrite it")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except OSError:
@@ -752,7 +808,8 @@ def checkpoint_step(path) -> Optional[int]:
 
 _RESUME_KEYS = ("target_sparsity", "steps", "batch_size", "micro_batch_size", "lr", "lambda_lr",
                 "lr_warmup_steps", "sparsity_warmup_steps", "node_masks", "node_target_sparsity",
-                "ablation", "seed", "bf16", "init_log_alpha", "sparsity_estimate")
+                "ablation", "seed", "bf16", "init_log_alpha", "sparsity_estimate", "init_from",
+                "init_floor", "preselect")
 
 
 def _check_resumable(state, cfg: PruneConfig, em: EdgeModel) -> None:
@@ -836,3 +893,74 @@ def _check_finite_state(state: dict, path: Path) -> None:
                 raise ValueError(f"cannot resume: {path} holds {int(bad.sum())} non-finite value(s) in {name} "
                                  f"(e.g. {t[bad].flatten()[0].item()}); it is not a good checkpoint. Delete it "
                                  f"to start fresh, or restore an earlier copy")
+
+
+# -- warm starts and preselection from attribution scores ----------------------------------------
+
+def load_init_scores(init_from):
+    """`init_from` as `EdgeScores`: given as such, or the path of a scores
+    file (``fastedge attribute --out``) or of a run's ``masks.pt`` (its
+    log_alphas as scores, `EdgeScores.from_masks`)."""
+    from fastedge.attribution import SCORES_FORMAT, EdgeScores
+    if isinstance(init_from, EdgeScores):
+        return init_from
+    if not isinstance(init_from, (str, os.PathLike)):
+        raise TypeError(f"init_from takes EdgeScores or the path of a scores or masks file, "
+                        f"got {type(init_from).__name__}")
+    state = load_checkpoint_file(init_from, "scores file")
+    if state.get("format") == SCORES_FORMAT:
+        return EdgeScores.from_dict(state)
+    if state.get("format") == "fastedge.masks/1":
+        return EdgeScores.from_masks(state)
+    raise CheckpointError(f"{init_from}: holds {state.get('format')!r}, neither scores "
+                          f"({SCORES_FORMAT!r}) nor masks ('fastedge.masks/1')")
+
+
+def scores_fingerprint(scores) -> str:
+    """"sha256:..." of the score values and how they rank (what a resumed run must match)."""
+    import hashlib
+    h = hashlib.sha256(scores.flat().numpy().tobytes())
+    h.update(scores.method.encode())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def warm_start_log_alphas(scores, *, top: float, floor: float = 0.0, preselect: Optional[float] = None,
+                          absolute: Optional[bool] = None):
+    """Initial edge log_alphas from attribution scores, per group, and (with
+    `preselect`) which edges are fixed off (per group bool, else None).
+
+    Edges rank by ``|score|`` (by the signed score for a pruning run's masks,
+    ``method == "edge-pruning"``, or as `absolute` says), best first, ties in
+    graph edge order. Rank ``k`` of ``n`` starts at ``top - (top - floor) *
+    k / (n - 1)``: the best edge where every mask starts without scores (the
+    initial value, ``init_log_alpha``), the worst at `floor` (default 0, the
+    deterministic mask's midpoint, whose hard-concrete sample is still
+    non-zero 83% of the time). Every mask thus starts on, so the sparsity
+    target's ramp from 0 keeps its meaning, and the low-ranked edges sit
+    where a few steps of the sparsity pressure turn them off first.
+
+    With ``preselect=f``, only the top ``ceil(f * n)`` edges are candidates:
+    they are ranked among themselves over the same range, and every other
+    edge starts (and stays: `prune` holds it) at ``-inf``, a mask of exactly 0."""
+    if absolute is None:
+        absolute = scores.method != "edge-pruning"
+    flat = scores.flat()
+    if torch.isnan(flat).any():
+        raise ValueError("init_from: the scores contain NaN")
+    values = flat.abs() if absolute else flat
+    n = values.numel()
+    order = torch.argsort(values, descending=True, stable=True)
+    n_cand = n if preselect is None else max(1, math.ceil(preselect * n))
+    rank = torch.empty(n, dtype=torch.float64)
+    rank[order] = torch.arange(n, dtype=torch.float64)
+    span = max(n_cand - 1, 1)
+    start = top - (top - floor) * rank.clamp(max=span) / span
+    off = rank >= n_cand
+    start[off] = float("-inf")
+    groups, offs, pos = [], [], 0
+    for g in scores.graph.groups:
+        k = g.n_readers * g.n_writers
+        groups.append(start[pos:pos + k].view(g.n_readers, g.n_writers))
+        offs.append(off[pos:pos + k].view(g.n_readers, g.n_writers))
+        pos += k
+    return groups, (offs if preselect is not None else None)
