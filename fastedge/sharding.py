@@ -55,8 +55,9 @@ Every forward and backward is collective: all ranks must run the same
 number of them, with the same structure. `fastedge.prune` keeps that true
 when one rank's loss is not finite (it still runs its backward passes and
 stops at the step's end with every other rank); an exception on one rank
-inside a forward (a bug) leaves the others waiting in an all-gather until
-the process group's timeout.
+inside a forward (a bug, or the full model's own output not finite on that
+rank's batch: `fastedge.prune` raises there) leaves the others waiting in an
+all-gather until the process group's timeout.
 """
 from __future__ import annotations
 
