@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recompute-readers", action="store_true",
                    help="recompute each layer's reader inputs in the backward (less memory: use it for "
                         "large models; CodeLlama-13B at micro-batches of 8 x 72 tokens needs it on 80 GB)")
+    p.add_argument("--shard", choices=["fsdp"], default=None,
+                   help="under torchrun: shard the frozen model's weights over the ranks with FSDP2, one "
+                        "block per unit, for models too large for one device (default: every rank holds "
+                        "the whole model)")
     p.add_argument("--precision", choices=["full", "fast"], default="full",
                    help="masked sums on the GPU: full (the fp32 masks carried to 2^-16 in bf16 products) "
                         "or fast (masks rounded once to the model's dtype: one product, the authors' precision)")
@@ -234,6 +238,10 @@ def load_model_and_task(args):
         from fastedge import shipped
         model = shipped.load_shipped_model()
         name = "fastedge/shipped/" + shipped.SHIPPED_MODEL_NAME
+    elif getattr(args, "shard", None):  # --shard fsdp: each rank reads only its shards (fastedge.sharding)
+        from fastedge.sharding import load_for_command_line
+        model, tokenizer, no_tokenizer = load_for_command_line(args, device, _check_local_folder, _load_tokenizer)
+        name = args.model
     else:
         from transformers import AutoModelForCausalLM
         _check_local_folder(args.model)
@@ -429,6 +437,9 @@ def _prune(args, *, main_rank: bool) -> int:
     from fastedge.prune import PruneConfig
     _check_task_options(args)
     PruneConfig(target_sparsity=target, steps=steps, **options).validate()
+    if args.shard:
+        from fastedge.sharding import check_command_line
+        check_command_line(args)
     init_from = None
     if args.init_from is not None:   # read (and checked) before the model loads
         from fastedge.prune import load_init_scores
@@ -441,7 +452,7 @@ def _prune(args, *, main_rank: bool) -> int:
             _remove_run_files(out)
     result = prune(model, task, target_sparsity=target, steps=steps, out_dir=str(out),
                    resume=args.resume, model_name=name, task_name=getattr(task, "name", ""),
-                   init_from=init_from, **options)
+                   init_from=init_from, shard=args.shard, **options)
     if not main_rank:
         return 0
     circuit = result.circuit

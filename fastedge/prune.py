@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastedge import distributed, jsonsafe, objectives
+from fastedge import distributed, jsonsafe, objectives, sharding
 from fastedge.model import EdgeModel, patch
 from fastedge.progress import make_progress
 
@@ -319,7 +319,7 @@ def _model_device(model) -> torch.device:
 
 def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int = 3000,
           out_dir: Optional[str] = None, resume: bool = False, task_name: str = "",
-          model_name: str = "", init_from=None, **options) -> PruneResult:
+          model_name: str = "", init_from=None, shard: Optional[str] = None, **options) -> PruneResult:
     """Prune `model` (a Hugging Face causal LM, or an `EdgeModel`) on a task
     (`fastedge.tasks.TaskData`). Returns the circuit at the target sparsity,
     its metrics on the validation split, and the training history.
@@ -341,7 +341,8 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
     its share of every global batch's micro-batches (`micro_batch_size`
     defaults to ``batch_size // world_size``), gradients and logged totals are
     summed over ranks, and only rank 0 writes files. Every rank returns the
-    same result.
+    same result. ``shard="fsdp"`` also shards the frozen model's parameters
+    over the ranks with FSDP2, one block per unit (`fastedge.sharding`).
     """
     cfg = PruneConfig(target_sparsity=target_sparsity, steps=steps, **options)
     init_scores = None
@@ -351,6 +352,7 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
     elif cfg.preselect is not None:
         raise ValueError("preselect needs init_from (the scores that rank the edges)")
     cfg.validate()
+    sharding.check_shard(shard)
     group = distributed.current()
     micro, n_micro = _micro_batches(cfg, group)
     started = time.time()
@@ -375,6 +377,8 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
         from fastedge.adapters import input_limits
         vocab, positions = input_limits(em.model)
         data.check_fits(vocab_size=vocab, max_positions=positions, model_name=model_name or "the model")
+    if shard == "fsdp" and not em._weights.sharded:
+        sharding.shard_edge_model(em)
     device = _model_device(em.model)
     torch.manual_seed(cfg.seed)
     em.reset_masks(generator=torch.Generator(device="cpu").manual_seed(cfg.seed), mean=cfg.init_log_alpha)
@@ -582,10 +586,13 @@ def _train_step(t: _Trainer, step: int, indices: list[int]) -> dict:
         chunk = indices[j * t.micro:(j + 1) * t.micro]
         weight = len(chunk) / cfg.batch_size
         kl, sparsity, loss = _micro_batch_loss(t, step, j, chunk, target)
-        if not torch.isfinite(loss):
+        if not torch.isfinite(loss) and failure is None:
             failure = _non_finite_message(step, kl, sparsity, loss, t.latest, cfg.checkpoint_every)
+        if failure is not None and not em._weights.sharded:
             break
-        (loss * weight).backward()
+        (loss * weight).backward()  # sharded: every rank runs every backward (they are collective)
+        if failure is not None:
+            continue
         totals["loss"] += loss.item() * weight
         totals["kl"] += kl.item() * weight
         totals["edge_sparsity"] += sparsity.item() * weight
