@@ -578,8 +578,10 @@ class EdgeModel(nn.Module):
                 y_mlp_c = pin.ablated(mlp_writer, y_mlp[None])[0]
             else:
                 y_mlp_c = None
-            run.write(mlp_writer, pin.delta(mlp_writer, y_mlp[None]) if pin is not None
-                      else (y_mlp if y_mlp_c is None else y_mlp - y_mlp_c)[None])
+            if pin is not None:
+                run.write(mlp_writer, pin.delta(mlp_writer, y_mlp[None]))
+            else:
+                run.write(mlp_writer, (y_mlp if y_mlp_c is None else y_mlp - y_mlp_c)[None])
             resid_c = _add(_add(resid_c, attn_c), y_mlp_c)
             self._weights.leave(layer)
         if collect_writers:
