@@ -169,9 +169,13 @@ def cmd_attribute(args) -> int:
         for path in (out, eap_json):
             if path.exists():
                 raise CliError(f"{path} already exists; add --overwrite to replace it, or give another --out")
-    for path in (out, eap_json):
-        if not path.parent.is_dir():
-            raise CliError(f"{path}: the folder {path.parent} does not exist")
+    for path in (out, eap_json):   # the output folders are made, as prune makes --out
+        if path.parent.exists() and not path.parent.is_dir():
+            raise CliError(f"{path}: {path.parent} is not a folder")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CliError(f"{path}: cannot make the folder {path.parent} ({exc.strerror or exc})") from None
     if not sys.stderr.isatty():
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()

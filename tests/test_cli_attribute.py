@@ -165,8 +165,9 @@ def test_refusals_are_one_line(folders, eap_ig, tmp_path, capsys):
     assert "--ig-steps must be at least 1" in line
     line = _refused(capsys, _attribute(folders, eap_ig))
     assert "already exists; add --overwrite" in line
-    line = _refused(capsys, _attribute(folders, tmp_path / "nowhere" / "a.pt"))
-    assert "does not exist" in line
+    (tmp_path / "plain").write_text("a file, not a folder")
+    line = _refused(capsys, _attribute(folders, tmp_path / "plain" / "a.pt"))
+    assert "is not a folder" in line
 
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a torch file")
