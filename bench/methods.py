@@ -105,7 +105,7 @@ COLUMNS = ["date", "revision", "device", "command", "model", "method", "kind", "
 class Setup:
     """One model, its task, how to attribute and prune on it, and its ground truth."""
 
-    def __init__(self, name: str, quick: bool = False):
+    def __init__(self, name: str, quick: bool = False, device: str = "cpu", steps=None):
         import torch
         self.name = name
         if name == "induction":
@@ -142,7 +142,14 @@ class Setup:
                 if key in self.prune_options:
                     self.prune_options[key] = max(1, self.prune_options[key] // 10)
             self.trace_every = max(1, self.trace_every // 10)
-        self.model.eval().requires_grad_(False)
+        if steps is not None:   # a smoke run: the schedule scaled to `steps`
+            scale = steps / self.prune_options["steps"]
+            for key in ("sparsity_warmup_steps", "lr_warmup_steps"):
+                if key in self.prune_options:
+                    self.prune_options[key] = max(1, int(self.prune_options[key] * scale))
+            self.prune_options["steps"] = steps
+            self.trace_every = max(1, steps // 4)
+        self.model.eval().requires_grad_(False).to(device)
         torch.manual_seed(0)
 
     @property
@@ -162,6 +169,8 @@ def tracr_metric(tm):
     categorical = tm.categorical
 
     def projection(logits, batch):
+        if next(full.parameters()).device != logits.device:
+            full.to(logits.device)
         with torch.no_grad():
             ref = full(batch.input_ids.to(logits.device),
                        attention_mask=batch.attention_mask.to(logits.device)).logits.float()
@@ -293,38 +302,23 @@ def masks_of(em):
             None if em.node_log_alpha is None else em.node_log_alpha.detach().clone())
 
 
-# -- one model ------------------------------------------------------------------------------------------
+def trace_size(setup: Setup, n_graph: int) -> int:
+    """k_trace: the circuit size whose faithfulness the pruning runs are traced at."""
+    if setup.truth is not None:
+        return len(setup.truth.necessary)
+    return int(round(setup.k_trace_fraction * n_graph))
 
-def run_model(name: str, quick: bool = False, methods=ATTRIBUTION) -> dict:
-    """Every method on one model, in this process; returns its rows."""
-    import torch
-    torch.set_num_threads(1)
+
+def prune_variants(setup: Setup, scores: dict, k_trace: int) -> dict:
+    """The three pruning runs (plain, warm-started, preselected) on `setup`,
+    each traced at `k_trace` edges: label -> masks, own circuit, trace,
+    training seconds, wall seconds, the scores it started from, steps."""
     import fastedge
     from fastedge.circuit import extract_circuit
-
-    setup = Setup(name, quick)
-    n_graph = None
-    rows, scores = [], {}
-
-    # attribution passes (the patched model is released before pruning patches it again)
-    evaluator = Evaluator(setup)
-    graph = evaluator.graph
-    n_graph = graph.n_edges
-    needed = list(dict.fromkeys([*methods, WARM_FROM, PRESELECT_FROM]))
-    timing = {}
-    for method in needed:
-        t0 = time.perf_counter()
-        scores[method] = fastedge.attribute(evaluator.em, setup.task, method=method, ig_steps=IG_STEPS,
-                                            metric=setup.metric, batch_size=ATTRIBUTION_BATCH)
-        timing[method] = time.perf_counter() - t0
-    evaluator.close()
-
-    k_trace = (int(round(setup.k_trace_fraction * n_graph)) if setup.truth is None
-               else len(setup.truth.necessary))
+    from fastedge.evaluate import evaluate
 
     def trace_faithfulness(em, k):
-        from fastedge.evaluate import evaluate
-        circuit = extract_circuit(em, 1.0 - k / n_graph)
+        circuit = extract_circuit(em, 1.0 - k / em.graph.n_edges)
         return faithfulness_of(evaluate(em, setup.eval_data, circuit, batch_size=128), setup.objective)[0]
 
     runs = {}
@@ -342,6 +336,45 @@ def run_model(name: str, quick: bool = False, methods=ATTRIBUTION) -> dict:
         runs[label] = {"masks": masks_of(em), "own": result.circuit, "trace": trace,
                        "prune_s": trace.train_s, "wall_s": wall, "init": init, "steps": options["steps"]}
         em.unpatch()
+    return runs
+
+
+def attribute_all(setup: Setup, methods) -> tuple:
+    """(graph, method -> EdgeScores, method -> seconds) for `methods` and the
+    scores the warm and preselected runs start from."""
+    import fastedge
+    evaluator = Evaluator(setup)
+    graph = evaluator.graph
+    scores, timing = {}, {}
+    for method in dict.fromkeys([*methods, WARM_FROM, PRESELECT_FROM]):
+        t0 = time.perf_counter()
+        scores[method] = fastedge.attribute(evaluator.em, setup.task, method=method, ig_steps=IG_STEPS,
+                                            metric=setup.metric, batch_size=ATTRIBUTION_BATCH)
+        _sync(evaluator.em)
+        timing[method] = time.perf_counter() - t0
+    evaluator.close()   # released before pruning patches the model again
+    return graph, scores, timing
+
+
+def _sync(em) -> None:
+    import torch
+    device = em.edge_log_alpha[0].device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -- one model ------------------------------------------------------------------------------------------
+
+def run_model(name: str, quick: bool = False, methods=ATTRIBUTION, steps=None) -> dict:
+    """Every method on one model, in this process; returns its rows."""
+    import torch
+    torch.set_num_threads(1)
+    setup = Setup(name, quick, steps=steps)
+    rows = []
+    graph, scores, timing = attribute_all(setup, methods)
+    n_graph = graph.n_edges
+    k_trace = trace_size(setup, n_graph)
+    runs = prune_variants(setup, scores, k_trace)
 
     evaluator = Evaluator(setup)
     k = runs["edge-pruning"]["own"].n_edges
@@ -436,14 +469,16 @@ def markdown(results: list, revision: str, device: str, date: str, command: str)
 
 # -- driver -------------------------------------------------------------------------------------------------
 
-def _child_command(name: str, quick: bool, methods) -> list:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--methods", *methods]
-    return cmd + (["--quick"] if quick else [])
+def _child_command(name: str, args) -> list:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--methods", *args.methods]
+    if args.steps is not None:
+        cmd += ["--steps", str(args.steps)]
+    return cmd + (["--quick"] if args.quick else [])
 
 
-def _run_child(name: str, quick: bool, methods) -> dict:
+def _run_child(name: str, args) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    out = subprocess.run(_child_command(name, quick, methods), capture_output=True, text=True, env=env)
+    out = subprocess.run(_child_command(name, args), capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{name} failed (rc {out.returncode}):\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -458,11 +493,13 @@ def main(argv=None) -> int:
                     help="attribution methods in the table (pruning runs always)")
     ap.add_argument("--quick", action="store_true", help="a tenth of the pruning steps, a smaller task")
     ap.add_argument("--jobs", type=int, default=2, help="models run at once, one process each")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="pruning steps instead of the models' defaults (the schedule scaled): smoke runs")
     ap.add_argument("--no-save", action="store_true", help="print the table, write nothing")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child is not None:
-        print(json.dumps(run_model(args.child, args.quick, tuple(args.methods))))
+        print(json.dumps(run_model(args.child, args.quick, tuple(args.methods), args.steps)))
         return 0
     import torch
     from results_csv import append_csv, device_name, git_revision, significant
@@ -471,7 +508,7 @@ def main(argv=None) -> int:
     device = device_name(torch.device("cpu"))
     command = "python bench/methods.py" + (" " + " ".join(argv) if argv else "")
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        results = list(pool.map(lambda m: _run_child(m, args.quick, args.methods), args.models))
+        results = list(pool.map(lambda m: _run_child(m, args), args.models))
     now = datetime.now(timezone.utc)
     date = now.strftime("%Y-%m-%dT%H:%MZ")
     text = markdown(results, revision, device, date, command)
