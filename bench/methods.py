@@ -1,12 +1,13 @@
 """Circuit discovery methods side by side on models whose circuits are known
 (issue 13, "Comparison on known circuits").
 
-    python bench/methods.py [--quick] [--models induction tracr:reverse tracr:xproportion] [--jobs 2]
+    python bench/methods.py [--quick] [--models induction tracr:reverse ...] [--jobs 2]
 
 Models: the shipped induction model (`fastedge/shipped`, its task and its
-`fastedge prune` defaults) and Tracr programs (`fastedge.tracr`: the
-paper's two by default, any of `fastedge.tracr.programs.SUPPORTED` with
-``--models tracr:NAME``; their `PRUNE_DEFAULTS` and ground truth).
+`fastedge prune` defaults) and Tracr programs (`fastedge.tracr`: by default
+the paper's two, reverse and xproportion, and two more that the defaults
+recover, length and pair_balance; any of `fastedge.tracr.programs.SUPPORTED`
+with ``--models tracr:NAME``; their `PRUNE_DEFAULTS` and ground truth).
 
 Methods, on each model:
 
@@ -45,10 +46,11 @@ plain Edge Pruning run's own circuit (its default extraction). Per method:
   circuit's output equals the full model's (Tracr);
 * CPR and CMD (`fastedge.evaluate.faithfulness_areas`) of that faithfulness
   over MIB's edge fractions (0.1% ... 100%);
-* Tracr only, at the ground truth's size (``k = |necessary edges|``):
-  recall of the necessary edges, precision (the share of the circuit's
-  edges inside the weight-composition circuit) and `GroundTruth.judge`'s
-  verdict (``recovered``);
+* Tracr only, at ``k`` and at the ground truth's size (``|N|``, its
+  necessary edges): recall of the necessary edges, precision (the share of
+  the circuit's edges inside the weight-composition circuit; at ``|N|``)
+  and `GroundTruth.judge`'s verdict (``recovered``: every necessary edge,
+  nothing outside the weight-composition circuit, every output reproduced);
 * for the pruning runs: the circuit they return themselves (size and
   faithfulness), and the training steps and seconds until the circuit at a
   fixed size (``k_trace``: the shipped model's default circuit size, 10% of
@@ -84,7 +86,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-DEFAULT_MODELS = ("induction", "tracr:reverse", "tracr:xproportion")
+DEFAULT_MODELS = ("induction", "tracr:reverse", "tracr:xproportion", "tracr:length", "tracr:pair_balance")
 ATTRIBUTION = ("eap", "eap-ig-inputs", "eap-ig-activations")
 IG_STEPS = 5
 WARM_FROM = "eap-ig-inputs"      # the scores a warm start begins from (MIB's best pruning entry)
@@ -95,7 +97,8 @@ ATTRIBUTION_BATCH = 64
 PRUNING = ("edge-pruning", f"warm ({WARM_FROM})", f"preselect ({PRESELECT_FROM}, {PRESELECT:.0%})")
 COLUMNS = ["date", "revision", "device", "command", "model", "method", "kind", "n_graph_edges", "time_s",
            "attribution_s", "prune_s", "k", "n_edges", "faithfulness", "divergence", "divergence_name",
-           "accuracy", "cpr", "cmd", "k_truth", "n_edges_truth", "recall", "precision", "recovered",
+           "accuracy", "cpr", "cmd", "recall_at_k", "precision_at_k", "recovered_at_k", "k_truth", "n_edges_truth",
+           "recall", "precision", "recovered",
            "own_n_edges", "own_faithfulness", "k_trace", "trace_threshold", "steps_to_threshold",
            "seconds_to_threshold", "steps", "load_average"]
 
@@ -246,13 +249,15 @@ def areas(ranking: Ranking, evaluator: Evaluator) -> dict:
         return {"cpr": None, "cmd": None}
 
 
-def truth_columns(truth, circuit) -> dict:
+def truth_columns(truth, circuit, suffix: str = "") -> dict:
+    """Recall of the necessary edges, precision against the weight-composition
+    circuit, and `GroundTruth.judge`'s verdict, keys ending in `suffix`."""
     edges = set(circuit.edges)
     verdict = truth.judge(circuit)
-    return {"n_edges_truth": circuit.n_edges,
-            "recall": len(edges & truth.necessary) / max(1, len(truth.necessary)),
-            "precision": len(edges & truth.edges) / max(1, len(edges)),
-            "recovered": bool(verdict["recovered"])}
+    return {"n_edges_truth" + suffix: circuit.n_edges,
+            "recall" + suffix: len(edges & truth.necessary) / max(1, len(truth.necessary)),
+            "precision" + suffix: len(edges & truth.edges) / max(1, len(edges)),
+            "recovered" + suffix: bool(verdict["recovered"])}
 
 
 # -- pruning with a trace -----------------------------------------------------------------------------
@@ -384,11 +389,13 @@ def run_model(name: str, quick: bool = False, methods=ATTRIBUTION, steps=None) -
 
     def add_row(method, kind, ranking, **extra):
         row = dict(common, method=method, kind=kind, **extra)
-        at_k = evaluator(ranking.circuit(k))
-        row.update(at_k)
+        at_k = ranking.circuit(k)
+        row.update(evaluator(at_k))
         row.update(areas(ranking, evaluator))
         if setup.truth is not None:
             row.update(truth_columns(setup.truth, ranking.circuit(k_truth)))
+            row.update({key: value for key, value in truth_columns(setup.truth, at_k, "_at_k").items()
+                        if key != "n_edges_truth_at_k"})
         rows.append(row)
 
     for method in methods:
@@ -432,7 +439,7 @@ def markdown(results: list, revision: str, device: str, date: str, command: str)
              f"{', '.join(f'{f:g}' for f in MIB_EDGE_FRACTIONS)}. Tracr, at the ground truth's size "
              "|N| (its necessary edges): recall of N, precision (share inside the weight-composition "
              "circuit), recovered (`GroundTruth.judge`: every necessary edge, nothing outside, every output "
-             "reproduced). Pruning runs: their own circuit (edges, faithfulness), and the steps / seconds "
+             "reproduced); recall and recovered also at k. Pruning runs: their own circuit (edges, faithfulness), and the steps / seconds "
              f"until the circuit of k_trace edges first reached faithfulness {TRACE_FAITHFULNESS} (checked "
              "periodically; seconds of training, plus the attribution pass for warm starts). Time: "
              "attribution pass, pruning (training steps), or both.", ""]
@@ -447,15 +454,17 @@ def markdown(results: list, revision: str, device: str, date: str, command: str)
         cols = ["method", "time (s)", "edges", "faithfulness", r0["divergence_name"].upper(), "accuracy", "CPR",
                 "CMD"]
         if truth:
-            cols += ["recall N @|N|", "precision @|N|", "recovered @|N|"]
+            cols += ["recall N @k", "recovered @k", "recall N @|N|", "precision @|N|", "recovered @|N|"]
         cols += ["own circuit: edges / faithfulness", "steps / s to faithfulness"]
         lines += ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] + ["--:"] * (len(cols) - 1)) + "|"]
         for r in rows:
             cells = [r["method"], _f(r.get("time_s"), ".1f"), str(r["n_edges"]), _f(r["faithfulness"]),
                      _f(r["divergence"], ".3g"), _f(r["accuracy"]), _f(r.get("cpr")), _f(r.get("cmd"))]
             if truth:
-                cells += [_f(r.get("recall"), ".2f"), _f(r.get("precision"), ".2f"),
-                          {True: "yes", False: "no"}.get(r.get("recovered"), "–")]
+                yes = {True: "yes", False: "no"}
+                cells += [_f(r.get("recall_at_k"), ".2f"), yes.get(r.get("recovered_at_k"), "–"),
+                          _f(r.get("recall"), ".2f"), _f(r.get("precision"), ".2f"),
+                          yes.get(r.get("recovered"), "–")]
             if r["kind"] == "pruning":
                 cells += [f"{r['own_n_edges']} / {_f(r['own_faithfulness'])}",
                           (f"{r['steps_to_threshold']} / {_f(r['seconds_to_threshold'], '.1f')}"

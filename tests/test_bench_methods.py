@@ -92,9 +92,13 @@ def test_methods_end_to_end_at_a_few_steps():
                 assert edges <= k
             cpr, cmd = float(cells[6]), float(cells[7])
             assert 0 <= cmd and cpr <= 0.999 + 1e-9 and cpr + cmd >= 0.999 - 1e-6, (name, cells)
-        if model.startswith("tracr"):
-            recall, precision = float(table["eap"][8]), float(table["eap"][9])
-            assert 0 <= recall <= 1 and 0 <= precision <= 1
+        if model.startswith("tracr"):   # recall @k, recovered @k, recall @|N|, precision @|N|, recovered @|N|
+            for cells in table.values():
+                recall_k, recall, precision = float(cells[8]), float(cells[10]), float(cells[11])
+                assert all(0 <= x <= 1 for x in (recall_k, recall, precision)), cells
+                assert cells[9] in ("yes", "no") and cells[12] in ("yes", "no"), cells
+                if cells[12] == "yes":   # recovered: every necessary edge, nothing outside the truth
+                    assert recall == 1.0 and precision == 1.0, cells
 
 
 def test_eap_patching_end_to_end():
