@@ -17,7 +17,8 @@ edge is ``-score``. Reported per method (EAP, EAP-IG-inputs and
 EAP-IG-activations, 5 steps), over all edges: the Pearson and Spearman
 (average ranks for ties) correlations of ``delta`` with ``-score``, and how
 many of the 10 edges with the largest ``|delta|`` are among the 10 with the
-largest ``|score|``. The same examples (the task's training split) are used
+largest ``|score|``; and the 8 edges of largest ``|delta|`` with their
+estimates. The same examples (the task's training split) are used
 for the scores and for patching. Nothing is asserted: the figures are
 measured and written down.
 
@@ -39,6 +40,7 @@ if str(HERE) not in sys.path:
 METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations")
 IG_STEPS = 5
 TOP = 10
+SHOWN = 8      # edges listed with their effects and estimates
 COLUMNS = ["date", "revision", "device", "command", "method", "ig_steps", "n_examples", "n_edges",
            "n_zero_effect", "pearson", "spearman", "top10_overlap", "max_abs_effect"]
 
@@ -127,7 +129,7 @@ def measure(n_examples: int = 400, methods=METHODS) -> tuple[list, dict]:
     return rows, detail
 
 
-def markdown(rows: list, revision: str, device: str, date: str, command: str) -> str:
+def markdown(rows: list, revision: str, device: str, date: str, command: str, detail=None) -> str:
     r0 = rows[0]
     lines = ["# EAP against activation patching, shipped induction model (issue 13)", "",
              f"`{command}` on {device}, {date}, revision `{revision}`. {r0['n_edges']} edges, "
@@ -139,6 +141,14 @@ def markdown(rows: list, revision: str, device: str, date: str, command: str) ->
              f"| method | Pearson | Spearman | top-{TOP} overlap |", "|---|--:|--:|--:|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['pearson']:.3f} | {r['spearman']:.3f} | {r['top10_overlap']} / {TOP} |")
+    if detail:
+        methods = [r["method"] for r in rows]
+        effects = detail["effect"]
+        lines += ["", f"The {SHOWN} edges with the largest |true effect| (nats), and the estimates (-score):", "",
+                  "| edge | true effect | " + " | ".join(methods) + " |", "|---|--:|" + "--:|" * len(methods)]
+        for i in sorted(range(len(effects)), key=lambda i: -abs(effects[i]))[:SHOWN]:
+            lines.append(f"| {detail['edges'][i]} | {effects[i]:.3g} | "
+                         + " | ".join(f"{detail[m][i]:.3g}" for m in methods) + " |")
     return "\n".join(lines + [""])
 
 
@@ -155,10 +165,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     device = device_name(torch.device("cpu"))
     command = "python bench/eap_patching.py" + (" " + " ".join(argv) if argv else "")
-    rows, _ = measure(args.n_examples, tuple(args.methods))
+    rows, detail = measure(args.n_examples, tuple(args.methods))
     now = datetime.now(timezone.utc)
     date = now.strftime("%Y-%m-%dT%H:%MZ")
-    text = markdown(rows, revision, device, date, command)
+    text = markdown(rows, revision, device, date, command, detail)
     print(text)
     if not args.no_save:
         results = HERE / "results"

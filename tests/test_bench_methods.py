@@ -110,5 +110,8 @@ def test_eap_patching_end_to_end():
     mlp = [i for i, e in enumerate(detail["edges"]) if e.startswith(("m0->", "m1->"))]
     assert mlp and all(detail["effect"][i] == 0 and detail["eap"][i] == 0 for i in mlp)
     assert row["max_abs_effect"] > 0
-    text = eap_patching.markdown(rows, "abc1234", "a CPU", "2026-01-01T00:00Z", "python bench/eap_patching.py")
+    text = eap_patching.markdown(rows, "abc1234", "a CPU", "2026-01-01T00:00Z", "python bench/eap_patching.py",
+                                 detail)
     assert "| eap |" in text and "`abc1234`" in text
+    top = max(range(110), key=lambda i: abs(detail["effect"][i]))
+    assert f"| {detail['edges'][top]} | {detail['effect'][top]:.3g} | {detail['eap'][top]:.3g} |" in text
