@@ -45,7 +45,9 @@ plain Edge Pruning run's own circuit (its default extraction). Per method:
   too. Accuracy: the top token equals the clean answer (induction), the
   circuit's output equals the full model's (Tracr);
 * CPR and CMD (`fastedge.evaluate.faithfulness_areas`) of that faithfulness
-  over MIB's edge fractions (0.1% ... 100%);
+  over MIB's edge fractions (0.1% ... 100%; a preselected run's masks hold
+  every edge outside its 30% at 0, so its circuits at 50% and 100% are
+  those 30%);
 * Tracr only, at ``k`` and at the ground truth's size (``|N|``, its
   necessary edges): recall of the necessary edges, precision (the share of
   the circuit's edges inside the weight-composition circuit; at ``|N|``)
@@ -61,7 +63,8 @@ plain Edge Pruning run's own circuit (its default extraction). Per method:
 * wall time: the attribution pass, the pruning run, or both.
 
 Each model runs in its own process with one torch thread, ``--jobs`` at a
-time. Results: bench/results/methods-<machine>-<UTC time>.md and rows
+time: about 11 minutes on this project's 2-core CPU shared with other work
+(load 4 to 6). Results: bench/results/methods-<machine>-<UTC time>.md and rows
 appended to bench/results/methods.csv, with the date, the device, the
 revision (`bench/revision.py`: commit first, so that it names a clean
 commit) and the command. ``--quick``: a tenth of the pruning steps and a
