@@ -57,6 +57,12 @@ is ``--out``, else ``$OUT``, else ``bench/results``.
     python bench/memory.py --designs fastedge --micro-batch 1,8,32 --no-search
     python bench/memory.py --model gpt2-small --seq 64
     python bench/memory.py --quick                          # a tiny Llama, small budgets (seconds)
+    python bench/memory.py --model llama-3-70b --ranks 8 --card h100-80gb   # one rank of sharded pruning
+
+``--ranks N`` traces one rank of N of sharded pruning (`fastedge.sharding`,
+FSDP2) instead: bench/memory_sharded.py says how; ``--model`` may then be a
+comma list (llama-3-70b, codellama-34b, qwen2-72b, or the shapes above) and
+``--card`` names the cards (h100-80gb, h200-141gb) or gives GB.
 """
 from __future__ import annotations
 
@@ -79,6 +85,7 @@ sys.path.insert(0, str(BENCH_DIR))
 import pruning_step as ps  # noqa: E402
 import results_csv  # noqa: E402
 from memtrack import LiveTensorTracker  # noqa: E402
+from memory_sharded import CARDS, LARGE_CONFIGS  # noqa: E402
 
 GB = 1e9
 GIB = 2 ** 30
@@ -99,7 +106,7 @@ def tiny_llama_config(n_layers: Optional[int] = None, n_kv_heads: int = 4):
 
 
 CONFIGS = {"codellama-13b": ps.codellama_13b_config, "gpt2-small": ps.gpt2_small_config,
-           "tiny-llama": tiny_llama_config}
+           "tiny-llama": tiny_llama_config, **LARGE_CONFIGS}
 
 
 @dataclass
@@ -395,7 +402,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", choices=sorted(CONFIGS), default="codellama-13b")
+    ap.add_argument("--model", default="codellama-13b",
+                    help=f"one of {', '.join(sorted(CONFIGS))} (with --ranks: a comma list)")
+    ap.add_argument("--ranks", type=int, default=None,
+                    help="trace one rank of this many of sharded pruning (FSDP2; bench/memory_sharded.py)")
+    ap.add_argument("--card", default="h100-80gb,h200-141gb",
+                    help=f"with --ranks: cards, by name ({', '.join(CARDS)}) or GB, comma list")
+    ap.add_argument("--seqs", default="72,1024", help="with --ranks: sequence lengths of the limits")
     ap.add_argument("--layers", type=int, help="override the number of layers")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     ap.add_argument("--designs", default="fastedge,fastedge-norecompute,naive",
@@ -430,6 +443,14 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true",
                     help="a 2-layer tiny Llama, budgets of a few MB, seq grid 8..64: runs in seconds")
     args = ap.parse_args(argv)
+    args.command_line = " ".join(["python bench/memory.py", *(sys.argv[1:] if argv is None else argv)])
+    models = [m.strip() for m in args.model.split(",") if m.strip()]
+    bad = [m for m in models if m not in CONFIGS]
+    if bad or not models or (len(models) > 1 and not args.ranks):
+        ap.error(f"--model: {', '.join(bad) or args.model!r} is not one of {', '.join(sorted(CONFIGS))}"
+                 if bad or not models else "--model takes one model (a comma list only with --ranks)")
+    if args.ranks is not None and args.ranks < 1:
+        ap.error(f"--ranks must be at least 1, got {args.ranks}")
     if args.quick:
         args.model = "tiny-llama" if args.model == "codellama-13b" else args.model
         args.cards = "0.015,0.03" if args.cards == "80,141" else args.cards
@@ -693,6 +714,31 @@ def grad_precision(args, log=print) -> dict:
     return dict(meta=meta, rows=rows, markdown=md)
 
 
+def sharded(args, log=print) -> dict:
+    """--ranks: the per-rank plan of each --model (bench/memory_sharded.py)."""
+    import memory_sharded
+    cards = {}
+    for c in (x.strip() for x in args.card.split(",") if x.strip()):
+        try:
+            cards[c] = CARDS[c] if c in CARDS else float(c)
+        except ValueError:
+            raise SystemExit(f"--card {c!r}: a card name ({', '.join(CARDS)}) or a size in GB") from None
+    seqs = tuple(int(x) for x in args.seqs.split(",") if x.strip())
+    models = [m.strip() for m in args.model.split(",") if m.strip()]
+    for m in models:
+        if m not in LARGE_CONFIGS:
+            raise SystemExit(f"--ranks traces {', '.join(LARGE_CONFIGS)}; got {m!r}")
+    plans = [memory_sharded.plan(m, args.ranks, cards, seqs, args.headroom_gib, args.headroom_frac,
+                                 n_layers=args.layers, verify=not args.no_verify, log=log) for m in models]
+    meta = dict(date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"), torch=torch.__version__,
+                transformers=_version("transformers"), git_rev=results_csv.git_revision(),
+                model="-".join(models) + f"-{args.ranks}ranks")
+    command = getattr(args, "command_line", "python bench/memory.py")
+    meta_csv = {k: v for k, v in meta.items() if k != "model"}
+    return dict(meta=meta, plans=plans, rows=memory_sharded.rows(plans, meta_csv),
+                markdown=memory_sharded.markdown(plans, meta, command))
+
+
 def _patch_kwargs(args) -> dict:
     patch_kwargs = {}
     if args.grad_buffer_dtype:
@@ -714,7 +760,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)   # nothing is computed on fake tensors
     if args.triton_precision and not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")   # before any kernel is defined
-    if args.grad_precision:
+    if args.ranks:
+        result, prefix = sharded(args), "memory-sharded"
+    elif args.grad_precision:
         result, prefix = grad_precision(args), "memory-grad-precision"
     elif args.check_device:
         result, prefix = check_device(args), "memory-check"

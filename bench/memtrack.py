@@ -208,6 +208,14 @@ class LiveTensorTracker(TorchDispatchMode):
         rows = sorted(((k, c, b) for k, (c, b) in groups.items()), key=lambda r: -r[2])
         return rows[:top]
 
+    def remeasure(self, *tensors) -> None:
+        """Count these tensors' storages again after a resize that no op
+        made (``untyped_storage().resize_``, as FSDP2 frees and re-allocates
+        an unsharded parameter); an unseen storage counts as pre-existing."""
+        for t in tensors:
+            self._see(t, pre_existing=True)
+        self._update_peak()
+
     def reset_peak(self) -> None:
         """Start the peaks again from the memory live now."""
         self.peak_bytes = self.current_bytes

@@ -182,11 +182,13 @@ class Adapter:
         self.final_norm = _attr(model, self.spec.final_norm)
         self.rotary = _attr(model, self.spec.rotary) if self.spec.rotary else None
         self.lm_head = model.lm_head
-        q_w = self.spec.qkv(self.blocks[0], config)[0]
-        self.head_dim = q_w.shape[1]
-        self.hidden_size = q_w.shape[2]
-        self.n_heads = q_w.shape[0]
-        self.n_kv_heads = self.spec.qkv(self.blocks[0], config)[2].shape[0]
+        from fastedge.sharding import gathered
+        with gathered(self.blocks[0]):  # an FSDP-sharded block: its whole weights, for their shapes
+            q_w = self.spec.qkv(self.blocks[0], config)[0]
+            self.head_dim = q_w.shape[1]
+            self.hidden_size = q_w.shape[2]
+            self.n_heads = q_w.shape[0]
+            self.n_kv_heads = self.spec.qkv(self.blocks[0], config)[2].shape[0]
         self.scale = self.head_dim ** -0.5
         self.parallel = model_type == "gpt_neox" and bool(getattr(config, "use_parallel_residual", True))
         # every causal LM masks later positions; a Tracr model compiled

@@ -153,6 +153,24 @@ class EdgeScores:
 
     # -- files --------------------------------------------------------------------------------------
 
+    def to_eap_graph_json(self, path=None, *, in_graph=None, d_model: Optional[int] = None) -> dict:
+        """The scores as EAP-IG's graph JSON (the MIB circuit track's format),
+        written to `path` when given: `fastedge.eap_graph.scores_to_eap_graph_json`,
+        whose module docstring gives the mapping (the embedding writers summed
+        into ``input``, each grouped k/v reader's score split evenly over its
+        query heads' copies, ``resid_post`` as ``logits``). `in_graph`: None
+        (no edge marked), True (all) or a `fastedge.Circuit`."""
+        from fastedge.eap_graph import scores_to_eap_graph_json
+        return scores_to_eap_graph_json(self, path, in_graph=in_graph, d_model=d_model)
+
+    @classmethod
+    def from_eap_graph_json(cls, path_or_dict, graph: EdgeGraph, **meta) -> "EdgeScores":
+        """Scores of `graph` from an EAP-IG graph JSON (a path or the dict):
+        `fastedge.eap_graph.scores_from_eap_graph_json` (``input``'s score to
+        the first embedding writer, k/v copies summed)."""
+        from fastedge.eap_graph import scores_from_eap_graph_json
+        return scores_from_eap_graph_json(path_or_dict, graph, **meta)
+
     def to_dict(self) -> dict:
         return {"format": SCORES_FORMAT, "graph": self.graph.to_dict(), "scores": self.scores,
                 "method": self.method, "sign": self.sign, "metric": self.metric, "ig_steps": self.ig_steps,
@@ -184,6 +202,12 @@ class EdgeScores:
         tensors with `graph`). Higher means kept more surely; rank with
         ``absolute=False``."""
         from fastedge.circuit import _unpack_masks
+        if isinstance(em_or_masks, dict) and "edge_model" in em_or_masks and "graph" in em_or_masks:
+            # a loaded masks.pt (or checkpoint): {"format", "graph", "edge_model"}
+            saved = EdgeGraph.from_dict(em_or_masks["graph"])
+            if graph is not None and graph != saved:
+                raise ValueError("graph= differs from the masks file's graph")
+            graph, em_or_masks = saved, em_or_masks["edge_model"]
         edges, _, graph, found = _unpack_masks(em_or_masks, graph, None)
         meta.setdefault("method", "edge-pruning")
         meta.setdefault("ablation", found.get("ablation", "interchange"))
@@ -205,6 +229,11 @@ def _replace(s: EdgeScores, **changes) -> EdgeScores:
 
 # -- metrics ----------------------------------------------------------------------------------------
 
+def _upcast(logits: Tensor) -> Tensor:
+    """Logits in float32 at least (float64 stays float64)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 def _target_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Per-row mean of ``values`` [B, S] over the positions where ``mask`` [B, S] holds."""
     mask = mask.to(values.dtype)
@@ -214,7 +243,7 @@ def _target_mean(values: Tensor, mask: Tensor) -> Tensor:
 def logit_diff(logits: Tensor, batch) -> Tensor:
     """Per example: logit of the clean answer minus that of the corrupted
     answer, averaged over the example's target positions ([B])."""
-    logits = logits.float()
+    logits = _upcast(logits)
     target = batch.target_mask.to(logits.device)
     clean = batch.clean_answer.to(logits.device).clamp(min=0)
     corrupted = batch.corrupted_answer.to(logits.device).clamp(min=0)
@@ -225,14 +254,14 @@ def logit_diff(logits: Tensor, batch) -> Tensor:
 def answer_logprob(logits: Tensor, batch) -> Tensor:
     """Per example: log-probability of the clean answer, averaged over the
     example's target positions ([B])."""
-    log_p = F.log_softmax(logits.float(), dim=-1)
+    log_p = F.log_softmax(_upcast(logits), dim=-1)
     clean = batch.clean_answer.to(logits.device).clamp(min=0)
     return _target_mean(log_p.gather(-1, clean[..., None])[..., 0], batch.target_mask.to(logits.device))
 
 
 def kl_to_full(logits: Tensor, full_log_probs: Tensor, where: Tensor) -> Tensor:
     """Per example: KL(p_full || p) averaged over the positions `where` ([B])."""
-    log_p = F.log_softmax(logits.float(), dim=-1)
+    log_p = F.log_softmax(_upcast(logits), dim=-1)
     kl = (full_log_probs.exp() * (full_log_probs - log_p)).sum(-1)
     return _target_mean(kl, where)
 
@@ -428,12 +457,12 @@ def _attribute_batch(em, batch, method: str, steps: int, scorer: _Metric, device
     if method == "eap":
         with torch.enable_grad():
             out = em(ids, corrupted, attention_mask=attention, seed=0)
-            full = F.log_softmax(out.logits.detach().float(), -1) if scorer.needs_full else None
+            full = F.log_softmax(_upcast(out.logits.detach()), -1) if scorer.needs_full else None
             _backward(scorer(out.logits, batch, full))
         return 1
     clean = em.writer_deltas(ids, corrupted, attention_mask=attention)
     deltas = clean.writer_deltas
-    full = F.log_softmax(clean.logits.float(), -1) if scorer.needs_full else None
+    full = F.log_softmax(_upcast(clean.logits), -1) if scorer.needs_full else None
     g = em.graph
     n_emb = len(g.embeddings)
     if method == "eap-ig-inputs":

@@ -98,7 +98,7 @@ from fastedge.graph import edge_indices as _edge_indices
 from fastedge.graph import writer_indices as _writer_indices
 
 __all__ = ["Circuit", "extract_circuit", "extract_circuit_by_threshold", "compare_circuits", "CIRCUIT_FORMAT",
-           "prune_dead_edges", "deterministic_edge_masks", "circuit_from_scores"]
+           "prune_dead_edges", "deterministic_edge_masks", "circuit_from_scores", "joining_edges"]
 
 CIRCUIT_FORMAT = "fastedge.Circuit/1"
 ABLATIONS = ("interchange", "zero", "mean")
@@ -398,10 +398,15 @@ class Circuit:
            requested count: pruning can only add edges back as the prefix
            grows, so a binary search finds it;
         2. when pruning left it short (the next edge would complete a path
-           and bring several edges at once), the following edges in rank
-           order are added one at a time wherever the pruned circuit grows
+           and bring several edges at once), the best-ranked edges that join
+           two live components (each adds exactly itself: `joining_edges`),
+           then the following edges in rank order one at a time wherever
+           the pruned circuit grows
            and stays within the count, until it is reached (an edge that
-           pruning would remove on its own is skipped).
+           pruning would remove on its own is skipped);
+        3. failing that, from the next prefix (which overshoots), its edges
+           are dropped worst-ranked first wherever the pruned circuit
+           shrinks and stays at or above the count.
 
         The count is then exact whenever some order of additions reaches it;
         otherwise (tried: `FILL_ATTEMPTS` edges) the circuit has the closest
@@ -459,87 +464,38 @@ class Circuit:
     def to_eap_graph_json(self, path: Optional[PathLike] = None, *, d_model: Optional[int] = None,
                           legacy_nodes: bool = False) -> dict:
         """The circuit in the graph JSON of EAP-IG (``Graph.to_json`` /
-        ``Graph.from_json``), which the MIB benchmark's circuit track reads.
-
-        ``{"cfg": {"n_layers", "n_heads", "parallel_attn_mlp", "d_model"},
-        "nodes": {name: {"in_graph": bool}}, "edges": {name: {"score": float,
-        "in_graph": bool}}}`` with every node and edge of EAP-IG's graph of the
-        model (``legacy_nodes=True`` writes the older ``{name: bool}`` nodes).
-        Names: ``input``, ``a{l}.h{i}``, ``m{l}``, ``logits``; edges
-        ``"{parent}->{child}"`` with ``<q>``/``<k>``/``<v>`` after an attention
-        child (``a0.h0->a1.h2<k>``).
-
-        Mapping from fastedge names:
-
-        * the embedding writers (``tok_embeds``, ``pos_embeds`` or ``embeds``)
-          are EAP-IG's single ``input``: an edge from ``input`` is kept if the
-          edge from any embedding is, and its score is the largest of theirs;
-          node ``input`` is in the graph if any embedding is;
-        * ``resid_post`` is ``logits`` (always in the graph, as in EAP-IG);
-        * reader ``a{l}.h{i}.q`` is child ``a{l}.h{i}<q>``; with grouped-query
-          attention EAP-IG has one k and one v input per *query* head, so the
-          k/v reader ``a{l}.h{j}.k`` of k/v head ``j`` becomes ``a{l}.h{i}<k>``
-          for every query head ``i`` of its group (``i // (H / H_kv) == j``),
-          all with the same kept state and score, and ``cfg`` also carries
-          ``n_key_value_heads``;
-        * score: the deterministic edge mask value where the circuit has
-          ``scores``, else 1.0 for kept and 0.0 for other edges.
+        ``Graph.from_json``), which the MIB benchmark's circuit track reads:
+        `fastedge.eap_graph.circuit_to_eap_graph_json` (the mapping of the
+        two graphs is in that module's docstring: one ``input`` for the
+        embedding writers, ungrouped k/v copies into the query heads the
+        circuit keeps, ``resid_post`` as ``logits``). Where the circuit has
+        ``scores`` (the deterministic mask values of an extracted circuit, or
+        the attribution scores of `Circuit.from_scores`) they are the edges'
+        scores, mapped as attribution scores are (summed over embeddings,
+        split over k/v copies); else 1.0 for kept and 0.0 for other edges.
 
         ``d_model`` (the model's hidden size, which EAP-IG's loader needs)
-        defaults to the one recorded at extraction. Writes ``path`` when given.
-        """
-        g = self.graph
+        defaults to the one recorded at extraction. ``legacy_nodes=True``
+        writes the older ``{name: bool}`` nodes. Writes ``path`` when given."""
+        from fastedge import eap_graph
         if d_model is None:
             d_model = self.info.get("d_model")
         if d_model is None:
             raise ValueError("EAP-IG's graph config needs the model's hidden size: pass d_model= "
                              "(it is recorded automatically when the circuit is extracted from an EdgeModel)")
-        H, L, gs = g.n_heads, g.n_layers, _heads_per_kv(g)
-        cfg = {"n_layers": L, "n_heads": H, "parallel_attn_mlp": bool(g.parallel_blocks),
-               "d_model": int(d_model)}
-        if g.n_kv_heads != H:
-            cfg["n_key_value_heads"] = g.n_kv_heads
-        # per reader: kept state and score of each EAP parent (input = the embeddings merged)
-        n_emb = len(g.embeddings)
-        kept = self.edge_mask()
-        scores = self.scores if self.scores is not None else kept.float()
-        merged_kept, merged_score = [], []
-        for r in range(g.n_readers):
-            start, prefix = g.reader_edge_start[r], g.reader_prefix[r]
-            k, sc = kept[start:start + prefix], scores[start:start + prefix]
-            merged_kept.append([bool(k[:n_emb].any())] + k[n_emb:].tolist())
-            merged_score.append([float(sc[:n_emb].max())] + sc[n_emb:].tolist())
-        parent_pos = {"input": 0}
-        parent_pos.update({w: i - n_emb + 1 for i, w in enumerate(g.writers) if i >= n_emb})
-
-        def add(parents, children):
-            """EAP edges parent -> child for every pair; children: (EAP name, our reader index)."""
-            for parent in parents:
-                p = parent_pos[parent]
-                for child, r in children:
-                    edges[f"{parent}->{child}"] = {"score": merged_score[r][p], "in_graph": merged_kept[r][p]}
-
-        ri = g.reader_index
-        node_set = set(self.nodes)
-        nodes = {"input": any(e in node_set for e in g.embeddings)}
-        edges = {}
-        stream = ["input"]
-        for l in range(L):
-            heads = [f"a{l}.h{i}" for i in range(H)]
-            attn_children = [(f"{head}<{letter}>",
-                              ri[f"{head}.q" if letter == "q" else f"a{l}.h{i // gs}.{letter}"])
-                             for i, head in enumerate(heads) for letter in "qkv"]
-            add(stream, attn_children)
-            add(stream if g.parallel_blocks else stream + heads, [(f"m{l}", ri[f"m{l}"])])
-            for head in heads:
-                nodes[head] = head in node_set
-            nodes[f"m{l}"] = f"m{l}" in node_set
-            stream = stream + heads + [f"m{l}"]
-        add(stream, [("logits", ri["resid_post"])])
-        nodes["logits"] = True
-        if not legacy_nodes:
-            nodes = {name: {"in_graph": v} for name, v in nodes.items()}
-        out = {"cfg": cfg, "nodes": nodes, "edges": edges}
+        if self.scores is None:
+            out = eap_graph.circuit_to_eap_graph_json(self, d_model=d_model)
+        else:
+            from fastedge.attribution import EdgeScores
+            groups, pos = [], 0
+            for g in self.graph.groups:
+                k = g.n_readers * g.n_writers
+                groups.append(self.scores[pos:pos + k].view(g.n_readers, g.n_writers))
+                pos += k
+            scores = EdgeScores(graph=self.graph, scores=groups, d_model=int(d_model), ablation=self.ablation)
+            out = eap_graph.scores_to_eap_graph_json(scores, in_graph=self)
+        if legacy_nodes:
+            out["nodes"] = {name: v["in_graph"] for name, v in out["nodes"].items()}
         if path is not None:
             with open(path, "w") as f:
                 json.dump(out, f)
@@ -673,6 +629,45 @@ def prune_dead_edges(kept: Tensor, graph: EdgeGraph, *, forward: bool = True) ->
 FILL_ATTEMPTS = 4096  # edges `circuit_from_scores` tries one at a time after the prefix
 
 
+def joining_edges(kept: Tensor, graph: EdgeGraph, *, forward: bool = True) -> Tensor:
+    """[n_edges] bool: the edges outside `kept` (a circuit that dead-edge
+    pruning leaves as it is) that join two live components, so that adding
+    any of them adds exactly that edge: the writer is fed (an embedding, or a
+    head or MLP with a kept edge into one of its readers; every writer when
+    the forward rule is off) and the reader's component reaches the output
+    (``resid_post``, or a head or MLP with a kept out-edge: in a pruned
+    circuit that edge is itself live). `prune_dead_edges` keeps such an edge
+    and nothing else changes: its writer was already fed, and its reader's
+    component already fed and reaching."""
+    H, Hkv, gs = graph.n_heads, graph.n_kv_heads, _heads_per_kv(graph)
+    edge_w, edge_r = _edge_endpoints(graph)
+    has_out = torch.zeros(graph.n_writers, dtype=torch.bool)
+    has_out[edge_w[kept]] = True
+    has_in = torch.zeros(graph.n_readers, dtype=torch.bool)
+    has_in[edge_r[kept]] = True
+    reaches = torch.zeros(graph.n_readers, dtype=torch.bool)
+    fed = torch.zeros(graph.n_writers, dtype=torch.bool)
+    fed[:len(graph.embeddings)] = True
+    for grp in graph.groups:
+        r0 = grp.first_reader
+        if grp.kind == "resid_post":
+            reaches[r0] = True
+        elif grp.kind == "mlp":
+            w = graph.writer_index[f"m{grp.layer}"]
+            reaches[r0] = has_out[w]
+            fed[w] = has_in[r0]
+        else:
+            h0 = graph.writer_index[f"a{grp.layer}.h0"]
+            heads = has_out[h0:h0 + H]
+            kv = heads.view(Hkv, gs).any(1)
+            reaches[r0:r0 + H + 2 * Hkv] = torch.cat([heads, kv, kv])
+            q, k, v = has_in[r0:r0 + H], has_in[r0 + H:r0 + H + Hkv], has_in[r0 + H + Hkv:r0 + H + 2 * Hkv]
+            fed[h0:h0 + H] = q | (k | v).repeat_interleave(gs)
+    if not forward:
+        fed[:] = True
+    return ~kept & fed[edge_w] & reaches[edge_r]
+
+
 def circuit_from_scores(values: Tensor, graph: EdgeGraph, n_target: int, *, forward: bool,
                         prune_dead: bool = True) -> tuple[Tensor, dict]:
     """(kept [n_edges] bool, info) of `Circuit.from_scores`: the edges rank by
@@ -699,6 +694,15 @@ def circuit_from_scores(values: Tensor, graph: EdgeGraph, n_target: int, *, forw
     raw = top(lo)
     kept = finish(raw)
     count, filled, tried = int(kept.sum()), 0, 0
+    if prune_dead and count < n_target:
+        # first the best-ranked edges that join two live components: each adds
+        # exactly itself (no pass of the pruning needed), whatever the graph's size
+        safe = joining_edges(kept, graph, forward=forward)
+        take = order[safe[order]][:n_target - count]
+        raw[take] = True
+        kept = kept.clone()
+        kept[take] = True
+        count, filled = count + len(take), len(take)
     for i in order[lo:].tolist():
         if count == n_target or tried >= FILL_ATTEMPTS:
             break
@@ -710,13 +714,37 @@ def circuit_from_scores(values: Tensor, graph: EdgeGraph, n_target: int, *, forw
             kept, count, filled = trial, n, filled + 1
         else:   # too many at once, or pruned away alone (kept out: it could bring a path later)
             raw[i] = False
-    info = {"target_n_edges": int(n_target), "n_edges_prefix": int(lo), "n_edges_filled": filled}
+    trimmed = 0
+    if count != n_target and lo < graph.n_edges:
+        # from above: the next prefix overshoots; drop its edges worst-ranked first
+        # wherever the pruned circuit shrinks and stays at or above the count
+        raw_hi = top(lo + 1)
+        kept_hi = finish(raw_hi)
+        count_hi, tried = int(kept_hi.sum()), 0
+        for i in reversed(order[:lo + 1].tolist()):
+            if count_hi == n_target or tried >= FILL_ATTEMPTS:
+                break
+            if not kept_hi[i]:
+                continue
+            tried += 1
+            raw_hi[i] = False
+            trial = finish(raw_hi)
+            n = int(trial.sum())
+            if n_target <= n < count_hi:
+                kept_hi, count_hi, trimmed = trial, n, trimmed + 1
+            else:
+                raw_hi[i] = True
+        if count_hi == n_target:
+            kept, count, filled = kept_hi, count_hi, 0
+        else:
+            trimmed = 0
+    info = {"target_n_edges": int(n_target), "n_edges_prefix": int(lo), "n_edges_filled": filled,
+            "n_edges_trimmed": trimmed}
     if count != n_target:
-        note = (f"{count} edges instead of the {n_target} requested: every further edge tried "
-                f"({tried}, in rank order) either brings more than {n_target - count} edges at once or "
-                f"is pruned away on its own (an edge into a head or MLP with no path to the output, or "
-                f"out of one that nothing feeds, is pruned until its path completes, and then the path "
-                f"comes whole)")
+        note = (f"{count} edges instead of the {n_target} requested: no edge added after the longest "
+                f"prefix within the count, nor dropped from the next one, changes the pruned circuit by "
+                f"few enough edges (an edge into a head or MLP with no path to the output, or out of one "
+                f"that nothing feeds, is pruned until its path completes, and then the path comes whole)")
         info["count_note"] = note
         import warnings
         warnings.warn(note, stacklevel=3)

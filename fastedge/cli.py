@@ -1,4 +1,4 @@
-"""The `fastedge` command line: prune, eval, draw, compare.
+"""The `fastedge` command line: prune, eval, draw, compare, report, attribute, export-mib.
 
     fastedge prune                       # the shipped induction model, on a CPU in about two minutes
     fastedge prune --model gpt2 --task ioi --target-sparsity 0.98 --steps 3000 --out runs/ioi
@@ -6,6 +6,9 @@
     fastedge draw runs/ioi/circuit.json --out circuit.pdf
     fastedge compare a/circuit.json b/circuit.json [--model M --task T]
     fastedge report runs/ioi [--sweep sweep.json]   # rebuild runs/ioi/report.html
+    fastedge attribute --model gpt2 --task ioi --method eap-ig-inputs --out scores.pt   # fastedge.cli_attribute
+    fastedge eval --model gpt2 --task ioi --scores scores.pt --sweep mib
+    fastedge export-mib --scores scores.pt --model-tag gpt2 --task-tag ioi --method eap-ig --out mib/
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+from fastedge import cli_attribute  # attribute, export-mib, eval --scores
 from fastedge.cli_errors import EXIT_FAILED, EXIT_INTERRUPTED, CliError, describe, one_line
 
 SHIPPED = "shipped"
@@ -79,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recompute-readers", action="store_true",
                    help="recompute each layer's reader inputs in the backward (less memory: use it for "
                         "large models; CodeLlama-13B at micro-batches of 8 x 72 tokens needs it on 80 GB)")
+    p.add_argument("--shard", choices=["fsdp"], default=None,
+                   help="under torchrun: shard the frozen model's weights over the ranks with FSDP2, one "
+                        "block per unit, for models too large for one device (default: every rank holds "
+                        "the whole model)")
     p.add_argument("--precision", choices=["full", "fast"], default="full",
                    help="masked sums on the GPU: full (the fp32 masks carried to 2^-16 in bf16 products) "
                         "or fast (masks rounded once to the model's dtype: one product, the authors' precision)")
@@ -130,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32,
                    help="examples per forward pass while evaluating (default 32; lower it when memory is short)")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the metrics to this JSON file")
+    cli_attribute.add_eval_scores_options(p)
 
     p = sub.add_parser("draw", help="draw a circuit as SVG (built in), PNG or PDF (graphviz), or DOT text")
     p.add_argument("circuit", metavar="CIRCUIT_JSON")
@@ -157,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", default=None, metavar="JSON",
                    help="the result of fastedge eval --masks RUN_DIR/masks.pt --sweep ... --out JSON "
                         "(default: RUN_DIR/sweep.json when there is one)")
+    cli_attribute.add_attribute_parser(sub, _add_model_and_task)
+    cli_attribute.add_export_mib_parser(sub)
     for p in sub.choices.values():  # --debug after the command too (SUPPRESS keeps the global value)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show the Python traceback of an error instead of a one-line message")
@@ -227,6 +238,10 @@ def load_model_and_task(args):
         from fastedge import shipped
         model = shipped.load_shipped_model()
         name = "fastedge/shipped/" + shipped.SHIPPED_MODEL_NAME
+    elif getattr(args, "shard", None):  # --shard fsdp: each rank reads only its shards (fastedge.sharding)
+        from fastedge.sharding import load_for_command_line
+        model, tokenizer, no_tokenizer = load_for_command_line(args, device, _check_local_folder, _load_tokenizer)
+        name = args.model
     else:
         from transformers import AutoModelForCausalLM
         _check_local_folder(args.model)
@@ -422,6 +437,9 @@ def _prune(args, *, main_rank: bool) -> int:
     from fastedge.prune import PruneConfig
     _check_task_options(args)
     PruneConfig(target_sparsity=target, steps=steps, **options).validate()
+    if args.shard:
+        from fastedge.sharding import check_command_line
+        check_command_line(args)
     init_from = None
     if args.init_from is not None:   # read (and checked) before the model loads
         from fastedge.prune import load_init_scores
@@ -434,7 +452,7 @@ def _prune(args, *, main_rank: bool) -> int:
             _remove_run_files(out)
     result = prune(model, task, target_sparsity=target, steps=steps, out_dir=str(out),
                    resume=args.resume, model_name=name, task_name=getattr(task, "name", ""),
-                   init_from=init_from, **options)
+                   init_from=init_from, shard=args.shard, **options)
     if not main_rank:
         return 0
     circuit = result.circuit
@@ -529,6 +547,11 @@ def cmd_eval(args) -> int:
     from fastedge.evaluate import evaluate
     _check_task_options(args)
     _check_batch_size(args)
+    if args.scores:
+        from fastedge.cli_attribute import eval_scores_sweep
+        return eval_scores_sweep(args)
+    if args.rank is not None:
+        raise ValueError("--rank orders the edges of --scores; it is read only with --scores")
     if args.sweep is not None:
         if not args.masks:
             raise CliError("--sweep needs --masks (the masks.pt that prune wrote)")
@@ -642,7 +665,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     commands = {"prune": cmd_prune, "eval": cmd_eval, "draw": cmd_draw, "compare": cmd_compare,
-                "report": cmd_report}
+                "report": cmd_report, "attribute": cli_attribute.cmd_attribute,
+                "export-mib": cli_attribute.cmd_export_mib}
     if args.debug:
         _check_options(args)
         return commands[args.command](args)

@@ -107,6 +107,7 @@ from torch import Tensor, nn
 from fastedge import ops
 from fastedge.adapters import Adapter
 from fastedge.graph import EdgeGraph, ReaderGroup
+from fastedge.sharding import PLAIN
 
 ABLATIONS = ("interchange", "zero", "mean")
 
@@ -286,6 +287,10 @@ class _Pin:
 class EdgeModel(nn.Module):
     """A patched model. Its parameters are the mask `log_alpha`s only; the
     wrapped model stays frozen and is reached through `.model`."""
+
+    # what the layer loop calls around each unit's weights (fastedge.sharding:
+    # FSDP2 unshards and reshards there; PLAIN does nothing)
+    _weights = PLAIN
 
     def __init__(self, model: nn.Module, *, ablation: str = "interchange", node_masks: bool = True,
                  seed: int = 0, recompute_readers: bool = False,
@@ -505,6 +510,7 @@ class EdgeModel(nn.Module):
                            if run.needs_grad else None)
         run.token = torch.zeros((), device=device, requires_grad=run.needs_grad)
 
+        self._weights.enter(-1)  # the embedding (fastedge.sharding: units unsharded around their use)
         clean = a.embed(input_ids, positions)
         if ablation == "pinned":
             clean = [pin.output(w, y[None])[0] for w, y in enumerate(clean)]
@@ -524,7 +530,9 @@ class EdgeModel(nn.Module):
         cos_sin = a.rotary_cos_sin(clean[0], positions)
         if cos_sin is not None:  # prepared once for every layer's heads
             cos_sin = Rotary.prepare(*cos_sin, a.head_dim)
+        self._weights.leave(-1)
         for layer in range(len(a.blocks)):
+            self._weights.enter(layer)
             window = a.sliding_window(layer)
             if window not in masks_by_window:
                 masks_by_window[window] = _attention_mask(attention_mask, window, causal=a.causal)
@@ -573,9 +581,12 @@ class EdgeModel(nn.Module):
             run.write(mlp_writer, pin.delta(mlp_writer, y_mlp[None]) if pin is not None
                       else (y_mlp if y_mlp_c is None else y_mlp - y_mlp_c)[None])
             resid_c = _add(_add(resid_c, attn_c), y_mlp_c)
+            self._weights.leave(layer)
         if collect_writers:
             return run.stack
+        self._weights.enter(len(a.blocks))
         logits = run.region(self._final_reader, None, g.groups[-1], resid_c)
+        self._weights.leave(len(a.blocks))
         return EdgeModelOutput(logits=logits, edge_mask_sum=run.edge_sum, n_edges=g.n_edges,
                                node_mask_sum=run.node_sum(), n_nodes=g.n_writers,
                                writer_deltas=run.stack if keep_stack else None)
@@ -712,6 +723,8 @@ class _Run:
             out, edge_sum = torch.utils.checkpoint.checkpoint(body, self.token, *args, use_reentrant=False)
         else:
             out, edge_sum = body(self.token, *args)
+        if self.needs_grad:  # the region's unit unsharded again before its backward (fastedge.sharding)
+            out = self.em._weights.gate(args[0], out)
         if edge_sum is not None:
             self.edge_sums.append(edge_sum)
         return out

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastedge import distributed, jsonsafe, objectives
+from fastedge import distributed, jsonsafe, objectives, sharding
 from fastedge.model import EdgeModel, patch
 from fastedge.progress import make_progress
 
@@ -319,7 +319,7 @@ def _model_device(model) -> torch.device:
 
 def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int = 3000,
           out_dir: Optional[str] = None, resume: bool = False, task_name: str = "",
-          model_name: str = "", init_from=None, **options) -> PruneResult:
+          model_name: str = "", init_from=None, shard: Optional[str] = None, **options) -> PruneResult:
     """Prune `model` (a Hugging Face causal LM, or an `EdgeModel`) on a task
     (`fastedge.tasks.TaskData`). Returns the circuit at the target sparsity,
     its metrics on the validation split, and the training history.
@@ -341,7 +341,8 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
     its share of every global batch's micro-batches (`micro_batch_size`
     defaults to ``batch_size // world_size``), gradients and logged totals are
     summed over ranks, and only rank 0 writes files. Every rank returns the
-    same result.
+    same result. ``shard="fsdp"`` also shards the frozen model's parameters
+    over the ranks with FSDP2, one block per unit (`fastedge.sharding`).
     """
     cfg = PruneConfig(target_sparsity=target_sparsity, steps=steps, **options)
     init_scores = None
@@ -351,6 +352,7 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
     elif cfg.preselect is not None:
         raise ValueError("preselect needs init_from (the scores that rank the edges)")
     cfg.validate()
+    sharding.check_shard(shard)
     group = distributed.current()
     micro, n_micro = _micro_batches(cfg, group)
     started = time.time()
@@ -375,6 +377,8 @@ def prune(model, task_or_dataset, *, target_sparsity: float = 0.95, steps: int =
         from fastedge.adapters import input_limits
         vocab, positions = input_limits(em.model)
         data.check_fits(vocab_size=vocab, max_positions=positions, model_name=model_name or "the model")
+    if shard == "fsdp" and not em._weights.sharded:
+        sharding.shard_edge_model(em)
     device = _model_device(em.model)
     torch.manual_seed(cfg.seed)
     em.reset_masks(generator=torch.Generator(device="cpu").manual_seed(cfg.seed), mean=cfg.init_log_alpha)
@@ -582,10 +586,13 @@ def _train_step(t: _Trainer, step: int, indices: list[int]) -> dict:
         chunk = indices[j * t.micro:(j + 1) * t.micro]
         weight = len(chunk) / cfg.batch_size
         kl, sparsity, loss = _micro_batch_loss(t, step, j, chunk, target)
-        if not torch.isfinite(loss):
+        if not torch.isfinite(loss) and failure is None:
             failure = _non_finite_message(step, kl, sparsity, loss, t.latest, cfg.checkpoint_every)
+        if failure is not None and not em._weights.sharded:
             break
-        (loss * weight).backward()
+        (loss * weight).backward()  # sharded: every rank runs every backward (they are collective)
+        if failure is not None:
+            continue
         totals["loss"] += loss.item() * weight
         totals["kl"] += kl.item() * weight
         totals["edge_sparsity"] += sparsity.item() * weight
@@ -768,7 +775,8 @@ def load_checkpoint_file(path, what: str = "checkpoint", map_location="cpu",
     `CheckpointError` that names it and what to do."""
     path = Path(path)
     remedy = ("delete it to start fresh, or restore a good copy" if what == "checkpoint"
-              else "run prune again to rewrite it")
+              else "write scores with fastedge attribute --out, or give a prune run's masks.pt"
+              if what == "scores file" else "run prune again to rewrite it")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except OSError:
@@ -903,8 +911,7 @@ def load_init_scores(init_from):
     if state.get("format") == SCORES_FORMAT:
         return EdgeScores.from_dict(state)
     if state.get("format") == "fastedge.masks/1":
-        from fastedge.graph import EdgeGraph
-        return EdgeScores.from_masks(state["edge_model"], graph=EdgeGraph.from_dict(state["graph"]))
+        return EdgeScores.from_masks(state)
     raise CheckpointError(f"{init_from}: holds {state.get('format')!r}, neither scores "
                           f"({SCORES_FORMAT!r}) nor masks ('fastedge.masks/1')")
 
@@ -926,7 +933,7 @@ def warm_start_log_alphas(scores, *, top: float, floor: float = 0.0, preselect: 
     ``method == "edge-pruning"``, or as `absolute` says), best first, ties in
     graph edge order. Rank ``k`` of ``n`` starts at ``top - (top - floor) *
     k / (n - 1)``: the best edge where every mask starts without scores (the
-    SPEC init, ``init_log_alpha``), the worst at `floor` (default 0, the
+    initial value, ``init_log_alpha``), the worst at `floor` (default 0, the
     deterministic mask's midpoint, whose hard-concrete sample is still
     non-zero 83% of the time). Every mask thus starts on, so the sparsity
     target's ramp from 0 keeps its meaning, and the low-ranked edges sit

@@ -431,10 +431,15 @@ def upstream_writers(m: Model, graph, reader: str) -> torch.Tensor:
 # -----------------------------------------------------------------------------
 
 def _masked_run(m: Model, graph, input_ids, attention_mask, position_ids,
-                edge_mask, node_mask, corrupted):
+                edge_mask, node_mask, corrupted, override=None, offsets=None):
     """One run of the clean input with masks, against the corrupted writer
     outputs `corrupted` [W, B, S, D]. Returns (logits, writer outputs y_w
-    [W, B, S, D] before node masking)."""
+    [W, B, S, D] before node masking).
+
+    For attribution references: `override(name, y)` replaces writer
+    `name`'s output (return `y` to keep it); `offsets[reader]` ([B, S, D]) is
+    added to that reader's input, so that its gradient is the gradient at
+    the reader's input."""
     B, S = input_ids.shape
     D, H, H_kv, d = m.hidden, m.n_heads, m.n_kv_heads, m.head_dim
     n_w = graph.n_writers
@@ -445,6 +450,8 @@ def _masked_run(m: Model, graph, input_ids, attention_mask, position_ids,
     masked = []       # y'_w = s_w * y_w + (1 - s_w) * y~_w
 
     def write(name, y):
+        if override is not None:
+            y = override(name, y)
         w = graph.writer_index[name]
         assert w == len(outputs), f"writer {name} computed out of order"
         outputs.append(y)
@@ -457,8 +464,9 @@ def _masked_run(m: Model, graph, input_ids, attention_mask, position_ids,
         upstream = upstream_writers(m, graph, name)
         z = edge_mask[r] * upstream
         clean_stack = torch.stack(masked + [zeros] * (n_w - len(masked)))
-        return (torch.einsum("w,wbsd->bsd", z, clean_stack)
-                + torch.einsum("w,wbsd->bsd", (1 - edge_mask[r]) * upstream, corrupted))
+        x = (torch.einsum("w,wbsd->bsd", z, clean_stack)
+             + torch.einsum("w,wbsd->bsd", (1 - edge_mask[r]) * upstream, corrupted))
+        return x if offsets is None else x + offsets[name]
 
     for name, y in zip(m.embedding_names, m.embed(input_ids, position_ids)):
         write(name, y)
@@ -558,3 +566,16 @@ def naive_edge_forward(model, graph, input_ids, corrupted_input_ids, edge_mask, 
     logits, _ = _masked_run(m, graph, input_ids, attention_mask, position_ids,
                             edge_mask, node_mask, corrupted)
     return logits
+
+
+def naive_hooked_run(model, graph, input_ids, attention_mask=None, *, override=None, offsets=None):
+    """Logits [B, S, V] (float64) of the full model (every mask 1) on
+    `input_ids`, with `_masked_run`'s attribution hooks: `override(name, y)`
+    replaces writer outputs, `offsets[reader]` is added to reader inputs."""
+    m, attention_mask, position_ids = _prepare(model, graph, input_ids, attention_mask)
+    B, S = input_ids.shape
+    ones_e = torch.ones(graph.n_readers, graph.n_writers, dtype=F64)
+    ones_n = torch.ones(graph.n_writers, dtype=F64)
+    nothing = torch.zeros(graph.n_writers, B, S, m.hidden, dtype=F64)
+    return _masked_run(m, graph, input_ids, attention_mask, position_ids, ones_e, ones_n, nothing,
+                       override=override, offsets=offsets)[0]

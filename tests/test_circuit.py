@@ -465,6 +465,11 @@ def _eap_name_pairs(c):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_eap_graph_json_export(name, tmp_path):
+    """The graph JSON of an extracted circuit: EAP-IG's nodes and edges, the
+    circuit's edges in the graph (k/v copies into its kept query heads), its
+    mask values as scores (mapped as `fastedge.eap_graph` maps scores: the
+    embeddings summed into input, a k/v reader's score split over its
+    copies). The mapping itself is tested in tests/test_mib.py."""
     em = _edge_model(name)
     g = em.graph
     c = extract_circuit(em, 0.8)
@@ -484,23 +489,25 @@ def test_eap_graph_json_export(name, tmp_path):
     assert all(set(v) == {"score", "in_graph"} for v in d["edges"].values())
     assert "input->a1.h2<k>" in d["edges"] and "a0.h0->m0" in d["edges"] and "m1->logits" in d["edges"]
     kept = {k for k, v in d["edges"].items() if v["in_graph"]}
-    assert kept == _eap_name_pairs(c)
+    nodes = set(c.nodes)
+    # the circuit's edges, k/v copies only into the query heads it keeps
+    assert kept == {e for e in _eap_name_pairs(c)
+                    if not (e[-3:] in ("<k>", "<v>") and e.split("->")[1][:-3] not in nodes)}
     assert d["nodes"]["logits"] == {"in_graph": True}
     for node, v in d["nodes"].items():
         if node not in ("input", "logits"):
             assert v["in_graph"] == (node in c.nodes)
     assert d["nodes"]["input"]["in_graph"] == any(e in c.nodes for e in g.embeddings)
-    # scores are the deterministic mask values (max over embeddings for input)
+    # the mask values as scores: a head's edge to the output as it is, input's the sum of the embeddings'
     e = g.edge_index("a0.h1", "resid_post")
     assert d["edges"]["a0.h1->logits"]["score"] == pytest.approx(c.scores[e].item())
     emb = [g.edge_index(x, "m1") for x in g.embeddings]
-    assert d["edges"]["input->m1"]["score"] == pytest.approx(max(c.scores[i].item() for i in emb))
-    if g.n_kv_heads != H:   # one k/v reader per group, mapped to every query head of the group
-        for letter in "kv":
-            for layer in range(L):
-                a = d["edges"][f"m0->a1.h0<{letter}>"] if layer else d["edges"][f"input->a0.h0<{letter}>"]
-                b = d["edges"][f"m0->a1.h1<{letter}>"] if layer else d["edges"][f"input->a0.h1<{letter}>"]
-                assert a == b
+    assert d["edges"]["input->m1"]["score"] == pytest.approx(sum(c.scores[i].item() for i in emb))
+    if g.n_kv_heads != H:   # a k/v reader's score split evenly over its group's copies
+        gs = H // g.n_kv_heads
+        assert d["edges"]["input->a0.h0<k>"]["score"] == pytest.approx(
+            sum(c.scores[g.edge_index(x, "a0.h0.k")].item() for x in g.embeddings) / gs)
+        assert d["edges"]["input->a0.h0<k>"]["score"] == d["edges"]["input->a0.h1<k>"]["score"]
     legacy = c.to_eap_graph_json(legacy_nodes=True)
     assert legacy["nodes"]["logits"] is True and legacy["edges"] == d["edges"]
 
