@@ -64,7 +64,7 @@ plain Edge Pruning run's own circuit (its default extraction). Per method:
 
 Each model runs in its own process with one torch thread, ``--jobs`` at a
 time: about 11 minutes on this project's 2-core CPU shared with other work
-(load 4 to 6). Results: bench/results/methods-<machine>-<UTC time>.md and rows
+(load 4 to 10). Results: bench/results/methods-<machine>-<UTC time>.md and rows
 appended to bench/results/methods.csv, with the date, the device, the
 revision (`bench/revision.py`: commit first, so that it names a clean
 commit) and the command. ``--quick``: a tenth of the pruning steps and a
