@@ -13,12 +13,16 @@
 #   5. bench/tune.py --variants: the kernels' variants at CodeLlama-13B and GPT-2 shapes (full and
 #      fast precision, live columns under 90%/99%-dead masks, the stack backward's two grids);
 #   6. bench/memory.py --check-device: fake-tensor peak memory against the device's, on a small model;
-#   7. bench/tune.py: candidate Triton block sizes at the same layer shapes (printed to the log).
+#   7. bench/attribution_speed.py: one EAP and one EAP-IG-inputs pass (5 steps) over 100 examples next
+#      to one pruning step at GPT-2 small shape (seq 32), and the time to a circuit at faithfulness
+#      0.99 for plain, warm-started and preselected pruning of the shipped induction model;
+#   8. bench/tune.py: candidate Triton block sizes at the same layer shapes (printed to the log).
 #
 # Results go to $OUT when it is set (the device tool's folder), else bench/results/; the log of
 # everything is gpu-run.log there.
 #
-# Usage: bench/gpu.sh [stage ...]   stages: tests step-gpt2 step-codellama ops variants memory-check tune
+# Usage: bench/gpu.sh [stage ...]   stages: tests step-gpt2 step-codellama ops variants memory-check
+#                                   attribution tune
 #                                   (default: all; they run in this order)
 #
 # Failures: every stage runs even when one before it failed. Each stage has a time limit, cut to
@@ -45,7 +49,7 @@
 # commit). FASTEDGE_GIT_REV=git trusts this tree's own git (a real clone on a GPU machine).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-ALL_STAGES="tests step-gpt2 step-codellama ops variants memory-check tune"
+ALL_STAGES="tests step-gpt2 step-codellama ops variants memory-check attribution tune"
 STAGES=${*:-$ALL_STAGES}
 for name in $STAGES; do
   case " $ALL_STAGES " in
@@ -134,6 +138,10 @@ stage step-codellama 150 $PY bench/step.py --model codellama-13b --batch 32 --mi
 stage ops 200 $PY bench/ops.py --ops masked,sampled --rep-ms "${OPS_REP_MS:-100}" --out "$OUT_DIR"
 stage variants 60 $PY bench/tune.py --variants --shapes cl13b-b8-L39,cl13b-b8-L20,gpt2-L11
 stage memory-check 60 $PY bench/memory.py --quick --check-device --device cuda --out "$OUT_DIR"
+# attribution: not yet run on a GPU (an estimate: a GPT-2-small pass in about a second, the three
+# 1,000-step pruning runs of the shipped model a minute or two). After the stages above it may find
+# the budget spent: `bench/gpu.sh attribution` runs it alone.
+stage attribution 150 $PY bench/attribution_speed.py --device cuda --to-faithfulness --out "$OUT_DIR"
 stage tune 90 $PY bench/tune.py
 
 tail -n +$((LOG_START + 1)) "$LOG" | grep -h -E "^[0-9]+ (passed|failed)|^=+ .*(passed|failed)" | tail -2

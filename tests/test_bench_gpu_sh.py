@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 GPU_SH = REPO / "bench" / "gpu.sh"
-STAGES = ["tests", "step-gpt2", "step-codellama", "ops", "variants", "memory-check", "tune"]
+STAGES = ["tests", "step-gpt2", "step-codellama", "ops", "variants", "memory-check", "attribution", "tune"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and timeout")
@@ -33,7 +33,8 @@ FAKE_PYTHON = textwrap.dedent("""\
         print("90" if "get_device_capability" in argv[1] else "fake set-up")
         sys.exit(0)
     stage = {{"pytest": "tests", "bench/ops.py": "ops", "bench/memory.py": "memory-check",
-              "bench/tune.py": "tune"}}.get(argv[1] if argv[0] == "-m" else argv[0])
+              "bench/tune.py": "tune", "bench/attribution_speed.py": "attribution"}}.get(
+        argv[1] if argv[0] == "-m" else argv[0])
     if argv[0] == "bench/step.py":
         stage = "step-codellama" if "codellama-13b" in argv else "step-gpt2"
     if argv[0] == "bench/tune.py" and "--variants" in argv:
