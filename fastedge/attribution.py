@@ -45,7 +45,11 @@ same tokens, such as induction, where the logit difference is 0
 everywhere), ``"kl"`` (KL(p_full || p) at the target positions, averaged;
 for raw tensors, over every non-padded position; note that its gradient at
 the full model is 0, so EAP with ``"kl"`` scores every edge 0 to first
-order: use it with the EAP-IG methods), or a callable mapping logits
+order: use it with the EAP-IG methods), ``"projection"`` (the output
+projected onto the full model's, mean-centred logits for categorical
+outputs, the plain value for numerical ones; the default for tasks scored
+on their own objective, the Tracr programs, whose answers are the full
+model's outputs), or a callable mapping logits
 ``[B, S, V]`` (and, if it takes a second argument, the `Batch`) to one
 value per example ``[B]``.
 
@@ -74,7 +78,7 @@ from fastedge.graph import EdgeGraph
 
 METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations")
 SIGNS = ("gate", "eap-ig")
-METRICS = ("logit_diff", "logprob", "kl")
+METRICS = ("logit_diff", "logprob", "kl", "projection")
 SCORES_FORMAT = "fastedge.scores/1"
 
 
@@ -259,19 +263,37 @@ def answer_logprob(logits: Tensor, batch) -> Tensor:
     return _target_mean(log_p.gather(-1, clean[..., None])[..., 0], batch.target_mask.to(logits.device))
 
 
-def kl_to_full(logits: Tensor, full_log_probs: Tensor, where: Tensor) -> Tensor:
+def kl_to_full(logits: Tensor, full_logits: Tensor, where: Tensor) -> Tensor:
     """Per example: KL(p_full || p) averaged over the positions `where` ([B])."""
     log_p = F.log_softmax(_upcast(logits), dim=-1)
+    full_log_probs = F.log_softmax(full_logits, dim=-1)
     kl = (full_log_probs.exp() * (full_log_probs - log_p)).sum(-1)
     return _target_mean(kl, where)
+
+
+def projection(logits: Tensor, full_logits: Tensor, where: Tensor, *, center: bool = True) -> Tensor:
+    """Per example: the output projected onto the full model's, ``<y, y_full>``
+    over the vocabulary (both mean-centred when `center`: a logit difference
+    towards the full model's preferences), averaged over the positions
+    `where` ([B]). Unlike a divergence, its gradient at the full model is
+    not 0; for numerical outputs (``center=False``) it is the output value
+    times the full model's."""
+    cur = _upcast(logits)
+    ref = full_logits
+    if center:
+        cur = cur - cur.mean(-1, keepdim=True)
+        ref = ref - ref.mean(-1, keepdim=True)
+    return _target_mean((cur * ref).sum(-1), where)
 
 
 class _Metric:
     """One value per example from a run's logits: a named metric or a callable."""
 
-    def __init__(self, metric, has_task: bool, same_answers: bool = False):
+    def __init__(self, metric, has_task: bool, same_answers: bool = False, objective: Optional[str] = None):
+        # objective: "kl" or "mse" for a task scored on its objective (Tracr programs), else None
+        self.center = objective != "mse"
         if metric is None and has_task:
-            metric = "logprob" if same_answers else "logit_diff"
+            metric = "projection" if objective else "logprob" if same_answers else "logit_diff"
         elif metric == "logit_diff" and same_answers:
             import warnings
             warnings.warn("metric 'logit_diff' is 0 for every example of this task (its clean and corrupted "
@@ -298,13 +320,15 @@ class _Metric:
         else:
             raise TypeError(f"metric must be a name ({', '.join(METRICS)}) or a callable, got {type(metric).__name__}")
 
-    def __call__(self, logits: Tensor, batch, full_log_probs: Optional[Tensor]) -> Tensor:
+    def __call__(self, logits: Tensor, batch, full_logits: Optional[Tensor]) -> Tensor:
         if self.name == "logit_diff" and self.fn is None:
             value = logit_diff(logits, batch)
         elif self.name == "logprob" and self.fn is None:
             value = answer_logprob(logits, batch)
         elif self.name == "kl" and self.fn is None:
-            value = kl_to_full(logits, full_log_probs, batch.target_mask.to(logits.device))
+            value = kl_to_full(logits, full_logits, batch.target_mask.to(logits.device))
+        elif self.name == "projection" and self.fn is None:
+            value = projection(logits, full_logits, batch.target_mask.to(logits.device), center=self.center)
         else:
             value = self.fn(logits, batch) if self.takes_batch else self.fn(logits)
         B = logits.shape[0]
@@ -315,7 +339,7 @@ class _Metric:
 
     @property
     def needs_full(self) -> bool:
-        return self.name == "kl" and self.fn is None
+        return self.name in ("kl", "projection") and self.fn is None
 
 
 @dataclass
@@ -367,7 +391,16 @@ def attribute(model, task_or_ids, corrupted_ids: Optional[Tensor] = None, *, met
     has_task = not isinstance(task_or_ids, Tensor)
     batches, n_total, task_label, same_answers = _batches(task_or_ids, corrupted_ids, attention_mask,
                                                           batch_size, split, n_examples)
-    scorer = _Metric(metric, has_task, same_answers)
+    objective = None
+    if has_task and getattr(task_or_ids, "meta", {}).get("faithfulness") == "objective":
+        from fastedge.objectives import objective_of
+        objective = objective_of(task_or_ids).name     # "kl" or "mse"
+    scorer = _Metric(metric, has_task, same_answers, objective)
+    if method == "eap" and scorer.name == "kl" and scorer.fn is None:
+        import warnings
+        warnings.warn("EAP with metric 'kl' scores every edge 0 up to rounding: KL to the full model has "
+                      "gradient 0 at the full model; use an EAP-IG method, or 'projection' / a metric of the "
+                      "answers", stacklevel=2)
 
     owned = not isinstance(model, EdgeModel)
     if owned:
@@ -394,6 +427,12 @@ def attribute(model, task_or_ids, corrupted_ids: Optional[Tensor] = None, *, met
         if sign == "eap-ig":
             factor = -factor
         scores = [(m.grad if m.grad is not None else torch.zeros_like(m)) * factor for m in masks]
+        if all(not bool(t.any()) for t in scores):
+            import warnings
+            warnings.warn(f"every edge's score is 0: the metric {scorer.name!r} does not change to first order "
+                          f"with any edge mask on these examples (a divergence from the full model has "
+                          f"gradient 0 there; use an EAP-IG method, or 'projection' / a metric of the answers)",
+                          stacklevel=2)
     finally:
         em._fixed_masks = saved_masks
         em.train(was_training)
@@ -457,12 +496,12 @@ def _attribute_batch(em, batch, method: str, steps: int, scorer: _Metric, device
     if method == "eap":
         with torch.enable_grad():
             out = em(ids, corrupted, attention_mask=attention, seed=0)
-            full = F.log_softmax(_upcast(out.logits.detach()), -1) if scorer.needs_full else None
+            full = _upcast(out.logits.detach()) if scorer.needs_full else None
             _backward(scorer(out.logits, batch, full))
         return 1
     clean = em.writer_deltas(ids, corrupted, attention_mask=attention)
     deltas = clean.writer_deltas
-    full = F.log_softmax(_upcast(clean.logits), -1) if scorer.needs_full else None
+    full = _upcast(clean.logits) if scorer.needs_full else None
     g = em.graph
     n_emb = len(g.embeddings)
     if method == "eap-ig-inputs":

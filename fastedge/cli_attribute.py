@@ -33,11 +33,12 @@ def add_attribute_parser(sub, add_model_and_task) -> None:
                         "embeddings interpolated from corrupted to clean; eap-ig-activations: over each "
                         "component's interpolated outputs (default eap-ig-inputs)")
     p.add_argument("--ig-steps", type=int, default=5, help="interpolation steps of the EAP-IG methods (default 5)")
-    p.add_argument("--metric", default=None, metavar="logit_diff|logprob|kl",
+    p.add_argument("--metric", default=None, metavar="logit_diff|logprob|projection|kl",
                    help="what the scores are the derivative of: the logit difference of the clean and corrupted "
                         "answers (default), the clean answer's log-probability (the default where the two "
-                        "answers are the same, as in induction), or KL to the full model (0 for plain EAP: use "
-                        "it with EAP-IG)")
+                        "answers are the same, as in induction), the output projected onto the full model's "
+                        "(the default for tracr: models), or KL to the full model (0 for plain EAP: use it "
+                        "with EAP-IG)")
     p.add_argument("--sign", default="gate", metavar="gate|eap-ig",
                    help="gate: the derivative in the edge's mask (default); eap-ig: the EAP-IG library's "
                         "(corrupted - clean) convention, minus the gate derivative")
@@ -183,7 +184,9 @@ def cmd_attribute(args) -> int:
     model, task, name = load_model_and_task(args)
     from fastedge.attribution import attribute
     why = ""
-    if args.metric is None and _answers_agree(task, args.split):   # the library then picks logprob
+    if args.metric is None and getattr(task, "meta", {}).get("faithfulness") == "objective":
+        why = " (the task's answers are the full model's own outputs)"   # the library picks projection
+    elif args.metric is None and _answers_agree(task, args.split):   # the library then picks logprob
         why = " (the task's clean and corrupted answers are the same: no logit difference)"
     start = time.perf_counter()
     scores = attribute(model, task, method=args.method, ig_steps=args.ig_steps, metric=args.metric,

@@ -269,7 +269,8 @@ def test_kl_metric_is_zero_for_eap_and_not_for_eap_ig():
     0 (the docstring says so); EAP-IG evaluates it away from there."""
     model = tiny_model("mistral", seed=10).double()
     task = _task()
-    eap = attribute(model, task, method="eap", metric="kl")
+    with pytest.warns(UserWarning, match="gradient 0 at the full model"):
+        eap = attribute(model, task, method="eap", metric="kl")
     ig = attribute(model, task, method="eap-ig-inputs", metric="kl", ig_steps=2)
     assert ig.flat().abs().max() > 1e-4
     # (0 up to rounding: the reference distribution sums to 1 only to ~1e-16)
@@ -343,3 +344,33 @@ def test_bad_input_is_refused_with_a_clear_error():
         attribute(model, clean, corrupted, metric=_metric, sign="eap")
     with pytest.raises(ValueError, match="not finite"):
         attribute(model, clean, corrupted, metric=lambda logits: logits[:, 0, 0] * float("nan"))
+
+
+@pytest.mark.parametrize("objective", ["kl", "mse"])
+def test_tasks_scored_on_their_objective_default_to_the_projection(objective):
+    """Tracr-style tasks (answers are the full model's own outputs) default
+    to the projection onto the full model's output: centred logits for a
+    categorical objective, plain values for a numerical one; equal to the
+    same metric written out on raw tensors."""
+    from fastedge.tasks.base import collate
+    model = tiny_model("qwen2", seed=15).double()
+    plain = _task(seed=23)
+    task = TaskData("objective-task", plain.examples, meta={"faithfulness": "objective", "objective": objective})
+    batch = collate(task.examples)
+    with torch.no_grad(), hf_in_float64():
+        full = model(batch.input_ids, attention_mask=batch.attention_mask).logits
+
+    def written_out(logits):
+        cur, ref = logits, full
+        if objective == "kl":
+            cur, ref = cur - cur.mean(-1, keepdim=True), ref - ref.mean(-1, keepdim=True)
+        value = (cur * ref).sum(-1)
+        mask = batch.target_mask.to(value.dtype)
+        return (value * mask).sum(1) / mask.sum(1)
+    with hf_in_float64():
+        raw = attribute(model, batch.input_ids, batch.corrupted_input_ids, attention_mask=batch.attention_mask,
+                        metric=written_out, method="eap-ig-inputs", ig_steps=2)
+        scores = attribute(model, task, method="eap-ig-inputs", ig_steps=2)
+    assert scores.metric == "projection"
+    assert scores.flat().abs().max() > 1e-4
+    assert torch.allclose(scores.flat(), raw.flat(), rtol=1e-9, atol=1e-12 * raw.flat().abs().max())
