@@ -360,18 +360,24 @@ def _check_batch_size(args) -> None:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
 
 
-def _parse_sweep(text: str) -> list:
-    """--sweep: "mib" (MIB's fractions of edges kept) or edge sparsities "S1,S2,..."."""
-    if text.strip().lower() == "mib":
-        return None
+def parse_numbers(text: str, option: str, what: str) -> list:
+    """Numbers separated by commas, as `option` takes them; a ValueError
+    names the item that is not a number."""
     values = []
     for item in text.split(","):
         try:
             values.append(float(item))
         except ValueError:
-            raise ValueError(f"--sweep takes edge sparsities separated by commas (or 'mib'); "
+            raise ValueError(f"{option} takes {what} separated by commas; "
                              f"{item.strip()!r} in {text!r} is not a number") from None
     return values
+
+
+def _parse_sweep(text: str) -> list:
+    """--sweep: "mib" (MIB's fractions of edges kept) or edge sparsities "S1,S2,..."."""
+    if text.strip().lower() == "mib":
+        return None
+    return parse_numbers(text, "--sweep", "edge sparsities (or 'mib')")
 
 
 # -- commands ---------------------------------------------------------------------------

@@ -107,33 +107,18 @@ def _rank(value, default_absolute: bool) -> bool:
 
 
 def _parse_fractions(text):
-    if text is None:
-        return None
-    out = []
-    for item in text.split(","):
-        try:
-            out.append(float(item))
-        except ValueError:
-            raise ValueError(f"--fractions takes edge fractions separated by commas; {item.strip()!r} in "
-                             f"{text!r} is not a number") from None
-    return out
+    from fastedge.cli import parse_numbers
+    return None if text is None else parse_numbers(text, "--fractions", "edge fractions")
 
 
 def _load_scores(path, option: str = "--scores"):
     """A scores file of `fastedge attribute`; anything else is refused with
     one line that says what the file is and where it goes instead."""
-    import torch
     from fastedge.attribution import SCORES_FORMAT, EdgeScores
+    from fastedge.prune import load_checkpoint_file
     if not Path(path).exists():
         raise CliError(f"{option} {path}: no such file (write one with fastedge attribute)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except OSError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - unpickling fails in many ways on a damaged file
-        detail = " ".join(str(exc).split()).split(". ")[0][:120] or type(exc).__name__
-        raise CliError(f"{path}: cannot read this scores file: it is corrupt or truncated ({detail}); "
-                       f"write it again with fastedge attribute") from None
+    state = load_checkpoint_file(path, "scores file")   # a damaged or foreign file: one line naming it
     found = state.get("format") if isinstance(state, dict) else None
     if found != SCORES_FORMAT:
         if isinstance(found, str) and found.startswith(("fastedge.masks", "fastedge.checkpoint")):

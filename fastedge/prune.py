@@ -775,8 +775,7 @@ def load_checkpoint_file(path, what: str = "checkpoint", map_location="cpu",
     `CheckpointError` that names it and what to do."""
     path = Path(path)
     remedy = ("delete it to start fresh, or restore a good copy" if what == "checkpoint"
-              else "write scores with fastedge attribute --out, or give a prune run's masks.pt"
-              if what == "scores file" else "run prune again to rewrite it")
+              else "write scores with fastedge attribute --out" if what == "scores file" else "run prune again to rewrite it")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except OSError:

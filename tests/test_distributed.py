@@ -113,7 +113,7 @@ def _worker(out: Path) -> None:
     distributed.destroy()
 
 
-def _torchrun(args, cwd: Path):
+def _torchrun(args, cwd: Path, timeout: float = TIMEOUT):
     """torchrun with two ranks; on a timeout its whole process group (the
     agent and both workers) is killed."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -121,11 +121,11 @@ def _torchrun(args, cwd: Path):
                              *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
                             start_new_session=True)
     try:
-        output, _ = proc.communicate(timeout=TIMEOUT)
+        output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
-        pytest.fail(f"torchrun timed out after {TIMEOUT} s:\n{output[-4000:]}")
+        pytest.fail(f"torchrun timed out after {timeout} s:\n{output[-4000:]}")
     return proc.returncode, output
 
 

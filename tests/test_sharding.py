@@ -12,8 +12,6 @@ import contextlib
 import io
 import os
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -175,17 +173,8 @@ def _worker(out: Path) -> None:
 
 
 def _torchrun(args, cwd: Path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"torchrun timed out after {TIMEOUT} s:\n{output[-4000:]}")
-    return proc.returncode, output
+    from test_distributed import _torchrun as launch
+    return launch(args, cwd, timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")
