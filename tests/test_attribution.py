@@ -287,9 +287,9 @@ def test_bf16_scores_track_float64():
                     ig_steps=2).flat()
     assert low.dtype == F64 and torch.isfinite(low).all()
     # bf16 activations carry 8 bits: each score is a sum of such products; the
-    # scores as a whole agree to a few percent (relative L2), not to float64
+    # scores as a whole agree to about 1% (relative L2: 0.73% here), not to float64
     rel = ((low - exact).norm() / exact.norm()).item()
-    assert rel < 0.05, f"relative L2 error of bf16 scores {rel:.3g}"
+    assert rel < 0.02, f"relative L2 error of bf16 scores {rel:.3g}"
 
 
 def test_unit_masks_leave_the_model_as_it_was():
