@@ -76,6 +76,16 @@ def _prune(name, **extra):
     return prune(_model(name), _task(), target_sparsity=0.5, steps=STEPS, **dict(OPTS, **VARIANTS[name], **extra))
 
 
+ATTRIBUTED = ["gpt2", "llama-gqa", "neox-parallel"]
+ATTRIBUTION_METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations")
+
+
+def _attribution(model_or_em):
+    import fastedge
+    return {m: fastedge.attribute(model_or_em, _task(), method=m, ig_steps=2, n_examples=6).flat()
+            for m in ATTRIBUTION_METHODS}
+
+
 def _state(result):
     return {"masks": [p.detach().clone() for p in result.edge_model.parameters()], "history": result.history,
             "metrics": result.metrics}
@@ -111,6 +121,12 @@ def _worker(out: Path) -> None:
             results[name] = state
     finally:
         sharding.FSDPWeights.__init__ = init
+
+    # attribution (fastedge.attribute) through a sharded model: its pinned runs drive the units too
+    import fastedge
+    for name in ATTRIBUTED:
+        em = sharding.shard_edge_model(fastedge.patch(_model(name), node_masks=False))
+        results[f"attribution-{name}"] = _attribution(em)
 
     # sharded over two ranks, killed in step 3 after the checkpoint at step 2; one process resumes it (below)
     class Killed(Exception):
@@ -184,7 +200,10 @@ def run(tmp_path_factory):
     # one launch for the whole session: pytest-xdist's workers share the folder above their own
     # and take turns at the lock; the first runs torchrun, the others read its results
     from filelock import FileLock
-    shared = tmp_path_factory.getbasetemp().parent
+    # (under xdist the session's folder is the parent of each worker's; without it, the
+    # parent is shared by every pytest session, so the session's own folder is used)
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     out = shared / "fsdp-run"
     with FileLock(str(shared / "fsdp-run.lock")):
         if not (out / "done").exists():
@@ -202,6 +221,8 @@ def run(tmp_path_factory):
     torch.set_num_threads(1)  # as on each rank: the same kernels, the same roundings per micro-batch
     try:
         single = {name: _state(_prune(name)) for name in NAMES}
+        for name in ATTRIBUTED:
+            single[f"attribution-{name}"] = _attribution(_model(name))
         # resumed in one process, unsharded, from the checkpoint of two sharded ranks
         mine = tmp_path_factory.mktemp("resume") / "resume"  # a copy: other workers resume it too
         shutil.copytree(out / "resume", mine)
@@ -229,6 +250,19 @@ def test_sharded_two_ranks_end_with_the_masks_and_multipliers_of_one_process(run
             assert got["metrics"][key] == pytest.approx(want["metrics"][key], rel=1e-12, abs=1e-12), key
     # the masks moved: the comparison is not between two initial states
     assert min((m - OPTS["init_log_alpha"]).abs().max().item() for m in want["masks"]) > 0.05
+
+
+@pytest.mark.parametrize("name", ATTRIBUTED)
+def test_sharded_attribution_equals_one_process(run, name):
+    """EAP and both EAP-IG methods on a sharded model: every rank gets the
+    scores of the unsharded model (float64, to rounding)."""
+    _, ranks, single = run
+    want = single[f"attribution-{name}"]
+    for rank in ranks:
+        got = rank[f"attribution-{name}"]
+        for method in ATTRIBUTION_METHODS:
+            assert want[method].abs().max() > 1e-6, method
+            torch.testing.assert_close(got[method], want[method], rtol=1e-12, atol=1e-12 * want[method].abs().max())
 
 
 @pytest.mark.parametrize("name", NAMES)
