@@ -182,7 +182,7 @@ def main(argv=None) -> int:
         print(json.dumps(child(args.child, args.steps, args.batch_size)))
         return 0
     import torch
-    from results_csv import append_csv, device_name, git_revision, significant
+    from results_csv import append_csv, cpu_slug, device_name, git_revision, significant
     revision = git_revision()
     torch.set_num_threads(1)
     device = device_name(torch.device("cpu"))
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
     print(text)
     if not args.no_save:
         results = HERE / "results"
-        machine = "cpu-" + "-".join(device.split()[:2]).lower().replace("(", "").replace(")", "")
+        machine = cpu_slug(device)
         (results / f"data-scale-{machine}-{now.strftime('%Y%m%dT%H%M%SZ')}.md").write_text(text)
         append_csv(results / "data_scale.csv", [dict(r, date=date, revision=revision, device=device) for r in rows],
                    COLUMNS, significant(4))

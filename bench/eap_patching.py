@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-save", action="store_true", help="print the table, write nothing")
     args = ap.parse_args(argv)
     import torch
-    from results_csv import append_csv, device_name, git_revision, significant
+    from results_csv import append_csv, cpu_slug, device_name, git_revision, significant
     revision = git_revision()
     torch.set_num_threads(1)
     device = device_name(torch.device("cpu"))
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     print(text)
     if not args.no_save:
         results = HERE / "results"
-        machine = "cpu-" + "-".join(device.split()[:2]).lower().replace("(", "").replace(")", "")
+        machine = cpu_slug(device)
         (results / f"eap-patching-{machine}-{now.strftime('%Y%m%dT%H%M%SZ')}.md").write_text(text)
         append_csv(results / "eap_patching.csv",
                    [dict(r, date=date, revision=revision, device=device, command=command) for r in rows],

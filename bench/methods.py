@@ -514,7 +514,7 @@ def main(argv=None) -> int:
         print(json.dumps(run_model(args.child, args.quick, tuple(args.methods), args.steps)))
         return 0
     import torch
-    from results_csv import append_csv, device_name, git_revision, significant
+    from results_csv import append_csv, cpu_slug, device_name, git_revision, significant
     revision = git_revision()
     torch.set_num_threads(1)
     device = device_name(torch.device("cpu"))
@@ -527,7 +527,7 @@ def main(argv=None) -> int:
     print(text)
     if not args.no_save:
         results_dir = HERE / "results"
-        machine = "cpu-" + "-".join(device.split()[:2]).lower().replace("(", "").replace(")", "")
+        machine = cpu_slug(device)
         (results_dir / f"methods-{machine}-{now.strftime('%Y%m%dT%H%M%SZ')}.md").write_text(text)
         append_csv(results_dir / "methods.csv",
                    [dict(r, date=date, revision=revision, device=device, command=command)

@@ -39,6 +39,12 @@ def device_name(device) -> str:
     return f"{model} ({os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads)"
 
 
+def cpu_slug(device: str) -> str:
+    """A file-name slug of a CPU `device_name`: "cpu-" and the first two words
+    of its model ("cpu-amd-epyc")."""
+    return "cpu-" + "-".join(device.split()[:2]).lower().replace("(", "").replace(")", "")
+
+
 def significant(digits: int) -> Callable[[object], str]:
     """A cell formatter: floats to `digits` significant digits, None empty."""
     def fmt(value) -> str:

@@ -64,11 +64,11 @@ by the batch size (the same ranking).
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -141,7 +141,7 @@ class EdgeScores:
         if sign not in SIGNS:
             raise ValueError(f"sign must be one of {', '.join(SIGNS)}, got {sign!r}")
         factor = 1.0 if sign == self.sign else -1.0
-        return _replace(self, scores=[t * factor for t in self.scores], sign=sign)
+        return dataclasses.replace(self, scores=[t * factor for t in self.scores], sign=sign)
 
     def top(self, n: int, *, absolute: bool = True) -> list:
         """The `n` highest-scoring edges as (writer, reader) pairs, best first."""
@@ -206,12 +206,6 @@ class EdgeScores:
         tensors with `graph`). Higher means kept more surely; rank with
         ``absolute=False``."""
         from fastedge.circuit import _unpack_masks
-        if isinstance(em_or_masks, dict) and "edge_model" in em_or_masks and "graph" in em_or_masks:
-            # a loaded masks.pt (or checkpoint): {"format", "graph", "edge_model"}
-            saved = EdgeGraph.from_dict(em_or_masks["graph"])
-            if graph is not None and graph != saved:
-                raise ValueError("graph= differs from the masks file's graph")
-            graph, em_or_masks = saved, em_or_masks["edge_model"]
         edges, _, graph, found = _unpack_masks(em_or_masks, graph, None)
         meta.setdefault("method", "edge-pruning")
         meta.setdefault("ablation", found.get("ablation", "interchange"))
@@ -222,13 +216,6 @@ class EdgeScores:
     def __repr__(self) -> str:
         return (f"EdgeScores({self.method or 'scores'}, {self.graph.n_edges} edges, metric={self.metric!r}, "
                 f"sign={self.sign!r}, n_examples={self.n_examples})")
-
-
-def _replace(s: EdgeScores, **changes) -> EdgeScores:
-    d = {k: getattr(s, k) for k in ("graph", "scores", "method", "sign", "metric", "ig_steps", "n_examples",
-                                    "ablation", "model_name", "task", "d_model", "info")}
-    d.update(changes)
-    return EdgeScores(**d)
 
 
 # -- metrics ----------------------------------------------------------------------------------------

@@ -487,12 +487,8 @@ class Circuit:
             out = eap_graph.circuit_to_eap_graph_json(self, d_model=d_model)
         else:
             from fastedge.attribution import EdgeScores
-            groups, pos = [], 0
-            for g in self.graph.groups:
-                k = g.n_readers * g.n_writers
-                groups.append(self.scores[pos:pos + k].view(g.n_readers, g.n_writers))
-                pos += k
-            scores = EdgeScores(graph=self.graph, scores=groups, d_model=int(d_model), ablation=self.ablation)
+            scores = EdgeScores(graph=self.graph, scores=self.graph.split_by_group(self.scores),
+                                d_model=int(d_model), ablation=self.ablation)
             out = eap_graph.scores_to_eap_graph_json(scores, in_graph=self)
         if legacy_nodes:
             out["nodes"] = {name: v["in_graph"] for name, v in out["nodes"].items()}
@@ -779,9 +775,15 @@ def _unpack_masks(em_or_masks, graph, node_log_alpha):
                 meta["d_model"] = int(d_model)
             meta["model_name"] = getattr(config, "_name_or_path", "") or ""
         return edges, node, graph, meta
+    obj = em_or_masks
+    if isinstance(obj, dict) and "edge_model" in obj and "graph" in obj:
+        # a loaded masks.pt (or checkpoint): {"format", "graph", "edge_model", ...}
+        saved = EdgeGraph.from_dict(obj["graph"])
+        if graph is not None and graph != saved:
+            raise ValueError("graph= differs from the masks file's graph")
+        graph, obj = saved, obj["edge_model"]
     if graph is None:
         raise ValueError("extracting from plain tensors needs graph= (the EdgeGraph they belong to)")
-    obj = em_or_masks
     if isinstance(obj, dict):  # {"edge_log_alpha": [...], "node_log_alpha": t} or an EdgeModel state dict
         if "edge_log_alpha" in obj:
             edges = list(obj["edge_log_alpha"])
@@ -800,7 +802,8 @@ def _unpack_masks(em_or_masks, graph, node_log_alpha):
     if isinstance(obj, (list, tuple)) and all(isinstance(t, Tensor) for t in obj):
         return list(obj), node_log_alpha, graph, meta
     raise TypeError(f"extract_circuit takes an EdgeModel, a list of per-group edge log_alpha tensors "
-                    f"(optionally as (edges, node_log_alpha)), or a dict of them; got {type(obj).__name__}")
+                    f"(optionally as (edges, node_log_alpha)), a dict of them, or a loaded masks.pt; "
+                    f"got {type(obj).__name__}")
 
 
 def _check_masks(edges, node, graph):
@@ -835,7 +838,8 @@ def extract_circuit(em_or_masks, target_sparsity: float, *, graph: Optional[Edge
             edge ``log_alpha`` tensors (``graph.groups`` order), optionally as
             ``(edge_list, node_log_alpha)``; or a dict with
             ``"edge_log_alpha"``/``"node_log_alpha"`` (an EdgeModel state dict
-            works too). Plain tensors need ``graph``.
+            works too); or a loaded ``masks.pt``, which carries its graph.
+            Plain tensors need ``graph``.
         target_sparsity: requested ``1 - kept edges / graph edges``.
         node_log_alpha: ``[n_writers]`` node log_alphas for plain tensors
             (overrides the model's).

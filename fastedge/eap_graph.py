@@ -449,12 +449,7 @@ def scores_from_eap_graph_json(path_or_dict, graph: EdgeGraph, *, sign: str = "g
     it attributes). `meta`: other `EdgeScores` fields (method, metric, ...)."""
     from fastedge.attribution import EdgeScores
     eap, _, cfg = read_eap_graph_json(path_or_dict, graph)
-    flat = eap_to_scores(eap, graph)
-    tensors, pos = [], 0
-    for grp in graph.groups:
-        n = grp.n_readers * grp.n_writers
-        tensors.append(flat[pos:pos + n].view(grp.n_readers, grp.n_writers))
-        pos += n
+    tensors = graph.split_by_group(eap_to_scores(eap, graph))
     meta.setdefault("d_model", cfg.get("d_model") if isinstance(cfg.get("d_model"), int) else None)
     meta.setdefault("method", "eap-graph-json")
     return EdgeScores(graph=graph, scores=tensors, sign=sign, **meta)

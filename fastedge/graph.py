@@ -129,6 +129,15 @@ class EdgeGraph:
             for w in range(self.reader_prefix[r]):
                 yield self.writers[w], reader
 
+    def split_by_group(self, flat):
+        """A ``[n_edges]`` tensor in graph edge order as one ``[R_g, W_g]``
+        view per reader group (``groups`` order): the layout of an
+        `EdgeModel`'s edge masks."""
+        if tuple(flat.shape) != (self.n_edges,):
+            raise ValueError(f"expected one value per edge ({self.n_edges}), got shape {list(flat.shape)}")
+        sizes = [g.n_readers * g.n_writers for g in self.groups]
+        return [block.view(g.n_readers, g.n_writers) for block, g in zip(flat.split(sizes), self.groups)]
+
     def group_of(self, reader: str) -> ReaderGroup:
         r = self.reader_index[reader]
         for g in self.groups:

@@ -956,10 +956,5 @@ def warm_start_log_alphas(scores, *, top: float, floor: float = 0.0, preselect: 
     start = top - (top - floor) * rank.clamp(max=span) / span
     off = rank >= n_cand
     start[off] = float("-inf")
-    groups, offs, pos = [], [], 0
-    for g in scores.graph.groups:
-        k = g.n_readers * g.n_writers
-        groups.append(start[pos:pos + k].view(g.n_readers, g.n_writers))
-        offs.append(off[pos:pos + k].view(g.n_readers, g.n_writers))
-        pos += k
-    return groups, (offs if preselect is not None else None)
+    graph = scores.graph
+    return graph.split_by_group(start), (graph.split_by_group(off) if preselect is not None else None)

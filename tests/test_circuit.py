@@ -342,6 +342,20 @@ def test_extract_errors():
         extract_circuit("masks.pt", 0.5, graph=em.graph)
 
 
+def test_extract_from_a_loaded_masks_file(tmp_path):
+    """A run's masks.pt, loaded, carries its graph: the same circuit as from the edge model."""
+    em = _edge_model("llama-gqa", node_mean=0.5)
+    torch.save({"format": "fastedge.masks/1", "graph": em.graph.to_dict(), "edge_model": em.state_dict()},
+               tmp_path / "masks.pt")
+    state = torch.load(tmp_path / "masks.pt", weights_only=False)
+    want = extract_circuit(em, 0.7)
+    got = extract_circuit(state, 0.7)
+    assert got.edges == want.edges and got.nodes == want.nodes and got.n_edges > 0
+    other = _edge_model("gpt2").graph
+    with pytest.raises(ValueError, match="differs from the masks file"):
+        extract_circuit(state, 0.7, graph=other)
+
+
 # -- files -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", MODELS)

@@ -65,3 +65,16 @@ def test_bad_lookups():
         g.edge_index("m1", "a0.h0.q")
     with pytest.raises(KeyError, match="unknown writer"):
         g.edge_index("a9.h0", "m0")
+
+
+def test_split_by_group_gives_each_groups_edges_in_the_masks_layout():
+    import torch
+    g = EdgeGraph(n_layers=2, n_heads=4, n_kv_heads=2, embeddings=("tok_embeds", "pos_embeds"))
+    flat = torch.randn(g.n_edges)
+    blocks = g.split_by_group(flat)
+    assert [tuple(b.shape) for b in blocks] == [(grp.n_readers, grp.n_writers) for grp in g.groups]
+    for (w, r), value in zip(g.edges(), flat.tolist()):
+        grp = g.group_of(r)
+        assert blocks[grp.index][g.reader_index[r] - grp.first_reader, g.writer_index[w]].item() == value
+    with pytest.raises(ValueError, match="one value per edge"):
+        g.split_by_group(flat[:-1])
